@@ -1,0 +1,66 @@
+"""The model's hyperparameters.
+
+Shape letters used in names across k15 (nanodo style):
+  B batch, T sequence (query) length, S cache length, D d_model, N query heads, K key/value heads,
+  G query heads per kv head (N // K), H head_dim, F d_ff, V vocab, L layers.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only transformer of the Llama / Qwen2 families."""
+  vocab_size: int = 1024
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 8
+  n_kv_heads: int = 4  # grouped-query attention; must divide n_heads
+  head_dim: int = 32  # explicit: Qwen2 and Llama allow head_dim != d_model // n_heads
+  d_ff: int = 1024  # SwiGLU hidden width
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2: True, Llama: False
+  tie_embeddings: bool = False  # logits = h @ embed.T when True
+  param_dtype: str = "float32"  # "float32" or "bfloat16"
+  dtype: str = "float32"  # compute dtype; logits are always float32
+  remat: bool = False  # rematerialize each layer in the backward pass
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise ValueError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_dict(cls, d) -> "ModelConfig":
+    """Builds a config from a mapping (e.g. an ml_collections ConfigDict); unknown keys are an error."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+  def num_params(self) -> int:
+    """Parameter count, computed from the shapes (used by planning and FLOP estimates)."""
+    D, N, K, H, F, V, L = (self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff,
+                           self.vocab_size, self.n_layers)
+    attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
+    per_layer = attn + 3 * D * F + 2 * D
+    return L * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
