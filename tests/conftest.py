@@ -1,0 +1,18 @@
+"""Test setup: 8 fake CPU devices for sharding tests, TensorFlow/TFDS kept out of $HOME."""
+import os
+import tempfile
+
+_SCRATCH = tempfile.mkdtemp(prefix="k15-tests-")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_HOME", os.path.join(_SCRATCH, "keras"))
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_SCRATCH, "tfds"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def scratch_dir():
+  return _SCRATCH
