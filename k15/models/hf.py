@@ -87,19 +87,19 @@ def _tensor_map(cfg: ModelConfig):
       ("model.norm.weight", ("final_norm", "scale"), *ident),
       ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), *ident),
       ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), *ident),
-      ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q", "kernel"), *heads_in(N)),
-      ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k", "kernel"), *heads_in(K)),
-      ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v", "kernel"), *heads_in(K)),
-      ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o", "kernel"), *o_maps),
+      ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q_kernel"), *heads_in(N)),
+      ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k_kernel"), *heads_in(K)),
+      ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v_kernel"), *heads_in(K)),
+      ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o_kernel"), *o_maps),
       ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate", "kernel"), T, T),
       ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up", "kernel"), T, T),
       ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down", "kernel"), T, T),
   ]
   if cfg.qkv_bias:
     entries += [
-        ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "attn", "q", "bias"), *heads_bias(N)),
-        ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "attn", "k", "bias"), *heads_bias(K)),
-        ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "attn", "v", "bias"), *heads_bias(K)),
+        ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "attn", "q_bias"), *heads_bias(N)),
+        ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "attn", "k_bias"), *heads_bias(K)),
+        ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "attn", "v_bias"), *heads_bias(K)),
     ]
   if not cfg.tie_embeddings:
     entries.append(("lm_head.weight", ("lm_head", "kernel"), T, T))

@@ -80,12 +80,15 @@ class Attention(nn.Module):
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
+    def param(name, shape, axes, init):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
+
     def proj(name, heads, axes):
-      return nn.DenseGeneral(
-          (heads, H), use_bias=cfg.qkv_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-          kernel_init=nn.with_logical_partitioning(_dense_init(D), ("embed", axes, "head_dim")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes, "head_dim")),
-          name=name)(x_BxTxD)
+      kernel = param(f"{name}_kernel", (D, heads, H), ("embed", axes, "head_dim"), _dense_init(D))
+      out = jnp.einsum("btd,dnh->btnh", x_BxTxD, kernel.astype(cfg.jnp_dtype))
+      if cfg.qkv_bias:
+        out = out + param(f"{name}_bias", (heads, H), (axes, "head_dim"), nn.initializers.zeros).astype(cfg.jnp_dtype)
+      return out
 
     q = rotary(proj("q", N, "heads"), positions_BxT, cfg.rope_theta)
     k = rotary(proj("k", K, "kv_heads"), positions_BxT, cfg.rope_theta)
@@ -103,10 +106,8 @@ class Attention(nn.Module):
       cache_kv = (k_all, v_all)
     mask_BxTxS = key_positions[:, None, :] <= positions_BxT[:, :, None]
     out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
-    out = nn.DenseGeneral(
-        D, axis=(-2, -1), use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-        kernel_init=nn.with_logical_partitioning(_dense_init(N * H), ("heads", "head_dim", "embed")),
-        name="o")(out)
+    o_kernel = param("o_kernel", (N, H, D), ("heads", "head_dim", "embed"), _dense_init(N * H))
+    out = jnp.einsum("btnh,nhd->btd", out, o_kernel.astype(cfg.jnp_dtype))
     return out, cache_kv
 
 

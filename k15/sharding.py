@@ -1,0 +1,149 @@
+"""Device mesh, logical axis rules and shardings for params, optimizer state and batches.
+
+Modules name LOGICAL axes ('embed', 'mlp', 'heads', ...); the rules (in the experiment config, t5x /
+MaxText style) map each to zero or more mesh axes. A mesh axis that does not divide a dimension is
+dropped for that dimension (it stays replicated there), so tiny test models run on any mesh.
+"""
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axes): the minimal data / fsdp / tensor rule set.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("cache_seq", None),
+)
+
+
+def mesh_shape(sizes: dict, num_devices: int) -> tuple:
+  """Resolves axis sizes where one may be -1 ('the rest of the devices')."""
+  unknown = [a for a in MESH_AXES if sizes.get(a, 1) == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
+  known = int(np.prod([sizes.get(a, 1) for a in MESH_AXES if a not in unknown]))
+  if num_devices % known:
+    raise ValueError(f"mesh {dict(sizes)}: fixed axes use {known} devices, which does not divide {num_devices}")
+  shape = tuple(num_devices // known if a in unknown else sizes.get(a, 1) for a in MESH_AXES)
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                     f"there are {num_devices}")
+  return shape
+
+
+def make_mesh(sizes: dict, devices: Optional[Sequence] = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (GSPMD sharding propagation)."""
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; known: {list(MESH_AXES)}")
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(sizes, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # fake CPU devices and odd shapes: plain order is fine
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _rule_map(rules) -> dict:
+  out = {}
+  for logical, mesh_axes in rules:
+    if mesh_axes is None:
+      mesh_axes = ()
+    elif isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    out.setdefault(logical, tuple(mesh_axes))  # first rule wins, as in flax
+  return out
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh, rules) -> PartitionSpec:
+  """PartitionSpec for one array: logical names -> mesh axes that divide the dimension, each used once."""
+  rule_map = _rule_map(rules)
+  used, spec = set(), []
+  for name, dim in zip(tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes)), shape):
+    if name is not None and name not in rule_map:
+      raise ValueError(f"no sharding rule for logical axis {name!r}; add it to sharding.logical_axis_rules")
+    chosen, size = [], 1
+    for axis in rule_map.get(name, ()):
+      n = mesh.shape[axis]
+      if axis in used or n == 1 or dim % (size * n):
+        continue
+      chosen.append(axis)
+      size *= n
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_tree, abstract_tree, mesh: Mesh, rules):
+  """NamedShardings for a pytree, given its logical PartitionSpecs and shapes."""
+  return jax.tree.map(
+      lambda logical, x: NamedSharding(mesh, logical_to_spec(tuple(logical), x.shape, mesh, rules)),
+      logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES):
+  from k15 import models  # the model module imports flax; keep sharding importable on its own
+  return tree_shardings(models.param_logical_axes(model_cfg), models.abstract_params(model_cfg), mesh, rules)
+
+
+def opt_state_shardings(optimizer, abstract_params, params_shardings, mesh: Mesh):
+  """Shardings for optimizer state: param-shaped leaves follow their param, the rest are replicated."""
+  import optax
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_state, params_shardings,
+      transform_non_params=lambda _: replicated)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, batch_size: Optional[int] = None):
+  """Leading (batch) dim over the data axes, the rest replicated."""
+  shape = (batch_size if batch_size is not None else int(np.prod(mesh.devices.shape)),) + (1,) * (ndim - 1)
+  return NamedSharding(mesh, logical_to_spec(("batch",), shape, mesh, rules))
+
+
+def replicated(mesh: Mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, local_device_ids=None) -> bool:
+  """Joins a multi-host run. A no-op on one process; returns whether JAX distributed was initialized.
+
+  On Cloud TPU pods all arguments may be left None (JAX discovers the slice). Elsewhere they come from
+  the arguments or K15_COORDINATOR / K15_NUM_PROCESSES / K15_PROCESS_ID (the local launcher sets these).
+  """
+  coordinator_address = coordinator_address or os.environ.get("K15_COORDINATOR")
+  num_processes = num_processes or int(os.environ.get("K15_NUM_PROCESSES", "0")) or None
+  if process_id is None and "K15_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["K15_PROCESS_ID"])
+  on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  if not on_tpu_pod and (num_processes is None or num_processes == 1):
+    return False
+  # Cross-process collectives for CPU devices (the local multi-process launcher); TPUs ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id, local_device_ids=local_device_ids)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
