@@ -1,0 +1,25 @@
+"""Verifier of the arithmetic task: the last "Answer: <int>" must equal the reference."""
+import re
+from typing import Optional
+
+_ANSWER = re.compile(r"Answer\s*:")
+# An integer and nothing more: "3.5", "12abc" or "1/2" after the marker are not answers.
+_INT = re.compile(r"\s*([+-]?\d+)(?![\w.]*\w|/)")
+
+
+def extract_answer(text: str) -> Optional[str]:
+  """The integer after the LAST "Answer:" marker, normalized ("-007" -> "-7"); None if absent or not an int.
+
+  Only the last marker counts, so a response cannot hedge with several answers.
+  """
+  markers = list(_ANSWER.finditer(text))
+  if not markers:
+    return None
+  m = _INT.match(text, markers[-1].end())
+  return None if m is None else str(int(m.group(1)))
+
+
+def arith_reward(response_text: str, reference_answer: str) -> float:
+  """1.0 when the response's final answer equals the reference integer, else 0.0."""
+  answer = extract_answer(response_text)
+  return float(answer is not None and int(answer) == int(reference_answer.strip()))
