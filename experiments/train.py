@@ -1,0 +1,26 @@
+"""The main job: tokenizer, long-CoT SFT warm-up, k1.5 RL, held-out evaluation and a summary.
+
+  python -m experiments.train --config=experiments/configs/arith.py --workdir=/tmp/k15_arith
+
+Config fields are overridden with flags: --config.rl.iterations=10 --config.model.n_layers=2.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from k15 import sharding
+  sharding.initialize_distributed()
+  from k15.rl import pipeline  # after distributed init: it touches devices
+  pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
