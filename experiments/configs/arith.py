@@ -88,6 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.temperature = 0.0  # 0: greedy
+  c.eval.every = 0 if smoke else 10  # RL iterations between held-out evaluations (0: only at the end)
   c.eval.max_response_len = 160
 
   c.checkpoint = ml_collections.ConfigDict()

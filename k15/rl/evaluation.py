@@ -1,0 +1,30 @@
+"""Held-out evaluation: sample one response per prompt, verify it, report accuracy and length."""
+from collections import defaultdict
+
+import numpy as np
+
+from k15.rewards.arith import arith_reward
+from k15.rl import rollout
+
+
+def score(tokenizer, examples, responses):
+  """Accuracy, mean tokens, tokens per correct answer and per-level accuracy of one response per example."""
+  correct = np.array([arith_reward(tokenizer.decode(r), ex["answer"]) for ex, r in zip(examples, responses)])
+  lengths = np.array([len(r) for r in responses], np.float64)
+  per_level = defaultdict(list)
+  for ex, c in zip(examples, correct):
+    per_level[int(ex["difficulty"])].append(c)
+  return {
+      "accuracy": float(correct.mean()),
+      "mean_tokens": float(lengths.mean()),
+      "tokens_per_correct": float(lengths.sum() / max(correct.sum(), 1)),
+      "per_level": {str(k): float(np.mean(v)) for k, v in sorted(per_level.items())},
+  }
+
+
+def evaluate(trainer, params, tokenizer, examples, config, seed: int = 1234):
+  """Greedy (or config.eval.temperature) responses of `params` to every example, scored."""
+  responses = rollout.generate_responses(trainer, params, [ex["inputs_ids"] for ex in examples], tokenizer,
+                                         config, temperature=config.eval.temperature,
+                                         max_new_tokens=config.eval.max_response_len, seed=seed)
+  return score(tokenizer, examples, responses)

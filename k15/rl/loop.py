@@ -1,0 +1,226 @@
+"""The k1.5 iteration (RECIPE.md section 7): rollout -> rewards -> several minibatch steps -> next iteration.
+
+Groups and partial rollouts: each chosen prompt starts a group of k samples in one iteration. A sample that
+reaches the iteration's token budget waits in the replay buffer and is resumed in a later iteration with the
+then-current params; samples that finish wait in `pending` until their whole group has finished, so every
+group's baseline and length penalty see all k responses. A group trains in the iteration its last member
+finishes; the reference is the policy at the start of that iteration (its log-probs are recomputed over the
+whole response), and by default only each response's newest segment carries loss.
+"""
+import os
+import time
+import jax
+import numpy as np
+
+from k15 import models
+from k15.checkpoint import Checkpointer
+from k15.rewards import penalties
+from k15.rewards.arith import arith_reward
+from k15.rl import batching, evaluation, losses, rollout
+from k15.rl.metrics import MetricsLogger
+from k15.rl.prompt_sampler import CurriculumStage, PromptSampler
+from k15.sampling import ReplayBuffer
+
+
+def rl_optimizer(learning_rate):
+  import optax
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+
+
+def make_loss_fn(model_cfg, rl_cfg):
+  """loss_fn(params, batch) for the configured policy loss (batch rows padded with weight-0 groups)."""
+  options = {
+      "k15": dict(tau=rl_cfg.tau, log_ratio=rl_cfg.log_ratio, baseline=rl_cfg.baseline, form=rl_cfg.form),
+      "reinforce": {}, "grpo": {}, "rest": {},
+  }
+  if rl_cfg.loss not in options:
+    raise ValueError(f"config.rl.loss={rl_cfg.loss!r}; valid: {sorted(options)}")
+  loss = losses.get_policy_loss(rl_cfg.loss)
+  group_size = rl_cfg.samples_per_prompt
+
+  def loss_fn(params, batch):
+    logp = models.token_logprobs(model_cfg, params, batch["tokens"])
+    return loss(logp, batch["ref_logp"], batch["mask"], batch["rewards"], group_size,
+                sample_weights_B=batch["weights"], **options[rl_cfg.loss])
+  return loss_fn
+
+
+def _ref_logp_fn(model_cfg):
+  return lambda params, batch: models.token_logprobs(model_cfg, params, batch["tokens"])
+
+
+class RLState:
+  """Host-side state that a checkpoint must carry besides params: everything needed to resume exactly."""
+
+  def __init__(self, prompt_sampler, seed):
+    self.iteration = 0
+    self.buffer = ReplayBuffer()
+    self.pending = {}  # group id -> finished trajectories (as buffer records) of a group not yet complete
+    self.group_prompt = {}  # group id -> index of its prompt in the train set
+    self.next_group = 0
+    self.sampler = prompt_sampler
+    self.rng = np.random.default_rng(seed)
+
+  def state_dict(self):
+    return {
+        "iteration": self.iteration,
+        "buffer": self.buffer.state_dict(),
+        "pending": {str(g): [rollout.trajectory_to_dict(t) for t in ts] for g, ts in self.pending.items()},
+        "group_prompt": {str(g): p for g, p in self.group_prompt.items()},
+        "next_group": self.next_group,
+        "sampler": self.sampler.state_dict(),
+        "rng": self.rng.bit_generator.state,
+    }
+
+  def load_state_dict(self, d):
+    self.iteration = int(d["iteration"])
+    self.buffer = ReplayBuffer.from_state_dict(d["buffer"])
+    self.pending = {int(g): [rollout.trajectory_from_dict(t) for t in ts] for g, ts in d["pending"].items()}
+    self.group_prompt = {int(g): int(p) for g, p in d["group_prompt"].items()}
+    self.next_group = int(d["next_group"])
+    self.sampler.load_state_dict(d["sampler"])
+    self.rng.bit_generator.state = _plain(d["rng"])
+
+
+def _plain(x):
+  """JSON round trip turns ints into numpy arrays in places; bit generator state wants Python ints."""
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x
+
+
+def make_prompt_sampler(config, train):
+  rl = config.rl
+  stages = [CurriculumStage(int(until), tuple(levels)) for until, levels in rl.curriculum] if rl.curriculum else []
+  return PromptSampler(difficulties=np.array([ex["difficulty"] for ex in train]), stages=stages,
+                       prioritized=rl.prioritized, floor=rl.priority_floor, ema_decay=rl.priority_ema,
+                       seed=config.seed)
+
+
+def build_batch(groups, tokenizer, train, iteration, length_weight, rl_cfg, seq_len):
+  """Rewards and fixed-shape arrays for complete groups; returns (batch dict, metrics dict)."""
+  G = rl_cfg.samples_per_prompt
+  trajs = [t for g in groups for t in g]
+  correct = np.array([arith_reward(tokenizer.decode(t.response), train[t.prompt_index]["answer"])
+                      for t in trajs], np.float32).reshape(-1, G)
+  lengths = np.array([len(t.response) for t in trajs], np.float32).reshape(-1, G)
+  len_reward = penalties.length_penalty(lengths, correct)
+  repeat = penalties.repeat_penalty([t.finish_reason for t in trajs], rl_cfg.repeat_penalty).reshape(-1, G)
+  rewards = correct + length_weight * len_reward + repeat
+  loss_from = [t.newest_segment_start() if rl_cfg.mask_old_segments else 0 for t in trajs]
+  tokens, mask = batching.pack([t.prompt for t in trajs], [t.response for t in trajs], seq_len,
+                               tokenizer.pad_id, loss_from)
+  batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32)}
+  metrics = {
+      "accuracy": correct.mean(),
+      "reward": rewards.mean(),
+      "length_penalty_weight": length_weight,
+      "length_penalty_share": np.abs(length_weight * len_reward).sum() / max(np.abs(rewards).sum(), 1e-9),
+      "response_len_mean": lengths.mean(),
+      "response_len_max": lengths.max(),
+      "groups_trained": len(groups),
+      "trained_tokens": mask.sum(),
+  }
+  return batch, correct, metrics
+
+
+def _pad_groups(batch, n_groups, G):
+  """Pads to n_groups whole groups with weight-0 rows (mask 0), so minibatch shapes come from few buckets."""
+  B = n_groups * G
+  out = {}
+  for k, v in batch.items():
+    pad = np.zeros((B - v.shape[0],) + v.shape[1:], v.dtype)
+    out[k] = np.concatenate([v, pad])
+  return out
+
+
+def _minibatches(batch, n_groups, minibatches, G, rng):
+  order = rng.permutation(n_groups)
+  per = -(-n_groups // minibatches)
+  size = batching.bucket(per)
+  for m in range(minibatches):
+    gids = order[m * per:(m + 1) * per]
+    if len(gids) == 0:
+      continue
+    rows = (gids[:, None] * G + np.arange(G)).reshape(-1)
+    yield _pad_groups({k: v[rows] for k, v in batch.items()}, size, G)
+
+
+def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
+  """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params."""
+  rl = config.rl
+  G = rl.samples_per_prompt
+  model_cfg = trainer.cfg
+  max_prompt = max(len(ex["inputs_ids"]) for ex in train)
+  seq_len = 8 * -(-(max_prompt + rl.max_response_len) // 8)
+  state = RLState(make_prompt_sampler(config, train), config.seed)
+  optimizer = rl_optimizer(rl.learning_rate)
+  step_fn = trainer.make_step(make_loss_fn(model_cfg, rl), optimizer)
+  ref_fn = trainer.make_eval(_ref_logp_fn(model_cfg))
+  engine = rollout.make_engine(trainer, config, tokenizer, seq_len)
+  opt_state = trainer.init_opt_state(optimizer, params)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+  if ckpt.latest_step() is not None:
+    (params, opt_state), host = ckpt.restore(ckpt.latest_step(), (params, opt_state))
+    state.load_state_dict(host)
+    print(f"resumed RL from iteration {state.iteration}", flush=True)
+  logger = MetricsLogger(workdir, "rl", total_steps=rl.iterations)
+
+  while state.iteration < rl.iterations:
+    state.iteration += 1
+    it = state.iteration
+    t0 = time.time()
+    # 1. prompts: the curriculum picks the pool, prioritization picks within it.
+    requests = []
+    for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
+      gid = state.next_group
+      state.next_group += 1
+      state.group_prompt[gid] = int(prompt_index)
+      requests += [rollout.Request(gid, j, train[prompt_index]["inputs_ids"], int(prompt_index)) for j in range(G)]
+
+    # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer.
+    finished, rollout_stats = engine.run(params, requests, state.buffer, it, rl.token_budget,
+                                         seed=int(state.rng.integers(2**31)))
+    t_rollout = time.time() - t0
+    for t in finished:
+      state.pending.setdefault(t.group_id, []).append(t)
+    complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
+    groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
+    for g in complete:
+      state.group_prompt.pop(g)
+
+    metrics = {"iteration_time_s": 0.0, "rollout_time_s": t_rollout, **rollout_stats,
+               "buffered": len(state.buffer), "pending_groups": len(state.pending)}
+    for reason in ("eos", "repeat", "max_length"):
+      metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
+    if groups:
+      # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
+      weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
+      batch, correct, batch_metrics = build_batch(groups, tokenizer, train, it, weight, rl, seq_len)
+      metrics.update(batch_metrics)
+      for g, c in zip(groups, correct):
+        state.sampler.update(g[0].prompt_index, float(c.mean()))
+      # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
+      batch["ref_logp"] = np.asarray(ref_fn(params, {"tokens": batch["tokens"]}))
+      if rl.reset_optimizer:
+        opt_state = trainer.init_opt_state(optimizer, params)
+      step_metrics = []
+      for mb in _minibatches(batch, len(groups), rl.minibatches, G, state.rng):
+        params, opt_state, m = step_fn(params, opt_state, mb)
+        step_metrics.append(jax.device_get(m))
+      metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+    metrics["iteration_time_s"] = time.time() - t0
+    metrics["tokens_per_s"] = rollout_stats.get("useful_tokens", 0) / max(t_rollout, 1e-9)
+    if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
+      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+      metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
+    logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
+                                    "slot_utilization", "tokens_per_s"))
+    if it % config.checkpoint.every == 0 or it == rl.iterations:
+      ckpt.save(it, (params, opt_state), state.state_dict())
+  logger.close()
+  ckpt.close()
+  return params

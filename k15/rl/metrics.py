@@ -1,0 +1,77 @@
+"""Per-iteration metrics: TensorBoard (clu writers), a JSONL file, a one-line progress display and a PNG."""
+import json
+import os
+import sys
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+
+def _scalar(v):
+  return float(np.asarray(v))
+
+
+class MetricsLogger:
+  """Writes each step's scalars to workdir/<name>.jsonl and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir: str, name: str, total_steps: Optional[int] = None, stream=sys.stdout):
+    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self.name, self.total, self.stream = name, total_steps, stream
+    self.is_writer = jax.process_index() == 0
+    self._start = time.time()
+    self._tb = None
+    if self.is_writer:
+      os.makedirs(workdir, exist_ok=True)
+      from clu import metric_writers  # imports TensorFlow's summary writer lazily
+      self._tb = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard", name),
+                                                      just_logging=False, asynchronous=False)
+
+  def write(self, step: int, scalars: Mapping[str, float], show: tuple = ()):
+    scalars = {k: _scalar(v) for k, v in scalars.items()}
+    if not self.is_writer:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._tb.write_scalars(step, scalars)
+    self._tb.flush()
+    if show:
+      elapsed = time.time() - self._start
+      total = f"/{self.total}" if self.total else ""
+      shown = "  ".join(f"{k}={scalars[k]:.4g}" for k in show if k in scalars)
+      print(f"[{self.name} {step}{total} {elapsed:6.0f}s] {shown}", file=self.stream, flush=True)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL"):
+  """Accuracy and mean response length per iteration, side by side."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = read_jsonl(jsonl_path)
+  steps = [r["step"] for r in rows]
+  fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(10, 3.8))
+  ax_acc.plot(steps, [r["accuracy"] for r in rows], label="train samples")
+  evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+  if evals:
+    ax_acc.plot(*zip(*evals), "o-", label="held-out (greedy)")
+  ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy")
+  ax_acc.legend()
+  ax_len.plot(steps, [r["response_len_mean"] for r in rows], label="mean")
+  ax_len.plot(steps, [r["response_len_max"] for r in rows], alpha=0.5, label="max")
+  ax_len.set(xlabel="iteration", ylabel="response tokens", title="response length")
+  ax_len.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+  return png_path

@@ -1,0 +1,108 @@
+"""The main job: data and tokenizer -> long-CoT SFT warm-up -> k1.5 RL -> held-out evaluation -> summary.
+
+Each stage leaves its result in the workdir, so a rerun skips what is done and resumes RL from its last
+checkpoint:
+  data/                  train.jsonl, eval.jsonl, spm.model (the generated task and its tokenizer)
+  warmup/                the SFT model as a Hugging Face checkpoint (save_hf)
+  checkpoints/           orbax checkpoints of the RL run (params, optimizer, buffer, statistics, RNG)
+  final/                 the RL model as a Hugging Face checkpoint
+  rl.jsonl, sft.jsonl    metrics; tensorboard/ the same for TensorBoard
+  rl_curves.png          accuracy and mean length per iteration
+  summary.json / .md     held-out accuracy and mean tokens after warm-up and after RL
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from k15 import models, sharding
+from k15.data import arith
+from k15.data import tokenizer as tokenizer_lib
+from k15.rl import evaluation, loop, sft
+from k15.rl.metrics import MetricsLogger, plot_rl_curves
+from k15.rl.trainer import Trainer
+
+
+def load_task(config, workdir):
+  """Generates the synthetic task (once), registers its seqio Tasks and returns (tokenizer, train, eval)."""
+  data_dir = os.path.join(workdir, "data")
+  if not os.path.exists(os.path.join(data_dir, "spm.model")):
+    os.makedirs(data_dir, exist_ok=True)
+    arith.prepare_arith_data(data_dir, config.data.n_train, config.data.n_eval, config.seed,
+                             tuple(config.data.levels), config.data.tokenizer_vocab_size)
+  from k15.data import tasks  # seqio (TensorFlow) only here, not at `import k15`
+  prefix = f"k15_arith_{abs(hash(os.path.abspath(data_dir))) % 10**8}"
+  tasks.register_arith_tasks(data_dir, os.path.join(data_dir, "spm.model"), name_prefix=prefix)
+  train, eval_ = tasks.load_examples(f"{prefix}_train"), tasks.load_examples(f"{prefix}_eval")
+  tokenizer = tokenizer_lib.SentencePieceTokenizer(os.path.join(data_dir, "spm.model"))
+  tokenizer_lib.check_tokenizer_fits(tokenizer, config.model.vocab_size)
+  return tokenizer, train, eval_
+
+
+def _load_or_train_warmup(config, workdir, trainer, tokenizer, train):
+  path = os.path.join(workdir, "warmup")
+  if os.path.exists(os.path.join(path, "config.json")):
+    logging.info("warm-up checkpoint found at %s", path)
+    _, params = models.load_hf(path, dtype=config.model.param_dtype)
+    return trainer.place_params(params)
+  params = trainer.init_params(jax.random.PRNGKey(config.seed))
+  prompts = [ex["inputs_ids"] for ex in train]
+  responses = [ex["targets_ids"] for ex in train]  # long-CoT traces, ending with eos
+  logger = MetricsLogger(workdir, "sft", total_steps=config.sft.steps)
+  params = sft.sft_train(trainer, params, prompts, responses, steps=config.sft.steps,
+                         batch_size=config.sft.batch_size, learning_rate=config.sft.learning_rate,
+                         warmup_steps=config.sft.warmup_steps, pad_id=tokenizer.pad_id, seed=config.seed,
+                         logger=logger)
+  logger.close()
+  if jax.process_index() == 0:
+    models.save_hf(path, trainer.cfg, jax.device_get(params))
+  return params
+
+
+def summary_table(rows: dict) -> str:
+  lines = ["| model | held-out accuracy | mean response tokens | tokens per correct answer |",
+           "|---|---|---|---|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {r['accuracy']:.1%} | {r['mean_tokens']:.1f} | {r['tokens_per_correct']:.1f} |")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str):
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  model_cfg = models.ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  trainer = Trainer(model_cfg, mesh, config.sharding.logical_axis_rules)
+  print(f"k15: {model_cfg.num_params() / 1e6:.2f}M params on mesh {dict(mesh.shape)}; workdir {workdir}", flush=True)
+
+  tokenizer, train, eval_ = load_task(config, workdir)
+  print(f"task: {len(train)} train / {len(eval_)} held-out problems, vocab {tokenizer.vocab_size}", flush=True)
+
+  params = _load_or_train_warmup(config, workdir, trainer, tokenizer, train)
+  warmup_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+  print(f"after warm-up: accuracy {warmup_eval['accuracy']:.1%}, mean tokens {warmup_eval['mean_tokens']:.1f}",
+        flush=True)
+
+  params = loop.run_rl(config, workdir, trainer, params, tokenizer, train, eval_)
+  final_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+  if jax.process_index() == 0:
+    models.save_hf(os.path.join(workdir, "final"), model_cfg, jax.device_get(params))
+
+  rows = {"long-CoT warm-up (SFT)": warmup_eval, "k1.5 RL": final_eval}
+  table = summary_table(rows)
+  summary = {name: {k: v for k, v in r.items() if k != "per_level"} for name, r in rows.items()}
+  summary["per_level_accuracy"] = {name: r["per_level"] for name, r in rows.items()}
+  summary["wall_time_s"] = time.time() - start
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(table + "\n")
+    plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"))
+  print("\n" + table, flush=True)
+  print(f"\naccuracy change: {100 * (final_eval['accuracy'] - warmup_eval['accuracy']):+.1f} points; "
+        f"wall time {summary['wall_time_s']:.0f}s; plot {os.path.join(workdir, 'rl_curves.png')}", flush=True)
+  return summary

@@ -1,0 +1,75 @@
+"""Sharded gradient steps: one jitted step for any loss, on a mesh with logical axis rules.
+
+Every process holds the same host batch (it is derived from the same seed and rollouts), and each device
+takes its slice, so one code path serves 1 device, 8 fake devices and multi-host pods.
+"""
+import contextlib
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from k15 import models, sharding
+
+
+class Trainer:
+  """Holds the mesh, rules and shardings of a run; builds jitted steps and places arrays."""
+
+  def __init__(self, model_cfg: models.ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
+    self.cfg, self.mesh, self.rules = model_cfg, mesh, tuple(tuple(r) for r in rules)
+    self.param_shardings = sharding.param_shardings(model_cfg, mesh, self.rules)
+
+  @contextlib.contextmanager
+  def context(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def init_params(self, rng):
+    with self.context():
+      return jax.jit(lambda r: models.init_params(self.cfg, r), out_shardings=self.param_shardings)(rng)
+
+  def place_params(self, params):
+    return jax.device_put(params, self.param_shardings)
+
+  def init_opt_state(self, optimizer, params):
+    shardings = sharding.opt_state_shardings(optimizer, models.abstract_params(self.cfg), self.param_shardings,
+                                             self.mesh)
+    with self.context():
+      return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+  def shard_batch(self, batch: dict):
+    """Host numpy arrays -> global arrays split over the data axes (replicated if the batch does not divide)."""
+    def put(x):
+      x = np.asarray(x)
+      s = sharding.batch_sharding(self.mesh, x.ndim, self.rules, batch_size=x.shape[0])
+      return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return {k: put(v) for k, v in batch.items()}
+
+  def make_step(self, loss_fn: Callable, optimizer: optax.GradientTransformation):
+    """step(params, opt_state, batch) -> (params, opt_state, metrics); loss_fn(params, batch) -> (loss, metrics).
+
+    params and opt_state are donated: callers keep only what the step returns.
+    """
+    def step(params, opt_state, batch):
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+      return optax.apply_updates(params, updates), opt_state, metrics
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+
+    def run(params, opt_state, batch):
+      with self.context():
+        return jitted(params, opt_state, self.shard_batch(batch))
+    return run
+
+  def make_eval(self, fn: Callable):
+    """A jitted fn(params, batch) under the mesh, e.g. reference log-probs."""
+    jitted = jax.jit(fn)
+
+    def run(params, batch):
+      with self.context():
+        return jitted(params, self.shard_batch(batch))
+    return run
