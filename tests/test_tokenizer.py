@@ -30,6 +30,7 @@ def test_sentencepiece_round_trip_and_special_ids(spm_tok):
   ids = spm_tok.encode("Answer: 33")
   assert spm_tok.eos_id not in ids and spm_tok.bos_id not in ids  # encode adds nothing
   assert spm_tok.decode([spm_tok.bos_id] + ids + [spm_tok.eos_id, spm_tok.pad_id]) == "Answer: 33"
+  assert spm_tok.decode(ids + [spm_tok.vocab_size, 10**6]) == "Answer: 33"  # padded embedding rows
 
 
 def test_sentencepiece_vocab_larger_than_the_corpus_supports(tmp_path):
@@ -72,7 +73,7 @@ def test_hf_tokenizer_round_trip_and_special_ids(tmp_path):
   assert tok.encode(TEXT) == raw.encode(TEXT).ids
   assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, None)
   assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)
-  assert tok.decode(tok.encode("hi") + [tok.eos_id]) == "hi"
+  assert tok.decode(tok.encode("hi") + [tok.eos_id, tok.vocab_size + 5]) == "hi"
 
 
 def test_hf_tokenizer_special_tokens_from_config_and_arguments(tmp_path):

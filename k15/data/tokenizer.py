@@ -23,7 +23,10 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`; special ids (pad, eos, bos) decode to nothing."""
+    """Text of `ids`; special ids (pad, eos, bos) and ids past the vocabulary decode to nothing.
+
+    A model's embedding table may be larger than the vocabulary (padded rows); samples can hit those ids.
+    """
 
   @property
   @abc.abstractmethod
@@ -60,7 +63,8 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    n = self._sp.get_piece_size()
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
   @property
   def eos_id(self) -> int:
