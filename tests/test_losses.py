@@ -74,13 +74,14 @@ def test_k15_gradient_form_is_minus_eq3(log_ratio):
     return losses.k15_loss(_toy_logp(prm, tokens), ref_logp, mask, rewards, G, TAU, log_ratio=log_ratio,
                            form=form)[0]
 
-  grad = jax.grad(loss_fn)(params, "gradient")
+  grad_fn = jax.jit(jax.grad(loss_fn), static_argnums=1)
+  grad = grad_fn(params, "gradient")
   _assert_tree_close(grad, jax.tree.map(lambda x: -x, g), rtol=1e-5, atol=1e-6)
-  grad_sq = jax.grad(loss_fn)(params, "squared")
+  grad_sq = grad_fn(params, "squared")
   _assert_tree_close(grad_sq, jax.tree.map(lambda x: -2 * TAU * x, g), rtol=1e-5, atol=1e-6)
   # The tau-term matters here (policy != ref): the REINFORCE gradient alone is different.
-  grad_tau0 = jax.grad(lambda prm: losses.k15_loss(_toy_logp(prm, tokens), ref_logp, mask, rewards, G, 0.0)[0])(
-      params)
+  grad_tau0 = jax.jit(jax.grad(
+      lambda prm: losses.k15_loss(_toy_logp(prm, tokens), ref_logp, mask, rewards, G, 0.0)[0]))(params)
   assert np.abs(np.asarray(grad["W"] - grad_tau0["W"])).max() > 1e-3
 
 
@@ -154,37 +155,33 @@ def test_tau_term_gradient_with_real_model():
   tau = 0.5
 
   @jax.jit
-  def per_sample(prm):
-    """Row j of the Jacobian is grad logp(y_j), the per-sample gradient; aux: the token log-probs."""
+  def grads(prm, ref_logp, rewards):
+    """Row j of the Jacobian is grad logp(y_j), one sample's gradient; plus the token log-probs and the loss grad."""
     def seq_logp(q):
       logp = token_logprobs(cfg, q, tokens)
       return jnp.sum(logp * mask, axis=1), logp
-    return jax.jacrev(seq_logp, has_aux=True)(prm)
-
-  @jax.jit
-  def loss_grad(prm, ref_logp, rewards):
-    return jax.grad(lambda q: losses.k15_loss(token_logprobs(cfg, q, tokens), ref_logp, mask, rewards, 2, tau)[0])(
-        prm)
+    jac, logp = jax.jacrev(seq_logp, has_aux=True)(prm)
+    loss_fn = lambda q: losses.k15_loss(token_logprobs(cfg, q, tokens), ref_logp, mask, rewards, 2, tau)[0]
+    return jac, logp, jax.grad(loss_fn)(prm)
 
   def weighted_sum(jac, w):  # sum_j w_j * grad logp(y_j)
     return jax.tree.map(lambda x: jnp.tensordot(jnp.asarray(w, jnp.float32), x, axes=1), jac)
 
   max_abs = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
-  jac0, ref_logp = per_sample(params)
+  _, ref_logp, _ = grads(params, jnp.zeros_like(mask), rewards)  # the reference: the policy before the step
   # Policy == reference: d_j = 0, so the tau-term (the loss with all advantages 0) has zero gradient
   # (up to float noise between two passes), and the full gradient is the REINFORCE part -(1/B) sum_j A_j grad logp_j.
-  assert max_abs(loss_grad(params, ref_logp, jnp.zeros(4))) < 1e-6
-  grad_full = loss_grad(params, ref_logp, rewards)
+  assert max_abs(grads(params, ref_logp, jnp.zeros(4))[2]) < 1e-6
+  jac0, _, grad_full = grads(params, ref_logp, rewards)
   _assert_tree_close(grad_full, weighted_sum(jac0, -adv / 4), rtol=2e-4, atol=1e-6)
 
   opt = optax.sgd(1.0)
   updates, _ = opt.update(grad_full, opt.init(params), params)
   new_params = optax.apply_updates(params, updates)
-  jac1, logp1 = per_sample(new_params)
+  # After the step the tau-term does not vanish: by the chain rule its gradient is (tau/B) sum_j d_j grad logp_j.
+  jac1, logp1, grad_tau = grads(new_params, ref_logp, jnp.zeros(4))
   d = np.asarray(jnp.sum((logp1 - ref_logp) * mask, axis=1))
   assert np.abs(d).min() > 1e-3
-  # After the step the tau-term does not vanish: by the chain rule its gradient is (tau/B) sum_j d_j grad logp_j.
-  grad_tau = loss_grad(new_params, ref_logp, jnp.zeros(4))
   assert max_abs(grad_tau) > 1e-4
   _assert_tree_close(grad_tau, weighted_sum(jac1, tau / 4 * d), rtol=2e-4, atol=1e-6)
 
