@@ -122,7 +122,7 @@ def reinforce_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size):
 
 
 def grpo_loss(logp_BxT, old_logp_BxT, mask_BxT, rewards_B, group_size, *, clip_eps=0.2, std_eps=1e-6):
-  """GRPO: PPO-clip on group-normalized advantages, no KL term (beta = 0).
+  """GRPO: PPO-clip on group-normalized advantages, no KL term (beta = 0); old_logp is the sampler's (pi_i).
 
   A_j = (r_j - mean_G r) / (std_G r + std_eps), std the population std (ddof=0; TRL uses ddof=1).
   Per token: ratio = exp(logp - old_logp), objective min(ratio*A, clip(ratio, 1-eps, 1+eps)*A).
