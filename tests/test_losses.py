@@ -264,3 +264,26 @@ def test_registry_dispatch_and_unknown_name():
     assert np.isfinite(float(loss)) and "loss" in metrics
   with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'.*\['grpo', 'k15', 'reinforce', 'rest'\]"):
     losses.policy_loss("ppo", logp, ref, mask, rewards, G)
+
+
+@pytest.mark.parametrize("name,options", [("k15", {"tau": TAU}), ("k15", {"tau": TAU, "form": "squared"}),
+                                          ("reinforce", {}), ("grpo", {}), ("rest", {"threshold": 0.5})])
+def test_weight_zero_groups_change_nothing(name, options):
+  # Padding with a whole weight-0 group must give the loss and gradient of the unpadded batch, even when the
+  # padded rows hold non-zero log-probs, mask and rewards.
+  params, ref_params, tokens, mask, rewards = _toy_batch()
+  ref = _toy_logp(ref_params, tokens)
+  pad = lambda x, fill: jnp.concatenate([x, jnp.full((G,) + x.shape[1:], fill, x.dtype)])
+  weights = jnp.asarray([1.0] * (P * G) + [0.0] * G)
+
+  def both(prm):
+    plain = losses.policy_loss(name, _toy_logp(prm, tokens), ref, mask, rewards, G, **options)[0]
+    padded = losses.policy_loss(name, pad(_toy_logp(prm, tokens), -0.7), pad(ref, -2.0), pad(mask, 1.0),
+                                pad(rewards, 1.0), G, sample_weights_B=weights, **options)[0]
+    return plain, padded
+
+  (plain, padded), (g_plain, g_padded) = jax.jit(lambda prm: (both(prm), (
+      jax.grad(lambda q: both(q)[0])(prm), jax.grad(lambda q: both(q)[1])(prm))))(params)
+  np.testing.assert_allclose(padded, plain, rtol=1e-6)
+  _assert_tree_close(g_padded, g_plain, rtol=1e-5, atol=1e-7)
+  assert abs(float(plain)) > 1e-3

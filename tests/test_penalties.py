@@ -42,8 +42,9 @@ def test_weight_warmup():
 def test_repeat_penalty():
   reasons = [["eos", "repeat"], ["budget", "repeat"]]
   np.testing.assert_array_equal(penalties.repeat_penalty(reasons, 0.5), [[0.0, -0.5], [0.0, -0.5]])
-  with pytest.raises(ValueError, match="magnitude"):
-    penalties.repeat_penalty(reasons, -0.5)
+  # Either sign in a config means a penalty, never a bonus.
+  np.testing.assert_array_equal(penalties.repeat_penalty(reasons, -0.5), [[0.0, -0.5], [0.0, -0.5]])
+  np.testing.assert_array_equal(penalties.repeat_penalty(["repeat", "eos"], 0.0), [0.0, 0.0])
 
 
 def test_total_rewards_by_hand():

@@ -53,14 +53,14 @@ def test_curriculum_pools_by_stage():
 
 
 def test_sampler_draws_from_the_stage_pool_without_replacement():
-  sampler = ps.PromptSampler(6, seed=0, difficulty_N=LABELS, stages=STAGES)
-  first = sampler.sample(0, 4)
-  second = sampler.sample(0, 2)  # a second call in the same iteration: the two prompts not drawn yet
+  sampler = ps.PromptSampler(seed=0, difficulties=LABELS, stages=STAGES)  # 6 prompts, from the labels
+  first = sampler.sample(4, iteration=0)
+  second = sampler.sample(2, iteration=0)  # a second call in the same iteration: the two prompts not drawn yet
   assert sorted(first.tolist() + second.tolist()) == list(range(6))
-  third = sampler.sample(0, 3)  # the pool is exhausted: a new pass, still no repeats within the call
+  third = sampler.sample(3, iteration=0)  # the pool is exhausted: a new pass, still no repeats within the call
   assert len(set(third.tolist())) == 3
-  assert set(sampler.sample(3, 4).tolist()) == {1, 2, 3, 5}
-  assert set(sampler.sample(7, 3).tolist()) == {1, 3, 5}
+  assert set(sampler.sample(4, iteration=3).tolist()) == {1, 2, 3, 5}
+  assert set(sampler.sample(3, iteration=7).tolist()) == {1, 3, 5}
   np.testing.assert_array_equal(sampler.times_sampled_N.sum(), 4 + 2 + 3 + 4 + 3)
 
 
@@ -69,7 +69,7 @@ def test_same_seed_same_prompts_and_different_seed_differs():
     sampler = ps.PromptSampler(50, seed=seed, floor=0.05)
     out = []
     for it in range(5):
-      idx = sampler.sample(it, 8)
+      idx = sampler.sample(8, iteration=it)
       sampler.update(idx, (idx % 3) / 2.0 % 1.0)
       out.append(idx)
     return np.stack(out)
@@ -78,19 +78,19 @@ def test_same_seed_same_prompts_and_different_seed_differs():
 
 
 def test_state_round_trip_resumes_exactly():
-  a = ps.PromptSampler(20, seed=3, floor=0.01, decay=0.7)
+  a = ps.PromptSampler(20, seed=3, floor=0.01, ema_decay=0.7)
   for it in range(3):
-    idx = a.sample(it, 5)
+    idx = a.sample(5, iteration=it)
     a.update(idx, (idx % 2).astype(float))
-  a.sample(3, 4)  # mid-iteration: part of iteration 3 is already drawn
+  a.sample(4, iteration=3)  # mid-iteration: part of iteration 3 is already drawn
   state = a.state_dict()
   assert all(isinstance(v, (np.ndarray, int)) for v in state.values())
-  b = ps.PromptSampler(20, seed=99, floor=0.01, decay=0.7)
+  b = ps.PromptSampler(20, seed=99, floor=0.01, ema_decay=0.7)
   b.load_state_dict({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in state.items()})
   for k, v in state.items():
     np.testing.assert_array_equal(b.state_dict()[k], v)
-  np.testing.assert_array_equal(a.sample(3, 6), b.sample(3, 6))
-  np.testing.assert_array_equal(a.sample(4, 6), b.sample(4, 6))
+  np.testing.assert_array_equal(a.sample(6, iteration=3), b.sample(6, iteration=3))
+  np.testing.assert_array_equal(a.sample(6, iteration=4), b.sample(6, iteration=4))
   with pytest.raises(ValueError, match="cannot load"):
     ps.PromptSampler(21, seed=0).load_state_dict(state)
 
@@ -100,7 +100,7 @@ def test_sampling_frequencies_follow_priorities():
   sampler.stats.success_N[:] = [0.0, 0.5, 0.75, 1.0, 0.9]
   expected = np.asarray([1.0, 0.5, 0.25, 0.0, 0.1]) / 1.85
   n = 4000
-  counts = np.bincount(np.concatenate([sampler.sample(it, 1) for it in range(n)]), minlength=5)
+  counts = np.bincount(np.concatenate([sampler.sample(1, iteration=it) for it in range(n)]), minlength=5)
   assert counts[3] == 0  # solved and no floor: never drawn
   nz = expected > 0
   chi2 = np.sum((counts[nz] - n * expected[nz])**2 / (n * expected[nz]))
@@ -108,7 +108,7 @@ def test_sampling_frequencies_follow_priorities():
   # Priority off: uniform over the pool regardless of the stats.
   uniform = ps.PromptSampler(5, seed=0, prioritized=False)
   uniform.stats.success_N[:] = [0.0, 0.5, 0.75, 1.0, 0.9]
-  counts = np.bincount(np.concatenate([uniform.sample(it, 1) for it in range(n)]), minlength=5)
+  counts = np.bincount(np.concatenate([uniform.sample(1, iteration=it) for it in range(n)]), minlength=5)
   assert np.sum((counts - n / 5)**2 / (n / 5)) < 18.5  # 4 degrees of freedom: p = 0.001
 
 
@@ -116,4 +116,15 @@ def test_zero_weight_prompts_come_last():
   sampler = ps.PromptSampler(4, seed=0, floor=0.0)
   sampler.stats.success_N[:] = [1.0, 0.0, 1.0, 0.5]
   for it in range(20):
-    assert set(sampler.sample(it, 3)[:2].tolist()) == {1, 3}
+    assert set(sampler.sample(3, iteration=it)[:2].tolist()) == {1, 3}
+
+
+def test_integer_levels_and_no_curriculum():
+  levels = np.asarray([1, 2, 3, 4, 2, 4])
+  sampler = ps.PromptSampler(seed=0, difficulties=levels, stages=[ps.CurriculumStage(2, (1, 2)),
+                                                                  ps.CurriculumStage(10**9, (4,))])
+  assert set(sampler.sample(3, iteration=1).tolist()) == {0, 1, 4}
+  assert set(sampler.sample(2, iteration=2).tolist()) == {3, 5}
+  assert sorted(ps.PromptSampler(seed=0, difficulties=levels, stages=[]).sample(6, iteration=0)) == list(range(6))
+  with pytest.raises(ValueError, match="num_prompts or difficulties"):
+    ps.PromptSampler(seed=0)

@@ -34,19 +34,18 @@ def length_penalty_weight(iteration: int, warmup_iterations: int, weight: float)
 
 
 def repeat_penalty(finish_reasons: Sequence, penalty: float) -> np.ndarray:
-  """-penalty on samples that ended with reason "repeat", 0 elsewhere; same shape as finish_reasons.
+  """-|penalty| on samples that ended with reason "repeat", 0 elsewhere; same shape as finish_reasons.
 
-  `penalty` is a magnitude (>= 0) that is SUBTRACTED from the reward.
+  The result is ADDED to the reward. The sign of `penalty` is ignored, so a config may write the penalty as
+  0.5 or as -0.5: a repeat stop is never rewarded.
   """
-  if penalty < 0:
-    raise ValueError(f"repeat penalty is a magnitude that is subtracted; got {penalty} < 0")
   reasons = np.asarray(finish_reasons, dtype=object)
-  return np.where(reasons == REPEAT, -float(penalty), 0.0).astype(np.float32)
+  return np.where(reasons == REPEAT, -abs(float(penalty)), 0.0).astype(np.float32)
 
 
 def total_rewards(verifier_rewards_PxG, lengths_PxG, finish_reasons_PxG=None, *, length_weight=0.0,
                   repeat_penalty_value=0.0) -> np.ndarray:
-  """r + w * len_reward - repeat_penalty_value * [finished by "repeat"], float32, shape of the rewards.
+  """r + w * len_reward - |repeat_penalty_value| * [finished by "repeat"], float32, shape of the rewards.
 
   length_weight is w for this iteration (see `length_penalty_weight`); correctness for the length penalty is
   verifier reward == 1. The length penalty is skipped entirely when w == 0.

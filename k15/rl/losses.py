@@ -9,6 +9,8 @@ Inputs shared by the policy losses:
   ref_logp_BxT  log-probs under pi_i, the policy that sampled them (the iteration's reference); a constant.
   mask_BxT      1 on tokens that count (response tokens of the current segment), 0 elsewhere.
   rewards_B     total reward per sample (verifier + length penalty + repeat penalty); a constant.
+  sample_weights_B  optional per-sample weights (default all 1): a sample's share of the mean over samples. Meant
+                for padding a batch with whole weight-0 groups; group baselines ignore it.
 
 Every loss is minimized and returns (scalar loss, metrics dict of scalars).
 """
@@ -21,8 +23,19 @@ _sg = jax.lax.stop_gradient
 
 
 def _masked_sum(x_BxT, mask_BxT):
-  # where, not multiply: -inf log-probs on padding would turn 0 * -inf into nan.
-  return jnp.sum(jnp.where(mask_BxT > 0, x_BxT, 0.0), axis=-1)
+  # where, not multiply alone: -inf log-probs on padding would turn 0 * -inf into nan.
+  return jnp.sum(jnp.where(mask_BxT > 0, x_BxT * mask_BxT, 0.0), axis=-1)
+
+
+def _weights(sample_weights_B, rewards_B):
+  if sample_weights_B is None:
+    return jnp.ones(rewards_B.shape, jnp.float32)
+  return _sg(jnp.asarray(sample_weights_B, jnp.float32))
+
+
+def _wmean(x_B, w_B):
+  # Every weight 0 (an all-padding batch) gives 0, not nan.
+  return jnp.sum(w_B * x_B) / jnp.maximum(jnp.sum(w_B), 1e-12)
 
 
 def _groups(x_B, group_size):
@@ -49,7 +62,7 @@ def group_baseline(rewards_B, group_size, kind="mean", tau=1.0):
 
 
 def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
-             log_ratio="sequence", baseline="mean", form="gradient"):
+             log_ratio="sequence", baseline="mean", form="gradient", sample_weights_B=None):
   """The k1.5 online-mirror-descent loss (RECIPE.md section 1, report eq. 3).
 
   With logp_j the masked sequence log-prob of sample j, d_j = logp_j - logp_i(y_j) its log-ratio to the reference,
@@ -58,7 +71,8 @@ def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
     form="gradient":  mean_j [ -A_j * logp_j + (tau/2) * q_j ]
     form="squared":   mean_j [ (A_j - tau*d_j)^2 + tau^2 * (q_j - d_j^2) ]
 
-  where the mean runs over all B samples (= mean over prompts of (1/G) sum over the group) and q_j is the squared
+  where the mean runs over all B samples (= mean over prompts of (1/G) sum over the group; weighted by
+  sample_weights_B when given) and q_j is the squared
   log-ratio:
     log_ratio="sequence":  q_j = (sum_t mask*(logp_t - ref_t))^2 = d_j^2        (the report)
     log_ratio="token":     q_j = sum_t mask*(logp_t - ref_t)^2                  (public reimplementations)
@@ -77,6 +91,7 @@ def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
   if form not in ("gradient", "squared"):
     raise ValueError(f"unknown form {form!r}; valid: 'gradient', 'squared'")
   rewards_B = _sg(rewards_B.astype(jnp.float32))
+  w_B = _weights(sample_weights_B, rewards_B)
   ref_logp_BxT = _sg(ref_logp_BxT)
   seq_logp_B = _masked_sum(logp_BxT, mask_BxT)
   delta_BxT = logp_BxT - ref_logp_BxT
@@ -85,29 +100,29 @@ def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
   b_B = group_baseline(rewards_B, group_size, baseline, tau)
   adv_B = _sg(rewards_B - b_B)
 
-  policy_term = jnp.mean(-adv_B * seq_logp_B)
-  kl_term = jnp.mean(0.5 * tau * q_B)
+  policy_term = _wmean(-adv_B * seq_logp_B, w_B)
+  kl_term = _wmean(0.5 * tau * q_B, w_B)
   if form == "gradient":
     loss = policy_term + kl_term
   else:
-    loss = jnp.mean((adv_B - tau * d_B)**2 + tau**2 * (q_B - d_B**2))
+    loss = _wmean((adv_B - tau * d_B)**2 + tau**2 * (q_B - d_B**2), w_B)
   metrics = {
       "loss": loss,
       "policy_term": policy_term,  # mean -A*logp
       "kl_term": kl_term,  # mean (tau/2)*q
-      "log_ratio_mean": jnp.mean(d_B),
-      "log_ratio_sq_mean": jnp.mean(q_B),
-      "advantage_mean": jnp.mean(adv_B),
-      "advantage_abs_mean": jnp.mean(jnp.abs(adv_B)),
-      "baseline_mean": jnp.mean(b_B),
-      "reward_mean": jnp.mean(rewards_B),
-      "seq_logp_mean": jnp.mean(seq_logp_B),
-      "num_tokens": jnp.sum(mask_BxT > 0),
+      "log_ratio_mean": _wmean(d_B, w_B),
+      "log_ratio_sq_mean": _wmean(q_B, w_B),
+      "advantage_mean": _wmean(adv_B, w_B),
+      "advantage_abs_mean": _wmean(jnp.abs(adv_B), w_B),
+      "baseline_mean": _wmean(b_B, w_B),
+      "reward_mean": _wmean(rewards_B, w_B),
+      "seq_logp_mean": _wmean(seq_logp_B, w_B),
+      "num_tokens": jnp.sum((mask_BxT > 0) & (w_B[:, None] > 0)),
   }
   return loss, metrics
 
 
-def reinforce_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size):
+def reinforce_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, *, sample_weights_B=None):
   """REINFORCE with the group-mean baseline: mean_j -(r_j - rbar) * logp_j (sequence log-probs).
 
   The k1.5 loss with tau = 0; ref_logp_BxT is unused (kept for the uniform signature).
@@ -115,27 +130,31 @@ def reinforce_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size):
   del ref_logp_BxT
   seq_logp_B = _masked_sum(logp_BxT, mask_BxT)
   rewards_B = _sg(rewards_B.astype(jnp.float32))
+  w_B = _weights(sample_weights_B, rewards_B)
   adv_B = _sg(rewards_B - group_baseline(rewards_B, group_size))
-  loss = jnp.mean(-adv_B * seq_logp_B)
-  return loss, {"loss": loss, "advantage_abs_mean": jnp.mean(jnp.abs(adv_B)),
-                "reward_mean": jnp.mean(rewards_B), "seq_logp_mean": jnp.mean(seq_logp_B)}
+  loss = _wmean(-adv_B * seq_logp_B, w_B)
+  return loss, {"loss": loss, "advantage_abs_mean": _wmean(jnp.abs(adv_B), w_B),
+                "reward_mean": _wmean(rewards_B, w_B), "seq_logp_mean": _wmean(seq_logp_B, w_B)}
 
 
-def grpo_loss(logp_BxT, old_logp_BxT, mask_BxT, rewards_B, group_size, *, clip_eps=0.2, std_eps=1e-6):
+def grpo_loss(logp_BxT, old_logp_BxT, mask_BxT, rewards_B, group_size, *, clip_eps=0.2, std_eps=1e-6,
+              sample_weights_B=None):
   """GRPO: PPO-clip on group-normalized advantages, no KL term (beta = 0); old_logp is the sampler's (pi_i).
 
   A_j = (r_j - mean_G r) / (std_G r + std_eps), std the population std (ddof=0; TRL uses ddof=1).
   Per token: ratio = exp(logp - old_logp), objective min(ratio*A, clip(ratio, 1-eps, 1+eps)*A).
-  loss = -(sum of the objective over masked tokens) / (number of masked tokens in the batch).
+  loss = -(sum of the objective over masked tokens) / (number of masked tokens in the batch); with
+  sample_weights_B, each token counts with its sample's weight in both sums.
   """
   rewards_B = _sg(rewards_B.astype(jnp.float32))
+  mask_BxT = mask_BxT * _weights(sample_weights_B, rewards_B)[:, None]
   r_PxG = _groups(rewards_B, group_size)
   adv_PxG = (r_PxG - r_PxG.mean(axis=1, keepdims=True)) / (r_PxG.std(axis=1, keepdims=True) + std_eps)
   adv_Bx1 = adv_PxG.reshape(-1, 1)
   ratio_BxT = jnp.exp(logp_BxT - _sg(old_logp_BxT))
   clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps)
   obj_BxT = jnp.minimum(ratio_BxT * adv_Bx1, clipped_BxT * adv_Bx1)
-  n_tokens = jnp.maximum(jnp.sum(mask_BxT > 0), 1)
+  n_tokens = jnp.maximum(jnp.sum(mask_BxT), 1e-12)
   loss = -jnp.sum(_masked_sum(obj_BxT, mask_BxT)) / n_tokens
   # A token is clipped when the clipped branch is the smaller one (its gradient is then zero).
   is_clipped_BxT = (clipped_BxT * adv_Bx1 < ratio_BxT * adv_Bx1).astype(jnp.float32)
@@ -144,14 +163,15 @@ def grpo_loss(logp_BxT, old_logp_BxT, mask_BxT, rewards_B, group_size, *, clip_e
       "clip_fraction": jnp.sum(_masked_sum(is_clipped_BxT, mask_BxT)) / n_tokens,
       "ratio_mean": jnp.sum(_masked_sum(ratio_BxT, mask_BxT)) / n_tokens,
       "advantage_abs_mean": jnp.mean(jnp.abs(adv_PxG)),
-      "reward_mean": jnp.mean(rewards_B),
+      "reward_mean": jnp.mean(rewards_B),  # unweighted, like the group statistics
   }
 
 
 def sft_loss(logp_or_logits, mask_BxT, targets_BxT=None):
   """Mean negative log-likelihood over the masked tokens of the batch.
 
-  Takes per-token log-probs (BxT) or logits (BxTxV, then targets_BxT is required).
+  Takes per-token log-probs (BxT) or logits (BxTxV, then targets_BxT is required). A fractional mask weights
+  its tokens in both sums.
   """
   if logp_or_logits.ndim == 3:
     if targets_BxT is None:
@@ -160,22 +180,23 @@ def sft_loss(logp_or_logits, mask_BxT, targets_BxT=None):
     logp_BxT = jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
   else:
     logp_BxT = logp_or_logits
-  n_tokens = jnp.sum(mask_BxT > 0)
-  loss = -jnp.sum(_masked_sum(logp_BxT, mask_BxT)) / jnp.maximum(n_tokens, 1)
-  return loss, {"loss": loss, "num_tokens": n_tokens}
+  loss = -jnp.sum(_masked_sum(logp_BxT, mask_BxT)) / jnp.maximum(jnp.sum(mask_BxT), 1e-12)
+  return loss, {"loss": loss, "num_tokens": jnp.sum(mask_BxT > 0)}
 
 
-def rest_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, *, threshold=0.5):
+def rest_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, *, threshold=0.5, sample_weights_B=None):
   """ReST / rejection-sampling fine-tuning: SFT on the samples with reward > threshold.
 
   The default 0.5 keeps exactly the correct samples for {0,1} rewards, and still does with the length penalty
-  on while its weight is < 1. Token-mean NLL over the kept samples; 0 when none is kept.
+  on while its weight is < 1. Token-mean NLL over the kept samples (tokens weighted by sample_weights_B);
+  0 when none is kept.
   """
   del ref_logp_BxT
   _groups(rewards_B, group_size)  # validates the layout only; selection is per sample
-  keep_B = _sg(rewards_B) > threshold
-  loss, metrics = sft_loss(logp_BxT, mask_BxT * keep_B[:, None])
-  metrics["kept_fraction"] = jnp.mean(keep_B.astype(jnp.float32))
+  w_B = _weights(sample_weights_B, rewards_B)
+  keep_B = (_sg(rewards_B) > threshold).astype(jnp.float32)
+  loss, metrics = sft_loss(logp_BxT, mask_BxT * (keep_B * w_B)[:, None])
+  metrics["kept_fraction"] = _wmean(keep_B, w_B)
   return loss, metrics
 
 

@@ -130,17 +130,22 @@ class PromptSampler:
   np.random.default_rng([seed, i, c]), so it depends only on the seed, the counters and the stats.
   """
 
-  def __init__(self, num_prompts: int, *, seed: int, difficulty_N=None,
+  def __init__(self, num_prompts: Optional[int] = None, *, seed: int, difficulties=None,
                stages: Optional[Sequence[CurriculumStage]] = None, prioritized: bool = True, floor: float = 0.01,
-               decay: float = 0.9, initial_success: float = 0.0):
-    self.num_prompts = num_prompts
-    self.difficulty_N = None if difficulty_N is None else np.asarray(difficulty_N)
+               ema_decay: float = 0.9, initial_success: float = 0.0):
+    """num_prompts defaults to len(difficulties); difficulties: one label per prompt (needed by a curriculum)."""
+    self.difficulty_N = None if difficulties is None else np.asarray(difficulties)
+    if num_prompts is None:
+      if self.difficulty_N is None:
+        raise ValueError("PromptSampler needs num_prompts or difficulties")
+      num_prompts = len(self.difficulty_N)
     if self.difficulty_N is not None and self.difficulty_N.shape != (num_prompts,):
       raise ValueError(f"difficulty labels have shape {self.difficulty_N.shape}, expected ({num_prompts},)")
+    self.num_prompts = num_prompts
     self.stages = list(stages) if stages else None  # None: curriculum off, every prompt is in the pool
     self.prioritized = prioritized  # False: uniform within the pool
     self.floor = floor
-    self.stats = PromptStats(num_prompts, decay, initial_success)
+    self.stats = PromptStats(num_prompts, ema_decay, initial_success)
     self.seed = int(seed)
     self.times_sampled_N = np.zeros(num_prompts, np.int64)
     self._iteration = -1  # the iteration the drawn-set below belongs to
@@ -155,7 +160,7 @@ class PromptSampler:
       return np.full(len(pool_indices), 1.0 / len(pool_indices))
     return sampling_probs(pool_indices, self.stats, self.floor)
 
-  def sample(self, iteration: int, n: int) -> np.ndarray:
+  def sample(self, n: int, iteration: int) -> np.ndarray:
     """n prompt indices for `iteration` (int64)."""
     if iteration != self._iteration:
       self._iteration, self._calls = iteration, 0
