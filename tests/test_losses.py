@@ -155,35 +155,31 @@ def test_tau_term_gradient_with_real_model():
   tau = 0.5
 
   @jax.jit
-  def grads(prm, ref_logp, rewards):
-    """Row j of the Jacobian is grad logp(y_j), one sample's gradient; plus the token log-probs and the loss grad."""
-    def seq_logp(q):
-      logp = token_logprobs(cfg, q, tokens)
-      return jnp.sum(logp * mask, axis=1), logp
-    jac, logp = jax.jacrev(seq_logp, has_aux=True)(prm)
+  def grads(prm, ref_logp, rewards, coeffs_B):
+    """Token log-probs, the loss gradient and sum_j coeffs_j * grad logp(y_j), the eq. 3 sum with hand coefficients."""
+    seq_logp = lambda q: jnp.sum(token_logprobs(cfg, q, tokens) * mask, axis=1)
     loss_fn = lambda q: losses.k15_loss(token_logprobs(cfg, q, tokens), ref_logp, mask, rewards, 2, tau)[0]
-    return jac, logp, jax.grad(loss_fn)(prm)
-
-  def weighted_sum(jac, w):  # sum_j w_j * grad logp(y_j)
-    return jax.tree.map(lambda x: jnp.tensordot(jnp.asarray(w, jnp.float32), x, axes=1), jac)
+    return token_logprobs(cfg, prm, tokens), jax.grad(loss_fn)(prm), jax.vjp(seq_logp, prm)[1](coeffs_B)[0]
 
   max_abs = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
-  _, ref_logp, _ = grads(params, jnp.zeros_like(mask), rewards)  # the reference: the policy before the step
+  no_coeffs = jnp.zeros(4)
+  ref_logp, _, _ = grads(params, jnp.zeros_like(mask), rewards, no_coeffs)  # the policy before the step
   # Policy == reference: d_j = 0, so the tau-term (the loss with all advantages 0) has zero gradient
   # (up to float noise between two passes), and the full gradient is the REINFORCE part -(1/B) sum_j A_j grad logp_j.
-  assert max_abs(grads(params, ref_logp, jnp.zeros(4))[2]) < 1e-6
-  jac0, _, grad_full = grads(params, ref_logp, rewards)
-  _assert_tree_close(grad_full, weighted_sum(jac0, -adv / 4), rtol=2e-4, atol=1e-6)
+  assert max_abs(grads(params, ref_logp, jnp.zeros(4), no_coeffs)[1]) < 1e-6
+  _, grad_full, expected = grads(params, ref_logp, rewards, jnp.asarray(-adv / 4, jnp.float32))
+  _assert_tree_close(grad_full, expected, rtol=2e-4, atol=1e-6)
 
   opt = optax.sgd(1.0)
   updates, _ = opt.update(grad_full, opt.init(params), params)
   new_params = optax.apply_updates(params, updates)
   # After the step the tau-term does not vanish: by the chain rule its gradient is (tau/B) sum_j d_j grad logp_j.
-  jac1, logp1, grad_tau = grads(new_params, ref_logp, jnp.zeros(4))
+  logp1, _, _ = grads(new_params, ref_logp, rewards, no_coeffs)
   d = np.asarray(jnp.sum((logp1 - ref_logp) * mask, axis=1))
   assert np.abs(d).min() > 1e-3
+  _, grad_tau, expected = grads(new_params, ref_logp, jnp.zeros(4), jnp.asarray(tau / 4 * d, jnp.float32))
   assert max_abs(grad_tau) > 1e-4
-  _assert_tree_close(grad_tau, weighted_sum(jac1, tau / 4 * d), rtol=2e-4, atol=1e-6)
+  _assert_tree_close(grad_tau, expected, rtol=2e-4, atol=1e-6)
 
 
 def test_reinforce_by_hand():

@@ -72,8 +72,7 @@ def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
     form="squared":   mean_j [ (A_j - tau*d_j)^2 + tau^2 * (q_j - d_j^2) ]
 
   where the mean runs over all B samples (= mean over prompts of (1/G) sum over the group; weighted by
-  sample_weights_B when given) and q_j is the squared
-  log-ratio:
+  sample_weights_B when given) and q_j is the squared log-ratio:
     log_ratio="sequence":  q_j = (sum_t mask*(logp_t - ref_t))^2 = d_j^2        (the report)
     log_ratio="token":     q_j = sum_t mask*(logp_t - ref_t)^2                  (public reimplementations)
   The two agree when a sample has one masked token; otherwise the sequence square also carries the cross terms
