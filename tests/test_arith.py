@@ -73,7 +73,7 @@ def test_levels_shape_the_questions(examples):
 def test_distinct_questions_ids_and_even_levels(examples):
   assert len({ex["question"] for ex in examples}) == len(examples)
   assert len({ex["id"] for ex in examples}) == len(examples)
-  assert collections.Counter(ex["difficulty"] for ex in examples) == {l: 120 for l in range(1, 6)}
+  assert collections.Counter(ex["difficulty"] for ex in examples) == {l: 600 // len(arith.LEVELS) for l in arith.LEVELS}
   assert arith.example_id("Compute 1+2.") == arith.make_example([1, 2], ["+"], 1, False)["id"]
 
 
@@ -111,10 +111,11 @@ def test_small_level_is_exhausted_then_others_fill_in():
 
 
 def test_split_is_disjoint_balanced_and_dedupes(examples):
-  train, eval_ = arith.split_train_eval(list(examples) + examples[:30], n_eval=100)
+  n_eval = 20 * len(arith.LEVELS)
+  train, eval_ = arith.split_train_eval(list(examples) + examples[:30], n_eval=n_eval)
   assert not {ex["question"] for ex in train} & {ex["question"] for ex in eval_}
   assert len(train) + len(eval_) == len(examples)
-  assert collections.Counter(ex["difficulty"] for ex in eval_) == {l: 20 for l in range(1, 6)}
+  assert collections.Counter(ex["difficulty"] for ex in eval_) == {l: 20 for l in arith.LEVELS}
 
 
 def test_jsonl_round_trip_and_errors(examples, tmp_path):

@@ -47,12 +47,13 @@ class Level:
     return slots * 8 * tuples * 2 ** (slots - 1)
 
 
-LEVELS = {
+LEVELS = {  # one-digit operands first: a tiny model learns the step format fast, longer chains are harder
     1: Level(n_operands=2, digits=1),
-    2: Level(n_operands=2, digits=2),
-    3: Level(n_operands=3, digits=2),
-    4: Level(n_operands=4, digits=2),
-    5: Level(n_operands=3, digits=2, mul=True),
+    2: Level(n_operands=3, digits=1),
+    3: Level(n_operands=4, digits=1),
+    4: Level(n_operands=5, digits=1),
+    5: Level(n_operands=2, digits=2),
+    6: Level(n_operands=3, digits=2, mul=True),
 }
 RECHECK_PROB = 0.4  # fraction of long traces with a redundant re-computation
 
