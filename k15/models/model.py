@@ -2,6 +2,7 @@
 
 The policy and the reference are the same functions with two param trees.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ def _boxed_init(cfg: ModelConfig, rng):
   return Transformer(cfg).init(rng, tokens, _default_positions(tokens))["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)  # eager flax scan init would recompile on every call
 def init_params(cfg: ModelConfig, rng: jax.Array):
   """Random params as a plain pytree of arrays (logical axes are in `param_logical_axes`)."""
   return nn.meta.unbox(_boxed_init(cfg, rng))
