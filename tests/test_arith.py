@@ -139,10 +139,10 @@ def test_prompt_template():
 
 
 def test_prepare_arith_data_token_budget(tmp_path):
-  paths = arith.prepare_arith_data(str(tmp_path), n_train=1000, n_eval=100, seed=0, levels=(1, 2, 3, 4, 5),
+  paths = arith.prepare_arith_data(str(tmp_path), n_train=1200, n_eval=120, seed=0, levels=tuple(arith.LEVELS),
                                    vocab_size=256)
   train, eval_ = arith.read_jsonl(paths["train"]), arith.read_jsonl(paths["eval"])
-  assert (len(train), len(eval_)) == (1000, 100)
+  assert (len(train), len(eval_)) == (1200, 120)
   assert not {ex["question"] for ex in train} & {ex["question"] for ex in eval_}
   tok = tok_lib.load_tokenizer(paths["spm"])
   assert tok.vocab_size <= 256
@@ -155,8 +155,9 @@ def test_prepare_arith_data_token_budget(tmp_path):
     lengths[("long", ex["difficulty"])].append(len(tok.encode(ex["cot_long"])))
     lengths[("short", ex["difficulty"])].append(len(tok.encode(ex["cot_short"])))
   assert max(lengths["prompt"]) <= 24
-  assert min(lengths["long", 1]) >= 25 and max(lengths["long", 4]) <= 140
-  for level in range(1, 6):  # short traces are a small fraction of long ones: room for long2short
+  longs = [x for k, v in lengths.items() if k[0] == "long" for x in v]
+  assert min(longs) >= 25 and max(longs) <= 140
+  for level in arith.LEVELS:  # every short trace is shorter than every long one: room for long2short
     assert max(lengths["short", level]) < min(lengths["long", level])
 
 

@@ -1,6 +1,7 @@
 """Synthetic verifiable task: multi-step integer arithmetic with difficulty levels.
 
-Sized for a tiny transformer on a CPU: questions like "Compute 37+8*3-12." with at most four 2-digit operands.
+Sized for a tiny transformer on a CPU: chains of up to five one-digit operands ("Compute 7+3-5-2."), then
+two-digit operands and '*' ("Compute 37+8*3.") at the top levels.
 Each example carries two warm-up traces that end in "Answer: <int>":
 
   cot_long   a plan, one line per step, a check of every step by its inverse operation and, in a seeded fraction
