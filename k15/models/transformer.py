@@ -149,9 +149,9 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                     embedding_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("vocab", "embed")),
                      name="embed")
-    x_BxTxD = embed(tokens_BxT)
+    x_BxTxD = embed(tokens_BxT)  # std d_model**-0.5 init: tied logits start near unit scale
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
