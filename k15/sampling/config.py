@@ -1,0 +1,39 @@
+"""How tokens are drawn and when a trajectory stops."""
+import dataclasses
+from typing import Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Sampling hyperparameters; hashable, so it is a static argument of the jitted loops.
+
+  Ends of a trajectory: a stop id ("eos"), a repeated n-gram ("repeat"), a length cap ("max_length":
+  the response reached max_new_tokens or prompt + response filled max_length), or the per-iteration
+  token budget of `RolloutEngine.run` ("budget"; such partials go to the replay buffer).
+  """
+  temperature: float = 1.0  # logits are divided by this before top-k / top-p; ignored when greedy
+  top_p: float = 1.0  # nucleus: keep the smallest set of tokens with this much mass; 1.0 = off
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  greedy: bool = False  # argmax decoding; temperature, top_p and top_k are ignored
+  max_new_tokens: int = 256  # cap on the response tokens of one trajectory, over all iterations
+  chunk_size: int = 64  # decode steps per dispatch (one jitted while_loop); slots are refilled between chunks
+  stop_ids: Tuple[int, ...] = ()  # token ids that end a trajectory (EOS, end-of-turn); the stop token is kept
+  repeat_ngram: int = 0  # n-gram size of repeat detection; 0 = off
+  repeat_count: int = 4  # stop once the newest n-gram has occurred this many times in the response
+  max_length: int = 1024  # KV-cache length: prompt + response tokens of one trajectory
+  attn_bucket: int = 64  # a chunk attends over the cache prefix rounded up to this (one compile per size)
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"SamplingConfig.temperature must be > 0 (or greedy=True), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    for name in ("top_k", "repeat_ngram"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"SamplingConfig.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("max_new_tokens", "chunk_size", "max_length", "attn_bucket", "repeat_count"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"SamplingConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.max_length < 2:
+      raise ValueError(f"SamplingConfig.max_length must be >= 2, got {self.max_length}")

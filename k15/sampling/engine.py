@@ -1,0 +1,215 @@
+"""The rollout engine: fixed decode slots, chunked decode, slot refill, partial rollouts.
+
+One `run` is the rollout phase of one RL iteration. Work is taken in priority order: partial
+trajectories from the replay buffer first, then the new requests (each prompt k times). Between chunks,
+the host refills finished slots (a prefill into those slots only, while the others keep their cache).
+A trajectory that reaches the iteration's token budget goes back to the buffer, to be resumed in a later
+iteration by prefilling prompt + response-so-far with that iteration's params.
+"""
+import dataclasses
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from k15.models import ModelConfig
+from k15.sampling import slots as slots_lib
+from k15.sampling.config import SamplingConfig
+from k15.sampling.replay import ReplayBuffer, Trajectory
+
+_REASONS = {slots_lib.EOS: "eos", slots_lib.REPEAT: "repeat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """A prompt to sample num_samples times (sample indices 0..num_samples-1)."""
+  prompt_id: int
+  prompt_tokens: Sequence[int]
+  num_samples: int = 1
+  max_new_tokens: Optional[int] = None  # response cap for this prompt; default: the sampling config's
+
+
+@dataclasses.dataclass
+class RolloutStats:
+  """Counters of one `run`."""
+  num_slots: int
+  decode_steps: int = 0  # while-loop iterations (each decodes one token in every slot)
+  useful_tokens: int = 0  # tokens generated for live trajectories
+  prefill_tokens: int = 0  # prompt / prefix tokens re-encoded
+  chunks: int = 0
+  prefills: int = 0
+  resumed: int = 0  # partial trajectories taken from the replay buffer
+  to_buffer: int = 0  # partial trajectories put into it
+  finished: Dict[str, int] = dataclasses.field(default_factory=dict)  # finish reason -> count
+  wall_time_s: float = 0.0
+
+  @property
+  def slot_utilization(self) -> float:
+    """Useful token steps / (slots * decode steps)."""
+    return self.useful_tokens / max(1, self.num_slots * self.decode_steps)
+
+  def as_dict(self) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k != "finished"}
+    out.update({f"finished_{k}": v for k, v in self.finished.items()})
+    out["slot_utilization"] = self.slot_utilization
+    return out
+
+
+@dataclasses.dataclass
+class _Live:
+  """Host view of the trajectory in a slot."""
+  traj: Trajectory
+  new_tokens: List[int]
+  new_logprobs: List[float]
+  length: int  # prompt + response tokens, including this segment's so far
+
+
+def _bucket(n: int, lo: int, hi: int) -> int:
+  """Smallest power of two >= max(n, lo), capped at hi (bounds the number of compiled shapes)."""
+  return min(hi, max(lo, 1 << max(0, int(n) - 1).bit_length()))
+
+
+def slot_axes_of(mesh: Mesh, slot_axes: Optional[Sequence[str]] = None) -> Tuple[Tuple[str, ...], int]:
+  """The mesh axes the slot dim is sharded over (default 'data' and 'fsdp', else all), and their size."""
+  if slot_axes is None:
+    slot_axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or tuple(mesh.axis_names)
+  return tuple(slot_axes), int(np.prod([mesh.shape[a] for a in slot_axes]))
+
+
+def _typed_key(rng):
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)
+
+
+class RolloutEngine:
+  """Samples from params in num_slots decode slots; the jitted functions are shared across engines.
+
+  With a mesh, the slot dim of the cache and of every slot array is sharded over `slot_axes` (default:
+  the mesh's 'data' and 'fsdp' axes, or all of its axes when it has neither); params are used with
+  whatever sharding they have (the training shardings: no copy).
+  """
+
+  def __init__(self, cfg: ModelConfig, sampling_cfg: SamplingConfig, num_slots: int, mesh: Optional[Mesh] = None,
+               slot_axes: Optional[Sequence[str]] = None, static_batching: bool = False):
+    self.cfg, self.scfg, self.num_slots = cfg, sampling_cfg, num_slots
+    self.static_batching = static_batching  # refill only once every slot is free (a baseline)
+    self.sharding = None
+    if mesh is not None:
+      slot_axes, shards = slot_axes_of(mesh, slot_axes)
+      if num_slots % shards:
+        raise ValueError(f"num_slots={num_slots} must be a multiple of the {shards} devices of slot axes "
+                         f"{tuple(slot_axes)}")
+      self.sharding = NamedSharding(mesh, PartitionSpec(tuple(slot_axes)))
+    self._state = None
+
+  def _limits(self, traj: Trajectory, token_budget: Optional[int]) -> int:
+    cap = self.scfg.max_new_tokens if traj.max_new_tokens is None else traj.max_new_tokens
+    n_resp = len(traj.response_tokens)
+    limit = min(cap - n_resp, self.scfg.max_length - len(traj.prompt_tokens) - n_resp)
+    return limit if token_budget is None else min(limit, token_budget)
+
+  def run(self, params, requests: Sequence[Request], replay_buffer: Optional[ReplayBuffer], iteration: int,
+          token_budget: Optional[int], rng) -> Tuple[List[Trajectory], RolloutStats]:
+    """Rolls out every buffered partial and every request; returns the finished trajectories and stats.
+
+    Trajectories that reach token_budget (new tokens in this run) go to replay_buffer, or, when it is
+    None, are returned finished with reason "budget".
+    """
+    start_time = time.perf_counter()
+    cfg, scfg, B, S = self.cfg, self.scfg, self.num_slots, self.scfg.max_length
+    rng = _typed_key(rng)
+    stats = RolloutStats(num_slots=B)
+    finished: List[Trajectory] = []
+
+    def finish(traj: Trajectory, reason: str):
+      traj.finish_reason = reason
+      stats.finished[reason] = stats.finished.get(reason, 0) + 1
+      finished.append(traj)
+
+    queue: List[Trajectory] = []
+    if replay_buffer is not None:
+      queue.extend(replay_buffer.pop_all())
+      stats.resumed = len(queue)
+    for req in requests:
+      if len(req.prompt_tokens) == 0:
+        raise ValueError(f"request {req.prompt_id}: empty prompt")
+      for k in range(req.num_samples):
+        queue.append(Trajectory(req.prompt_id, k, req.prompt_tokens, [], [], [], max_new_tokens=req.max_new_tokens))
+    queue.reverse()  # pop() from the end keeps the priority order
+
+    if self._state is None:
+      self._state = slots_lib.init_state(cfg, B, S, self.sharding)
+    live: List[Optional[_Live]] = [None] * B
+
+    def refill():
+      free = [i for i in range(B) if live[i] is None]
+      if self.static_batching and len(free) < B:
+        return
+      batch = []
+      while queue and len(batch) < len(free):
+        traj = queue.pop()
+        if self._limits(traj, token_budget) <= 0:  # nothing left to generate: a length cap was reached
+          finish(traj, "max_length")
+        else:
+          batch.append(traj)
+      if not batch:
+        return
+      lengths = [len(t.prompt_tokens) + len(t.response_tokens) for t in batch]
+      P, T = _bucket(len(batch), 1, B), _bucket(max(lengths), 16, S)
+      tokens = np.zeros((P, T), np.int32)
+      lengths_P = np.ones((P,), np.int32)
+      starts, remaining = np.zeros((P,), np.int32), np.zeros((P,), np.int32)
+      slots_P, seeds = np.full((P,), B, np.int32), np.zeros((P, 2), np.uint32)
+      for row, (traj, n, slot) in enumerate(zip(batch, lengths, free)):
+        tokens[row, :n] = traj.tokens
+        lengths_P[row], starts[row], remaining[row] = n, len(traj.prompt_tokens), self._limits(traj, token_budget)
+        slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
+        live[slot] = _Live(traj, [], [], n)
+      self._state = slots_lib.prefill(cfg, self.sharding, params, self._state, tokens, lengths_P, starts, remaining,
+                                      slots_P, seeds, rng)
+      stats.prefills += 1
+      stats.prefill_tokens += sum(lengths)
+
+    def close(slot: int, device_reason: int):
+      item = live[slot]
+      live[slot] = None
+      t = item.traj
+      t.response_tokens = np.concatenate([t.response_tokens, np.asarray(item.new_tokens, np.int32)])
+      t.logprobs = np.concatenate([t.logprobs, np.asarray(item.new_logprobs, np.float32)])
+      t.token_iterations = np.concatenate([t.token_iterations, np.full(len(item.new_tokens), iteration, np.int32)])
+      if device_reason in _REASONS:
+        finish(t, _REASONS[device_reason])
+      elif self._limits(t, None) <= 0:
+        finish(t, "max_length")
+      elif replay_buffer is None:
+        finish(t, "budget")
+      else:
+        replay_buffer.add(t)
+        stats.to_buffer += 1
+
+    while True:
+      refill()
+      busy = [i for i in range(B) if live[i] is not None]
+      if not busy:
+        break
+      max_pos = max(live[i].length for i in busy) - 1
+      attn_len = min(S, -(-(max_pos + scfg.chunk_size + 1) // scfg.attn_bucket) * scfg.attn_bucket)
+      self._state, out = slots_lib.decode_chunk(cfg, scfg, attn_len, self.sharding, params, self._state)
+      tokens_BxC, logp_BxC, reasons_B, steps = jax.device_get(out)
+      stats.chunks += 1
+      stats.decode_steps += int(steps)
+      for i in busy:
+        item = live[i]
+        n = int(np.sum(tokens_BxC[i] >= 0))
+        item.new_tokens.extend(tokens_BxC[i, :n].tolist())
+        item.new_logprobs.extend(logp_BxC[i, :n].tolist())
+        item.length += n
+        stats.useful_tokens += n
+        if reasons_B[i] != slots_lib.RUNNING:
+          close(i, int(reasons_B[i]))
+    stats.wall_time_s = time.perf_counter() - start_time
+    return finished, stats

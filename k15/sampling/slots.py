@@ -1,0 +1,153 @@
+"""Device side of the sampling loop: a fixed set of decode slots, prefill into chosen slots, chunked decode.
+
+Shapes are static (num_slots B, cache length S); every slot sits at its own length. A slot's state is
+the token it feeds next (the last of its sequence) and that token's position; prefill writes the k/v of
+the tokens before it, so decode alone samples. Stale cache entries past a slot's position are never
+attended (the mask is position-based), so a refilled slot needs no clearing.
+"""
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
+from k15.sampling.config import SamplingConfig
+from k15.sampling.repeat import newest_ngram_count
+from k15.sampling.select import select_tokens
+from k15.sampling.step import LayerCaches, decode_step, to_layer_caches
+
+# Why a slot stopped; 0 while it runs.
+RUNNING, EOS, REPEAT, LIMIT = 0, 1, 2, 3
+
+
+class SlotState(NamedTuple):
+  cache_k: LayerCaches  # per layer BxKxSxH
+  cache_v: LayerCaches
+  hist_BxS: jax.Array  # int32 tokens at their absolute positions (for repeat detection)
+  tokens_B: jax.Array  # int32 token fed at the next step
+  positions_B: jax.Array  # int32 its position
+  starts_B: jax.Array  # int32 position where the response begins
+  remaining_B: jax.Array  # int32 tokens the slot may still generate in this segment
+  active_B: jax.Array  # bool
+  keys_B: jax.Array  # uint32 PRNG key data, one key per trajectory
+
+
+class ChunkOutput(NamedTuple):
+  tokens_BxC: jax.Array  # int32 sampled tokens; -1 where the slot was not active
+  logprobs_BxC: jax.Array  # float32 log softmax(raw logits) at the sampled token
+  reasons_B: jax.Array  # int32 RUNNING / EOS / REPEAT / LIMIT after the chunk
+  steps: jax.Array  # int32 decode steps run (the loop stops early once no slot is active)
+
+
+def _constrain(tree, sharding: Optional[NamedSharding]):
+  if sharding is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def init_state(cfg: ModelConfig, num_slots: int, length: int, sharding: Optional[NamedSharding] = None):
+  """An all-idle SlotState; `sharding` (slot dim over the data axes) is applied to every array."""
+  zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
+  cache = lambda: tuple(zeros((num_slots, cfg.n_kv_heads, length, cfg.head_dim), cfg.jnp_dtype)
+                        for _ in range(cfg.n_layers))
+  key_data = jax.random.key_data(jax.random.split(jax.random.key(0), num_slots))
+  state = SlotState(cache(), cache(), zeros((num_slots, length), jnp.int32), zeros((num_slots,), jnp.int32),
+                    zeros((num_slots,), jnp.int32), zeros((num_slots,), jnp.int32),
+                    zeros((num_slots,), jnp.int32), zeros((num_slots,), bool), key_data)
+  return state if sharding is None else jax.device_put(state, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def prefill(cfg: ModelConfig, sharding, params, state: SlotState, tokens_PxT, lengths_P, starts_P, remaining_P,
+            slots_P, seeds_Px2, rng):
+  """Loads P sequences into slots_P (index >= B: padding row, ignored); other slots keep their cache.
+
+  tokens_PxT holds each sequence (prompt, or prompt + partial response) left-aligned; its last token is
+  not written here but fed by the next decode step. seeds_Px2 (prompt id, sample index) pick each
+  trajectory's PRNG key, so its samples do not depend on the slot or chunk it runs in.
+  """
+  P, T = tokens_PxT.shape
+  t_T = jnp.arange(T, dtype=jnp.int32)
+  # Position T is past this cache: those tokens (the last one and the padding) are not written.
+  positions_PxT = jnp.where(t_T[None, :] < lengths_P[:, None] - 1, t_T[None, :], T)
+  _, kv = forward_with_cache(cfg, params, tokens_PxT, positions_PxT, KVCache.zeros(cfg, P, T))
+  write = lambda full, new: full.at[slots_P, :, :T].set(new.astype(full.dtype), mode="drop")
+  cache_k = tuple(map(write, state.cache_k, to_layer_caches(kv.k)))
+  cache_v = tuple(map(write, state.cache_v, to_layer_caches(kv.v)))
+  last_P = jnp.take_along_axis(tokens_PxT, (lengths_P - 1)[:, None], axis=1)[:, 0]
+  keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(rng, s[0]), s[1]))(seeds_Px2)
+  put = lambda a, v: a.at[slots_P].set(v, mode="drop")
+  state = SlotState(
+      cache_k, cache_v, state.hist_BxS.at[slots_P, :T].set(tokens_PxT, mode="drop"),
+      put(state.tokens_B, last_P), put(state.positions_B, lengths_P - 1), put(state.starts_B, starts_P),
+      put(state.remaining_B, remaining_P), put(state.active_B, remaining_P > 0),
+      put(state.keys_B, jax.random.key_data(keys)))
+  return _constrain(state, sharding)
+
+
+def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
+  hit = jnp.zeros(tokens_B.shape, bool)
+  for i in stop_ids:
+    hit |= tokens_B == i
+  return hit
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding, params, state: SlotState):
+  """Up to chunk_size decode steps in one while_loop, attending over the first attn_len cache positions.
+
+  attn_len must exceed every active slot's position + chunk_size (the engine buckets it), so the
+  attention cost follows the longest live sequence rather than the cache length.
+  """
+  B, S = state.hist_BxS.shape
+  A, C = attn_len, scfg.chunk_size
+  head = (lambda x: x[:, :, :A]) if A < S else (lambda x: x)
+  cache_k, cache_v = tuple(map(head, state.cache_k)), tuple(map(head, state.cache_v))
+  hist_BxA = state.hist_BxS[:, :A]
+  b_idx = jnp.arange(B)
+  keys_B = jax.random.wrap_key_data(state.keys_B)
+
+  def cond(carry):
+    i, active_B = carry[0], carry[7]
+    return (i < C) & jnp.any(active_B)
+
+  def body(carry):
+    i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
+    write_B = jnp.where(active_B, positions_B, A)  # inactive slots write nothing
+    logits_BxV, cache_k, cache_v = decode_step(cfg, params, cache_k, cache_v, tokens_B, write_B)
+    new_pos_B = positions_B + 1
+    step_keys = jax.vmap(jax.random.fold_in)(keys_B, new_pos_B)
+    new_B = select_tokens(logits_BxV, step_keys, scfg)
+    logp_B = logprobs_of(logits_BxV[:, None], new_B[:, None])[:, 0]  # the unmodified policy: log pi_i
+    hist_BxA = hist_BxA.at[b_idx, jnp.where(active_B, new_pos_B, A)].set(new_B, mode="drop")
+    remaining_B = remaining_B - 1
+    reason_B = jnp.where(remaining_B <= 0, LIMIT, RUNNING)
+    if scfg.repeat_ngram:
+      count_B = newest_ngram_count(hist_BxA, state.starts_B, new_pos_B + 1, scfg.repeat_ngram)
+      reason_B = jnp.where(count_B >= scfg.repeat_count, REPEAT, reason_B)
+    reason_B = jnp.where(_stop_hit(new_B, scfg.stop_ids), EOS, reason_B)
+    reasons_B = jnp.where(active_B, reason_B, reasons_B)
+    out_tok = out_tok.at[:, i].set(jnp.where(active_B, new_B, -1))
+    out_logp = out_logp.at[:, i].set(jnp.where(active_B, logp_B, 0.0))
+    tokens_B = jnp.where(active_B, new_B, tokens_B)
+    positions_B = jnp.where(active_B, new_pos_B, positions_B)
+    active_B = active_B & (reason_B == RUNNING)
+    return (i + 1, cache_k, cache_v, hist_BxA, tokens_B, positions_B, jnp.where(active_B, remaining_B, 0),
+            active_B, reasons_B, out_tok, out_logp)
+
+  carry = (jnp.int32(0), cache_k, cache_v, hist_BxA, state.tokens_B, state.positions_B, state.remaining_B,
+           state.active_B, jnp.zeros((B,), jnp.int32), jnp.full((B, C), -1, jnp.int32), jnp.zeros((B, C), jnp.float32))
+  (steps, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok,
+   out_logp) = jax.lax.while_loop(cond, body, carry)
+
+  if A < S:  # write the attended prefix back into the full-length buffers (in place: they are donated)
+    back = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)
+    cache_k, cache_v = tuple(map(back, state.cache_k, cache_k)), tuple(map(back, state.cache_v, cache_v))
+    hist_BxS = back(state.hist_BxS, hist_BxA)
+  else:
+    hist_BxS = hist_BxA
+  state = SlotState(cache_k, cache_v, hist_BxS, tokens_B, positions_B, state.starts_B, remaining_B, active_B,
+                    state.keys_B)
+  return _constrain(state, sharding), ChunkOutput(out_tok, out_logp, reasons_B, steps)
