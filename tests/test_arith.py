@@ -68,12 +68,15 @@ def test_levels_shape_the_questions(examples):
     assert ("*" in ex["question"]) == level.mul
     if level.digits == 2:
       assert max(numbers) >= 10  # so level 2 never repeats a level-1 question
+    if level.bounded:
+      ops = re.findall(r"[+-]", ex["question"])
+      assert all(0 <= r <= 9 for r in _running_results(numbers, ops)), ex["question"]
 
 
 def test_distinct_questions_ids_and_even_levels(examples):
   assert len({ex["question"] for ex in examples}) == len(examples)
   assert len({ex["id"] for ex in examples}) == len(examples)
-  assert collections.Counter(ex["difficulty"] for ex in examples) == {l: 600 // len(arith.LEVELS) for l in arith.LEVELS}
+  assert collections.Counter(ex["difficulty"] for ex in examples) == {1: 90, 2: 102, 3: 102, 4: 102, 5: 102, 6: 102}
   assert arith.example_id("Compute 1+2.") == arith.make_example([1, 2], ["+"], 1, False)["id"]
 
 
@@ -83,13 +86,25 @@ def test_recheck_fraction(examples):
   assert not any("Again:" in ex["cot_long"] for ex in arith.generate(50, seed=0, recheck_prob=0.0))
 
 
+def _running_results(operands, ops):
+  acc, out = operands[0], []
+  for op, b in zip(ops, operands[1:]):
+    acc = acc + b if op == "+" else acc - b
+    out.append(acc)
+  return out
+
+
 @pytest.mark.parametrize("level", [arith.Level(2, 1), arith.Level(2, 2), arith.Level(3, 1),
-                                   arith.Level(2, 2, mul=True), arith.Level(3, 1, mul=True)])
+                                   arith.Level(2, 2, mul=True), arith.Level(3, 1, mul=True),
+                                   arith.Level(2, 1, bounded=True), arith.Level(4, 1, bounded=True)])
 def test_capacity_matches_enumeration(level):
   questions = set()
   for operands in itertools.product(range(10 ** level.digits), repeat=level.n_operands):
     for ops in itertools.product("+-*", repeat=level.n_operands - 1):
       if ops.count("*") != level.mul:
+        continue
+      if level.bounded and (0 in operands[1:] or
+                            not all(0 <= r < 10 ** level.digits for r in _running_results(operands, ops))):
         continue
       free = [x for i, x in enumerate(operands) if not (i > 0 and ops[i - 1] == "*")]
       factors_ok = all(2 <= operands[i + 1] <= 9 for i, o in enumerate(ops) if o == "*")
@@ -99,13 +114,14 @@ def test_capacity_matches_enumeration(level):
 
 
 def test_small_level_is_exhausted_then_others_fill_in():
-  assert arith.LEVELS[1].capacity() == 200  # 10 * 10 operand pairs, + or -
-  full = arith.generate(200, seed=3, levels=[1])
-  assert len({ex["question"] for ex in full}) == 200
+  # a in 0..9, then +b (1 <= b <= 9-a) or -b (1 <= b <= a): 9 ways for every a
+  assert arith.LEVELS[1].capacity() == 90
+  full = arith.generate(90, seed=3, levels=[1])
+  assert len({ex["question"] for ex in full}) == 90
   mixed = arith.generate(500, seed=3, levels=[1, 2])
-  assert collections.Counter(ex["difficulty"] for ex in mixed) == {1: 200, 2: 300}
-  with pytest.raises(ValueError, match="201"):
-    arith.generate(201, seed=3, levels=[1])
+  assert collections.Counter(ex["difficulty"] for ex in mixed) == {1: 90, 2: 410}
+  with pytest.raises(ValueError, match="91"):
+    arith.generate(91, seed=3, levels=[1])
   with pytest.raises(ValueError, match="unknown level"):
     arith.generate(5, seed=0, levels=[9])
 

@@ -1,7 +1,8 @@
 """Synthetic verifiable task: multi-step integer arithmetic with difficulty levels.
 
-Sized for a tiny transformer on a CPU: chains of up to five one-digit operands ("Compute 7+3-5-2."), then
-two-digit operands and '*' ("Compute 37+8*3.") at the top levels.
+Sized for a tiny transformer on a CPU: chains of up to five one-digit operands whose running result stays a
+single digit ("Compute 7+2-5-3."; ~110 distinct step facts, so warm-up is fast and longer chains are harder only
+through their length), then two-digit operands and '*' ("Compute 37+8*3.") at the top levels.
 Each example carries two warm-up traces that end in "Answer: <int>":
 
   cot_long   a plan, one line per step, a check of every step by its inverse operation and, in a seeded fraction
@@ -32,6 +33,11 @@ class Level:
   n_operands: int
   digits: int  # operands are < 10**digits and the largest has exactly this many digits
   mul: bool = False  # one '*' whose right operand (the factor) is a digit in [2, 9]
+  bounded: bool = False  # every running result stays in [0, 10**digits) (no '*')
+
+  def __post_init__(self):
+    if self.bounded and self.mul:
+      raise ValueError("a bounded level has no '*'")
 
   @property
   def low(self) -> int:
@@ -40,6 +46,18 @@ class Level:
 
   def capacity(self) -> int:
     """The number of distinct questions this level can produce."""
+    if self.bounded:  # count chains by their running value: ways_v after each step
+      top = 10 ** self.digits
+      ways = [1 if v >= self.low else 0 for v in range(top)]
+      for _ in range(self.n_operands - 1):
+        new = [0] * top
+        for v, w in enumerate(ways):
+          for b in range(1, top):  # no zero steps: "+0" teaches nothing
+            for c in (v + b, v - b):
+              if 0 <= c < top:
+                new[c] += w
+        ways = new
+      return sum(ways)
     n_free = self.n_operands - self.mul  # operands other than the factor
     tuples = (10 ** self.digits) ** n_free - self.low ** n_free
     if not self.mul:
@@ -49,10 +67,10 @@ class Level:
 
 
 LEVELS = {  # one-digit operands first: a tiny model learns the step format fast, longer chains are harder
-    1: Level(n_operands=2, digits=1),
-    2: Level(n_operands=3, digits=1),
-    3: Level(n_operands=4, digits=1),
-    4: Level(n_operands=5, digits=1),
+    1: Level(n_operands=2, digits=1, bounded=True),
+    2: Level(n_operands=3, digits=1, bounded=True),
+    3: Level(n_operands=4, digits=1, bounded=True),
+    4: Level(n_operands=5, digits=1, bounded=True),
     5: Level(n_operands=2, digits=2),
     6: Level(n_operands=3, digits=2, mul=True),
 }
@@ -69,7 +87,23 @@ def example_id(question: str) -> str:
   return "arith-" + hashlib.sha1(question.encode()).hexdigest()[:12]
 
 
+def _sample_bounded(level: Level, rng: np.random.Generator) -> tuple[list[int], list[str]]:
+  """Each step picks uniformly among the nonzero (op, operand) pairs that keep the running result in range."""
+  top = 10 ** level.digits
+  acc = int(rng.integers(0, top))
+  operands, ops = [acc], []
+  for _ in range(level.n_operands - 1):
+    k = int(rng.integers(0, top - 1))  # top-1-acc ways up, acc ways down: top-1 in all
+    op, b = ("+", k + 1) if k < top - 1 - acc else ("-", k - (top - 1 - acc) + 1)
+    acc = acc + b if op == "+" else acc - b
+    operands.append(b)
+    ops.append(op)
+  return operands, ops
+
+
 def _sample_expression(level: Level, rng: np.random.Generator) -> tuple[list[int], list[str]]:
+  if level.bounded:
+    return _sample_bounded(level, rng)
   while True:
     operands = [int(x) for x in rng.integers(0, 10 ** level.digits, size=level.n_operands)]
     ops = [str(o) for o in rng.choice(["+", "-"], size=level.n_operands - 1)]
