@@ -14,6 +14,7 @@ CORE = [
     "tokenizers>=0.22,<0.23",
     "safetensors>=0.6,<0.8",
     "clu==0.0.12",
+    "tensorboard>=2.20",  # clu's TensorBoard writer
     "matplotlib>=3.8",
 ]
 DATA = [

@@ -4,7 +4,7 @@
 
 Config fields are overridden with flags: --config.rl.iterations=10 --config.model.n_layers=2.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax and seqio log every step at INFO; -v 0 brings it back
+    logging.set_verbosity(logging.WARNING)
   from k15 import sharding
   sharding.initialize_distributed()
   from k15.rl import pipeline  # after distributed init: it touches devices

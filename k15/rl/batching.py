@@ -26,7 +26,7 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], s
     n = len(p) + len(r)
     if n > seq_len:
       raise ValueError(f"row {b}: prompt ({len(p)}) + response ({len(r)}) = {n} tokens > seq_len={seq_len}")
-    if not p:
+    if len(p) == 0:
       raise ValueError(f"row {b}: empty prompt")
     tokens[b, :n] = np.concatenate([np.asarray(p, np.int32), np.asarray(r, np.int32)])
     start = len(p) + (0 if loss_from is None else loss_from[b])

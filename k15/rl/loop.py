@@ -19,7 +19,7 @@ from k15.rewards.arith import arith_reward
 from k15.rl import batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
 from k15.rl.prompt_sampler import CurriculumStage, PromptSampler
-from k15.sampling import ReplayBuffer
+from k15.sampling import ReplayBuffer, Request, RolloutEngine
 
 
 def rl_optimizer(learning_rate):
@@ -99,18 +99,18 @@ def make_prompt_sampler(config, train):
                        seed=config.seed)
 
 
-def build_batch(groups, tokenizer, train, iteration, length_weight, rl_cfg, seq_len):
-  """Rewards and fixed-shape arrays for complete groups; returns (batch dict, metrics dict)."""
+def build_batch(groups, answers, tokenizer, length_weight, rl_cfg, seq_len):
+  """Rewards and fixed-shape arrays for complete groups; returns (batch, correct_PxG, metrics)."""
   G = rl_cfg.samples_per_prompt
   trajs = [t for g in groups for t in g]
-  correct = np.array([arith_reward(tokenizer.decode(t.response), train[t.prompt_index]["answer"])
-                      for t in trajs], np.float32).reshape(-1, G)
-  lengths = np.array([len(t.response) for t in trajs], np.float32).reshape(-1, G)
+  correct = np.array([arith_reward(tokenizer.decode(t.response_tokens), a) for g, a in zip(groups, answers)
+                      for t in g], np.float32).reshape(-1, G)
+  lengths = np.array([len(t.response_tokens) for t in trajs], np.float32).reshape(-1, G)
   len_reward = penalties.length_penalty(lengths, correct)
   repeat = penalties.repeat_penalty([t.finish_reason for t in trajs], rl_cfg.repeat_penalty).reshape(-1, G)
   rewards = correct + length_weight * len_reward + repeat
-  loss_from = [t.newest_segment_start() if rl_cfg.mask_old_segments else 0 for t in trajs]
-  tokens, mask = batching.pack([t.prompt for t in trajs], [t.response for t in trajs], seq_len,
+  loss_from = [rollout.newest_segment_start(t) if rl_cfg.mask_old_segments else 0 for t in trajs]
+  tokens, mask = batching.pack([t.prompt_tokens for t in trajs], [t.response_tokens for t in trajs], seq_len,
                                tokenizer.pad_id, loss_from)
   batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32)}
   metrics = {
@@ -159,7 +159,8 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
   optimizer = rl_optimizer(rl.learning_rate)
   step_fn = trainer.make_step(make_loss_fn(model_cfg, rl), optimizer)
   ref_fn = trainer.make_eval(_ref_logp_fn(model_cfg))
-  engine = rollout.make_engine(trainer, config, tokenizer, seq_len)
+  engine = RolloutEngine(model_cfg, rollout.sampling_config(config, tokenizer, seq_len), config.sampling.num_slots,
+                         trainer.mesh)
   opt_state = trainer.init_opt_state(optimizer, params)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
@@ -179,30 +180,32 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
       gid = state.next_group
       state.next_group += 1
       state.group_prompt[gid] = int(prompt_index)
-      requests += [rollout.Request(gid, j, train[prompt_index]["inputs_ids"], int(prompt_index)) for j in range(G)]
+      requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G))
 
     # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer.
-    finished, rollout_stats = engine.run(params, requests, state.buffer, it, rl.token_budget,
-                                         seed=int(state.rng.integers(2**31)))
+    with trainer.context():
+      finished, stats = engine.run(params, requests, state.buffer, it, rl.token_budget,
+                                   jax.random.PRNGKey(int(state.rng.integers(2**31))))
     t_rollout = time.time() - t0
     for t in finished:
-      state.pending.setdefault(t.group_id, []).append(t)
+      state.pending.setdefault(t.prompt_id, []).append(t)
     complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
     groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
-    for g in complete:
-      state.group_prompt.pop(g)
+    prompt_of = [state.group_prompt.pop(g) for g in complete]
 
-    metrics = {"iteration_time_s": 0.0, "rollout_time_s": t_rollout, **rollout_stats,
+    metrics = {"iteration_time_s": 0.0, "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
+               "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
+               "resumed": stats.resumed, "to_buffer": stats.to_buffer,
                "buffered": len(state.buffer), "pending_groups": len(state.pending)}
     for reason in ("eos", "repeat", "max_length"):
       metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
     if groups:
       # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
       weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
-      batch, correct, batch_metrics = build_batch(groups, tokenizer, train, it, weight, rl, seq_len)
+      answers = [train[p]["answer"] for p in prompt_of]
+      batch, correct, batch_metrics = build_batch(groups, answers, tokenizer, weight, rl, seq_len)
       metrics.update(batch_metrics)
-      for g, c in zip(groups, correct):
-        state.sampler.update(g[0].prompt_index, float(c.mean()))
+      state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
       # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
       batch["ref_logp"] = np.asarray(ref_fn(params, {"tokens": batch["tokens"]}))
       if rl.reset_optimizer:
@@ -213,7 +216,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
         step_metrics.append(jax.device_get(m))
       metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
     metrics["iteration_time_s"] = time.time() - t0
-    metrics["tokens_per_s"] = rollout_stats.get("useful_tokens", 0) / max(t_rollout, 1e-9)
+    metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
     if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
       ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
       metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])

@@ -57,7 +57,7 @@ def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL"):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = read_jsonl(jsonl_path)
+  rows = [r for r in read_jsonl(jsonl_path) if "accuracy" in r]  # iterations that trained at least one group
   steps = [r["step"] for r in rows]
   fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(10, 3.8))
   ax_acc.plot(steps, [r["accuracy"] for r in rows], label="train samples")
