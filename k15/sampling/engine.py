@@ -94,8 +94,12 @@ class RolloutEngine:
   """
 
   def __init__(self, cfg: ModelConfig, sampling_cfg: SamplingConfig, num_slots: int, mesh: Optional[Mesh] = None,
-               slot_axes: Optional[Sequence[str]] = None, static_batching: bool = False):
+               slot_axes: Optional[Sequence[str]] = None, refill_min_free: Optional[int] = None,
+               static_batching: bool = False):
     self.cfg, self.scfg, self.num_slots = cfg, sampling_cfg, num_slots
+    # While work waits, a chunk ends early once this many slots are idle: refill often enough to keep
+    # slots busy, rarely enough that prefill dispatches stay a small cost.
+    self.refill_min_free = refill_min_free or max(1, num_slots // 8)
     self.static_batching = static_batching  # refill only once every slot is free (a baseline)
     self.sharding = None
     if mesh is not None:
@@ -198,7 +202,10 @@ class RolloutEngine:
         break
       max_pos = max(live[i].length for i in busy) - 1
       attn_len = min(S, -(-(max_pos + scfg.chunk_size + 1) // scfg.attn_bucket) * scfg.attn_bucket)
-      self._state, out = slots_lib.decode_chunk(cfg, scfg, attn_len, self.sharding, params, self._state)
+      waiting = len(queue) if not self.static_batching else 0
+      stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
+      self._state, out = slots_lib.decode_chunk(cfg, scfg, attn_len, self.sharding, params, self._state,
+                                                stop_when_free)
       tokens_BxC, logp_BxC, reasons_B, steps = jax.device_get(out)
       stats.chunks += 1
       stats.decode_steps += int(steps)

@@ -95,11 +95,13 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding, params, state: SlotState):
+def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding, params, state: SlotState,
+                 stop_when_free):
   """Up to chunk_size decode steps in one while_loop, attending over the first attn_len cache positions.
 
-  attn_len must exceed every active slot's position + chunk_size (the engine buckets it), so the
-  attention cost follows the longest live sequence rather than the cache length.
+  The loop also ends once `stop_when_free` (int32) slots are idle, so waiting work gets their slots
+  without idling until the chunk's end. attn_len must exceed every active slot's position + chunk_size
+  (the engine buckets it), so the attention cost follows the longest live sequence, not the cache length.
   """
   B, S = state.hist_BxS.shape
   A, C = attn_len, scfg.chunk_size
@@ -111,7 +113,8 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding
 
   def cond(carry):
     i, active_B = carry[0], carry[7]
-    return (i < C) & jnp.any(active_B)
+    idle = jnp.sum(~active_B, dtype=jnp.int32)
+    return (i < C) & (idle < B) & (idle < stop_when_free)
 
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
