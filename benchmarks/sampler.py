@@ -1,0 +1,221 @@
+"""Sampler throughput: k15 against transformers `generate` and the Tunix sampler, on the same weights.
+
+  python benchmarks/sampler.py            # the full run (a few minutes on a 2-core CPU)
+  python benchmarks/sampler.py --quick    # a small smoke run of every part
+
+Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix), k15's achieved FLOP/s
+as a fraction of a 2048-square float32 matmul's, and on a long-tailed length workload, slot refill with
+partial rollouts against static batching (wall time, slot utilization).
+"""
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k15 import models, sampling
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="small sizes: checks that every part runs")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--prompt", type=int, default=64)
+  p.add_argument("--new", type=int, default=256)
+  p.add_argument("--chunk", type=int, default=64, help="k15 decode steps per dispatch")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
+  p.add_argument("--skip_tunix", action="store_true")
+  return p.parse_args()
+
+
+def best_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def hf_model(path, quick):
+  """A random Qwen2-style model (qkv bias, GQA, tied embeddings) saved for all three systems."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  size = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256) if quick else \
+      dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, vocab_size=1024)
+  cfg = transformers.Qwen2Config(num_attention_heads=8, num_key_value_heads=4, head_dim=32, tie_word_embeddings=True,
+                                 rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096, **size)
+  model = transformers.Qwen2ForCausalLM(cfg).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def matmul_flops(repeats=5):
+  x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  return 2 * 2048 ** 3 / best_time(lambda: f(x).block_until_ready(), repeats)
+
+
+def useful_flops(cfg: models.ModelConfig, batch, prompt, new):
+  """Matmul and (causal) attention FLOPs of prefilling `prompt` tokens and decoding `new`, per batch."""
+  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  per_token = 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
+  attn = lambda ctx: 4 * ctx * N * H * L  # q.k and p.v over ctx keys
+  tokens = prompt + new - 1  # every token but the last is fed once
+  return batch * (tokens * per_token + sum(attn(c + 1) for c in range(tokens)))
+
+
+def bench_k15(cfg, params, prompts, args):
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
+                                 max_length=args.prompt + args.new)
+  out = sampling.generate(cfg, params, prompts, scfg, jax.random.key(0))  # compiles every shape it meets
+  seconds = best_time(lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0)), args.repeats)
+  return seconds, np.stack([t.response_tokens for t in out])
+
+
+def bench_hf(model, prompts, args):
+  import torch
+  ids = torch.tensor(prompts)
+  kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new,
+                min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
+  with torch.no_grad():
+    out = model.generate(ids, **kwargs)
+    seconds = best_time(lambda: model.generate(ids, **kwargs), max(1, args.repeats - 1))
+  return seconds, out[:, len(prompts[0]):].numpy()
+
+
+class _IdTokenizer:
+  """Token ids as text ('5 17 3'): Tunix's sampler takes strings and a tokenizer."""
+
+  def __init__(self, pad_id):
+    self._pad = pad_id
+
+  def encode(self, text, **_):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids, **_):
+    return " ".join(str(int(i)) for i in ids)
+
+  def bos_id(self):
+    return None
+
+  def eos_id(self):
+    return -1  # never sampled: no early stop
+
+  def pad_id(self):
+    return self._pad
+
+
+def bench_tunix(path, cfg, prompts, args):
+  from tunix.generate import sampler as tunix_sampler
+  from tunix.models.qwen2 import model as tq_model
+  from tunix.models.qwen2 import params as tq_params
+  tcfg = tq_model.ModelConfig(num_layers=cfg.n_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.d_model,
+                              hidden_dim=cfg.d_ff, num_heads=cfg.n_heads, head_dim=cfg.head_dim,
+                              num_kv_heads=cfg.n_kv_heads, rope_theta=int(cfg.rope_theta), norm_eps=cfg.rms_norm_eps,
+                              use_tied_embedding=cfg.tie_embeddings)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    model = tq_params.create_model_from_safe_tensors(path, tcfg, mesh)
+  # Tunix masks every cached token equal to pad_id: use an id the prompts do not contain.
+  pad = cfg.vocab_size - 1
+  tok = _IdTokenizer(pad)
+  cache = tunix_sampler.CacheConfig(cache_size=args.prompt + args.new, num_layers=cfg.n_layers,
+                                    num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+  sampler = tunix_sampler.Sampler(model, tok, cache)
+  texts = [tok.decode(p) for p in prompts]
+  call = lambda: sampler(texts, max_generation_steps=args.new, max_prompt_length=args.prompt, temperature=0.0,
+                         eos_tokens=[-1], pad_output=True)
+  with jax.set_mesh(mesh):
+    out = call()
+    seconds = best_time(lambda: jax.block_until_ready(call().tokens), args.repeats)
+  tokens = np.stack([np.asarray(t)[:args.new] for t in out.tokens])
+  return seconds, tokens
+
+
+def long_tail(cfg, params, args):
+  """Per-request response lengths from a long-tailed (log-normal) law, forced through per-request caps."""
+  rng = np.random.RandomState(0)
+  slots, iters, per_iter = (8, 2, 16) if args.quick else (args.batch, 4, 64)
+  prompt_len, cap = 16, (64 if args.quick else 768)
+  lengths = np.clip(np.round(rng.lognormal(math.log(cap / 8), 0.9, iters * per_iter)), 4, cap).astype(int)
+  prompts = rng.randint(1, cfg.vocab_size - 1, (len(lengths), prompt_len))
+  requests = [sampling.Request(i, prompts[i].tolist(), max_new_tokens=int(n)) for i, n in enumerate(lengths)]
+  by_iter = [requests[i * per_iter:(i + 1) * per_iter] for i in range(iters)]
+  budget = cap // 4
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk,
+                                 max_length=prompt_len + cap, attn_bucket=128)
+
+  def run(static, token_budget):
+    engine = sampling.RolloutEngine(cfg, scfg, slots, static_batching=static)
+    buffer = sampling.ReplayBuffer() if token_budget else None
+    useful = steps = done = 0
+    start = time.perf_counter()
+    it = 0
+    while it < len(by_iter) or (buffer is not None and len(buffer)):
+      finished, stats = engine.run(params, by_iter[it] if it < len(by_iter) else [], buffer, it, token_budget,
+                                   jax.random.key(it))
+      useful, steps, done, it = useful + stats.useful_tokens, steps + stats.decode_steps, done + len(finished), it + 1
+    assert done == len(requests) and useful == int(lengths.sum())
+    return time.perf_counter() - start, useful / (slots * steps), it
+
+  results = {}
+  for name, static, token_budget in [("static batching", True, None), ("refill", False, None),
+                                     ("refill + partial rollouts", False, budget)]:
+    run(static, token_budget)  # compiles the shapes this schedule meets
+    results[name] = min((run(static, token_budget) for _ in range(max(1, args.repeats - 1))), key=lambda r: r[0])
+  return results, lengths, budget, slots
+
+
+def main():
+  args = parse_args()
+  if args.quick:
+    args.batch, args.prompt, args.new, args.chunk, args.repeats = 4, 16, 32, 16, 1
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  with tempfile.TemporaryDirectory() as path:
+    torch_model = hf_model(path, args.quick)
+    cfg, params = models.load_hf(path)
+    prompts = np.random.RandomState(1).randint(1, cfg.vocab_size - 1, (args.batch, args.prompt)).tolist()
+    n_tokens = args.batch * args.new
+    print(f"model: width {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, "
+          f"head_dim {cfg.head_dim}, MLP {cfg.d_ff}, vocab {cfg.vocab_size}; workload: batch {args.batch}, "
+          f"prompt {args.prompt}, {args.new} new tokens, greedy, no early stop")
+
+    k15_s, k15_tokens = bench_k15(cfg, params, prompts, args)
+    hf_s, hf_tokens = bench_hf(torch_model, prompts, args)
+    rows = [("k15", k15_s, k15_tokens), ("transformers", hf_s, hf_tokens)]
+    if not args.skip_tunix:
+      tunix_s, tunix_tokens = bench_tunix(path, cfg, prompts, args)
+      rows.append(("tunix", tunix_s, tunix_tokens))
+    mm = matmul_flops()
+
+  print("\n== decode throughput (new tokens / s, best of runs, prefill included) ==")
+  for name, seconds, tokens in rows:
+    agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
+    print(f"{name:>14}: {n_tokens / seconds:9.0f} tok/s  ({seconds:.2f} s; first 16 tokens agree with k15: "
+          f"{agree:.0%})")
+  for name, seconds, _ in rows[1:]:
+    print(f"k15 / {name}: {seconds / k15_s:.2f}x")
+  flops = useful_flops(cfg, args.batch, args.prompt, args.new)
+  print(f"k15 achieved {flops / k15_s / 1e9:.1f} GFLOP/s = {flops / k15_s / mm:.0%} of a 2048^2 float32 matmul "
+        f"({mm / 1e9:.1f} GFLOP/s)")
+
+  results, lengths, budget, slots = long_tail(cfg, params, args)
+  print(f"\n== long-tailed lengths: {len(lengths)} requests over {slots} slots; response lengths median "
+        f"{int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
+        f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
+  base_s = results["static batching"][0]
+  for name, (seconds, util, iters) in results.items():
+    print(f"{name:>26}: {seconds:6.2f} s ({int(lengths.sum()) / seconds:6.0f} tok/s, {iters} iterations), "
+          f"slot utilization {util:.0%}, wall time vs static {seconds / base_s:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
