@@ -193,6 +193,8 @@ def test_prepare_arith_data_token_budget(tmp_path):
     ("Answer: 12abc", None),
     ("Answer: 1/2", None),
     ("Answer: -", None),
+    ("Answer: 0=8", None),  # garbled: the integer must end its line
+    ("Answer: 7 8", None),
     ("37+8=45", None),
     ("", None),
 ])

@@ -3,8 +3,9 @@ import re
 from typing import Optional
 
 _ANSWER = re.compile(r"Answer\s*:")
-# An integer and nothing more: "3.5", "12abc" or "1/2" after the marker are not answers.
-_INT = re.compile(r"\s*([+-]?\d+)(?![\w.]*\w|/)")
+# An integer alone on the rest of its line (a full stop allowed): "3.5", "12abc", "1/2" or "0=8" are not answers,
+# so garbled output that happens to start with the right digit earns nothing.
+_INT = re.compile(r"\s*([+-]?\d+)\.?[ \t]*(?:\n|$)")
 
 
 def extract_answer(text: str) -> Optional[str]:

@@ -8,11 +8,6 @@ from typing import Sequence
 import numpy as np
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-  """The next power of two >= n: a few static shapes instead of one compile per size."""
-  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], seq_len: int, pad_id: int,
          loss_from: Sequence[int] = None):
   """tokens_BxT and mask_BxTm1 over response tokens (from response index loss_from[b] on, default 0).

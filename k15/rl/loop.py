@@ -99,8 +99,12 @@ def make_prompt_sampler(config, train):
                        seed=config.seed)
 
 
-def build_batch(groups, answers, tokenizer, length_weight, rl_cfg, seq_len):
-  """Rewards and fixed-shape arrays for complete groups; returns (batch, correct_PxG, metrics)."""
+def build_batch(groups, answers, tokenizer, length_weight, rl_cfg):
+  """Rewards and fixed-shape arrays for complete groups; returns (batch, correct_PxG, metrics).
+
+  The sequence length is the batch's longest prompt + response rounded up to a multiple of 32: a few
+  compiled shapes, and no step pays for the maximum response length when responses are short.
+  """
   G = rl_cfg.samples_per_prompt
   trajs = [t for g in groups for t in g]
   correct = np.array([arith_reward(tokenizer.decode(t.response_tokens), a) for g, a in zip(groups, answers)
@@ -110,6 +114,7 @@ def build_batch(groups, answers, tokenizer, length_weight, rl_cfg, seq_len):
   repeat = penalties.repeat_penalty([t.finish_reason for t in trajs], rl_cfg.repeat_penalty).reshape(-1, G)
   rewards = correct + length_weight * len_reward + repeat
   loss_from = [rollout.newest_segment_start(t) if rl_cfg.mask_old_segments else 0 for t in trajs]
+  seq_len = 32 * -(-max(len(t.prompt_tokens) + len(t.response_tokens) for t in trajs) // 32)
   tokens, mask = batching.pack([t.prompt_tokens for t in trajs], [t.response_tokens for t in trajs], seq_len,
                                tokenizer.pad_id, loss_from)
   batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32)}
@@ -127,7 +132,7 @@ def build_batch(groups, answers, tokenizer, length_weight, rl_cfg, seq_len):
 
 
 def _pad_groups(batch, n_groups, G):
-  """Pads to n_groups whole groups with weight-0 rows (mask 0), so minibatch shapes come from few buckets."""
+  """Pads to n_groups whole groups with weight-0 rows (mask 0), so minibatch shapes come from few sizes."""
   B = n_groups * G
   out = {}
   for k, v in batch.items():
@@ -139,7 +144,7 @@ def _pad_groups(batch, n_groups, G):
 def _minibatches(batch, n_groups, minibatches, G, rng):
   order = rng.permutation(n_groups)
   per = -(-n_groups // minibatches)
-  size = batching.bucket(per)
+  size = 4 * -(-per // 4)  # whole groups, padded to a multiple of 4: few shapes, little waste
   for m in range(minibatches):
     gids = order[m * per:(m + 1) * per]
     if len(gids) == 0:
@@ -203,7 +208,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
       # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
       weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
       answers = [train[p]["answer"] for p in prompt_of]
-      batch, correct, batch_metrics = build_batch(groups, answers, tokenizer, weight, rl, seq_len)
+      batch, correct, batch_metrics = build_batch(groups, answers, tokenizer, weight, rl)
       metrics.update(batch_metrics)
       state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
       # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.

@@ -101,7 +101,8 @@ def run(config, workdir: str):
       json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
-    plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"))
+    if os.path.exists(os.path.join(workdir, "rl.jsonl")):
+      plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"))
   print("\n" + table, flush=True)
   print(f"\naccuracy change: {100 * (final_eval['accuracy'] - warmup_eval['accuracy']):+.1f} points; "
         f"wall time {summary['wall_time_s']:.0f}s; plot {os.path.join(workdir, 'rl_curves.png')}", flush=True)
