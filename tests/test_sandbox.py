@@ -30,14 +30,11 @@ def verifier(tmp_path, monkeypatch):
   with CodeVerifier(SandboxConfig(work_root=str(work), **CONFIG), num_workers=2) as v:
     yield v
   assert not os.listdir(work), "run directories must be removed"
-  uids = [CONFIG_UID + i for i in range(2)]
+  uids = v.sandbox.uids if v.sandbox.isolation["uid_drop"] else []  # else they are our own uid
   deadline = time.monotonic() + 3
   while any(processes_of_uid(u) for u in uids) or _helper_children():
     assert time.monotonic() < deadline, ([processes_of_uid(u) for u in uids], _helper_children())
     time.sleep(0.05)
-
-
-CONFIG_UID = SandboxConfig().uid_base
 
 
 def _helper_children():
@@ -107,6 +104,7 @@ def test_process_cap_is_enforced(tmp_path):
   run = sandbox.run({"main.py": code})
   assert run.status == "ok", run
   assert int(run.stdout) < CONFIG["max_processes"]  # the program itself is one of them
+  sandbox.close()
 
 
 def test_memory_hog(verifier):
@@ -181,3 +179,16 @@ def test_runs_in_parallel(verifier):
   results = verifier.score([_py("import time\ntime.sleep(1)\nprint(1)")] * 2, [[{"input": "", "output": "1"}]] * 2)
   assert [r.reward for r in results] == [1.0, 1.0]
   assert time.monotonic() - t0 < 1.8
+
+
+def test_sandboxes_claim_distinct_uids(tmp_path):
+  if os.geteuid() != 0:
+    pytest.skip("uids are claimed only as root")
+  a = Sandbox(SandboxConfig(work_root=str(tmp_path), **CONFIG), slots=2)
+  b = Sandbox(SandboxConfig(work_root=str(tmp_path), **CONFIG), slots=2)
+  assert len(set(a.uids + b.uids)) == 4 and 0 not in a.uids + b.uids
+  a.close()
+  c = Sandbox(SandboxConfig(work_root=str(tmp_path), **CONFIG), slots=2)
+  assert set(c.uids) == set(a.uids)  # released ones are reused first
+  b.close()
+  c.close()

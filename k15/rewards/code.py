@@ -114,6 +114,7 @@ class CodeVerifier:
 
   def close(self) -> None:
     self._executor.shutdown(wait=True)
+    self.sandbox.close()
 
   def __enter__(self) -> "CodeVerifier":
     return self

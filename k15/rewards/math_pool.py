@@ -25,7 +25,10 @@ def _worker_main(conn, memory_limit_mb: Optional[int]) -> None:
   """Serves (index, response, reference) messages until None or EOF; replies (index, RewardResult)."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pool
   if memory_limit_mb:
-    limit = memory_limit_mb << 20
+    # Growth beyond the size at start: a forkserver child inherits whatever the trainer's main module imported.
+    with open("/proc/self/statm") as f:
+      size = int(f.read().split()[0]) * resource.getpagesize()
+    limit = size + (memory_limit_mb << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
   # We disable math-verify's own timers (the pool enforces time); silence its warning that they are off.
   logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -60,7 +63,10 @@ class MathVerifierPool:
   """`score(responses, references) -> list[RewardResult]` over `num_workers` long-lived processes.
 
   Usable as a context manager; `close()` stops the workers. Not thread-safe: one `score` at a time.
-  `restarts` counts workers replaced after a timeout or a crash.
+  `restarts` counts workers replaced after a timeout or a crash. memory_limit_mb caps each worker's address-space
+  growth (RLIMIT_AS above its size at start): sympy running out of memory fails one item, not the machine.
+  The trainer's main module needs the `if __name__ == "__main__":` guard (absl apps have it): forkserver and
+  spawn import it in the workers.
   """
 
   def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: Optional[int] = 4096,

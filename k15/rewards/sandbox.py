@@ -18,6 +18,7 @@ pid isolation, and without root a program could signal other processes of the tr
 RLIMIT_NPROC counts all of that user's processes, so a run can hardly fork at all).
 """
 import dataclasses
+import fcntl
 import logging
 import os
 import queue
@@ -50,7 +51,7 @@ class SandboxConfig:
   max_output_bytes: int = 1 << 20  # per stream; more kills the run
   python: str = ""  # interpreter; "" = /usr/bin/python3 (any uid can run it; a venv under /root may not), else PATH
   work_root: str = ""  # where run directories are made; "" = tempfile.gettempdir()
-  uid_base: int = 61000  # as root, slot i runs as uid uid_base + i (no such user needs to exist)
+  uid_base: int = 61000  # as root, each slot claims a free uid from here up (no such user needs to exist)
   namespaces: bool = True  # no network, own pid namespace, when unshare works here
 
 
@@ -106,9 +107,40 @@ class Sandbox:
     self._sh = _which("sh")
     self._unshare = self._probe_unshare() if config.namespaces and self._sh else None
     self.isolation = {"uid_drop": self._setpriv is not None, "namespaces": self._unshare is not None}
+    self._locks = []  # held for the sandbox's life: the claim on each slot's uid
+    self.uids = self._claim_uids(slots) if self._setpriv else [os.geteuid()] * slots  # one per slot
     self._slots: "queue.Queue[int]" = queue.Queue()
-    for i in range(slots):
-      self._slots.put(i)
+    for uid in self.uids:
+      self._slots.put(uid)
+
+  def _claim_uids(self, n: int) -> list[int]:
+    """n uids no other sandbox on this machine uses (flock on a file per uid, released when we exit).
+
+    Trainers of other users or jobs share the machine: two runs under one uid would share RLIMIT_NPROC and kill
+    each other's processes. A claimed uid's leftover processes are stale (their sandbox is gone): killed.
+    """
+    lock_dir = os.path.join("/run/lock" if os.access("/run/lock", os.W_OK) else "/tmp", "k15-sandbox-uids")
+    os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+    uids = []
+    for uid in range(self.config.uid_base, self.config.uid_base + 65536):
+      f = open(os.path.join(lock_dir, str(uid)), "a")  # pylint: disable=consider-using-with
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        f.close()
+        continue
+      self._locks.append(f)
+      self._kill_uid(uid)
+      uids.append(uid)
+      if len(uids) == n:
+        return uids
+    raise RuntimeError(f"no {n} free sandbox uids from {self.config.uid_base}")
+
+  def close(self) -> None:
+    """Releases the slots' uids (also done when the process exits)."""
+    for f in self._locks:
+      f.close()
+    self._locks = []
 
   def _probe_unshare(self) -> Optional[list[str]]:
     """The unshare prefix if it works here (containers often forbid namespaces), else None."""
@@ -142,11 +174,11 @@ class Sandbox:
     """Runs `python main.py` in a fresh directory holding `files` (name -> text), with `stdin` as input."""
     if "main.py" not in files:
       raise ValueError("files must include main.py")
-    slot = self._slots.get()
+    uid = self._slots.get()
     try:
-      return self._run(files, stdin, self.config.uid_base + slot)
+      return self._run(files, stdin, uid)
     finally:
-      self._slots.put(slot)
+      self._slots.put(uid)
 
   def _run(self, files: dict[str, str], stdin: str, uid: int) -> RunResult:
     workdir = tempfile.mkdtemp(prefix="k15-sandbox-", dir=self.config.work_root or None)
