@@ -21,9 +21,11 @@ DATA = [
     "seqio==0.0.20",
     "tensorflow-datasets==4.9.10",
     "importlib_resources",
+    "pyarrow>=15",  # Parquet prompt files
 ]
 TEST = [
     "pytest>=8",
+    "psutil>=5.9",  # the sandbox tests check that nothing is left running
     "torch==2.13.0",  # the CPU wheel on this machine's disk; plain `torch` pulls a CUDA build
     "transformers==5.12.1",  # kept at 5.12.x so google-tunix (safetensors<0.8) installs beside it
 ]

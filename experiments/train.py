@@ -4,8 +4,12 @@
 
 Config fields are overridden with flags: --config.rl.iterations=10 --config.model.n_layers=2.
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves data only (seqio); keep its chatter out
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
                                           lock_config=True)
