@@ -48,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.tokenizer_vocab_size = 128  # SentencePiece vocab trained on the generated corpus
 
   c.sft = ml_collections.ConfigDict()  # long-CoT warm-up
-  c.sft.steps = 30 if smoke else 1200
+  c.sft.steps = 30 if smoke else 200
   c.sft.batch_size = 16 if smoke else 32
   c.sft.learning_rate = 3e-3
   c.sft.warmup_steps = 5 if smoke else 100
@@ -65,12 +65,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.rl = ml_collections.ConfigDict()
   c.rl.iterations = 3 if smoke else 40
-  c.rl.prompts_per_iteration = 8 if smoke else 32
+  c.rl.prompts_per_iteration = 8 if smoke else 16
   c.rl.samples_per_prompt = 4 if smoke else 8  # k
   c.rl.token_budget = 48 if smoke else 96  # per-iteration output tokens per trajectory; the rest is resumed later
   c.rl.max_response_len = 160  # total response tokens; reason "max_length" beyond
   c.rl.minibatches = 2  # gradient steps per iteration
-  c.rl.learning_rate = 1e-4 if smoke else 2e-4
+  c.rl.learning_rate = 5e-5  # Adam restarts every iteration: its first steps move every weight by ~lr
   c.rl.reset_optimizer = True  # fresh optimizer state at each iteration start
   c.rl.loss = "k15"  # k15 | reinforce | grpo | rest
   c.rl.tau = 0.1  # KL weight towards the start-of-iteration policy
@@ -88,6 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.temperature = 0.0  # 0: greedy
+  c.eval.sampled_temperature = 1.0  # also report accuracy of one sample at this temperature (0: off)
   c.eval.every = 0 if smoke else 10  # RL iterations between held-out evaluations (0: only at the end)
   c.eval.max_response_len = 160
 

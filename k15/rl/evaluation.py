@@ -22,9 +22,10 @@ def score(tokenizer, examples, responses):
   }
 
 
-def evaluate(trainer, params, tokenizer, examples, config, seed: int = 1234):
-  """Greedy (or config.eval.temperature) responses of `params` to every example, scored."""
+def evaluate(trainer, params, tokenizer, examples, config, temperature=None, seed: int = 1234):
+  """Responses of `params` to every example at config.eval.temperature (0: greedy) unless given, scored."""
+  temperature = config.eval.temperature if temperature is None else temperature
   responses = rollout.generate_responses(trainer, params, [ex["inputs_ids"] for ex in examples], tokenizer,
-                                         config, temperature=config.eval.temperature,
+                                         config, temperature=temperature,
                                          max_new_tokens=config.eval.max_response_len, seed=seed)
   return score(tokenizer, examples, responses)

@@ -62,11 +62,24 @@ def _load_or_train_warmup(config, workdir, trainer, tokenizer, train):
   return params
 
 
-def summary_table(rows: dict) -> str:
-  lines = ["| model | held-out accuracy | mean response tokens | tokens per correct answer |",
-           "|---|---|---|---|"]
+def evaluate_both(trainer, params, tokenizer, examples, config):
+  """The main (config.eval.temperature) evaluation, plus sampled accuracy at config.eval.sampled_temperature."""
+  result = evaluation.evaluate(trainer, params, tokenizer, examples, config)
+  if config.eval.sampled_temperature:
+    sampled = evaluation.evaluate(trainer, params, tokenizer, examples, config,
+                                  temperature=config.eval.sampled_temperature)
+    result["sampled_accuracy"] = sampled["accuracy"]
+  return result
+
+
+def summary_table(rows: dict, config) -> str:
+  sampled = f" | sampled accuracy (T={config.eval.sampled_temperature:g})" if config.eval.sampled_temperature else ""
+  mode = "greedy" if config.eval.temperature == 0 else f"T={config.eval.temperature:g}"
+  lines = [f"| model | held-out accuracy ({mode}){sampled} | mean response tokens | tokens per correct answer |",
+           "|---|---|---|---|" + ("---|" if sampled else "")]
   for name, r in rows.items():
-    lines.append(f"| {name} | {r['accuracy']:.1%} | {r['mean_tokens']:.1f} | {r['tokens_per_correct']:.1f} |")
+    cell = f" | {r['sampled_accuracy']:.1%}" if sampled else ""
+    lines.append(f"| {name} | {r['accuracy']:.1%}{cell} | {r['mean_tokens']:.1f} | {r['tokens_per_correct']:.1f} |")
   return "\n".join(lines)
 
 
@@ -82,17 +95,17 @@ def run(config, workdir: str):
   print(f"task: {len(train)} train / {len(eval_)} held-out problems, vocab {tokenizer.vocab_size}", flush=True)
 
   params = _load_or_train_warmup(config, workdir, trainer, tokenizer, train)
-  warmup_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+  warmup_eval = evaluate_both(trainer, params, tokenizer, eval_, config)
   print(f"after warm-up: accuracy {warmup_eval['accuracy']:.1%}, mean tokens {warmup_eval['mean_tokens']:.1f}",
         flush=True)
 
   params = loop.run_rl(config, workdir, trainer, params, tokenizer, train, eval_)
-  final_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+  final_eval = evaluate_both(trainer, params, tokenizer, eval_, config)
   if jax.process_index() == 0:
     models.save_hf(os.path.join(workdir, "final"), model_cfg, jax.device_get(params))
 
   rows = {"long-CoT warm-up (SFT)": warmup_eval, "k1.5 RL": final_eval}
-  table = summary_table(rows)
+  table = summary_table(rows, config)
   summary = {name: {k: v for k, v in r.items() if k != "per_level"} for name, r in rows.items()}
   summary["per_level_accuracy"] = {name: r["per_level"] for name, r in rows.items()}
   summary["wall_time_s"] = time.time() - start
