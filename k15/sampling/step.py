@@ -42,18 +42,26 @@ def _attend(cfg: ModelConfig, q_BxNxH, k_BxKxSxH, v_BxKxSxH, positions_B):
   return jnp.einsum("bkgs,bksh->bkgh", probs, v_BxKxSxH).reshape(B, N, H)
 
 
-def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCaches, tokens_B, positions_B):
+def split_layers(params):
+  """Per-layer param trees. Split once outside a decode loop: slicing inside it copies every weight each step."""
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return [jax.tree.map(lambda a, l=l: a[l], params["layers"]) for l in range(n_layers)]
+
+
+def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCaches, tokens_B, positions_B,
+                layers=None):
   """Logits (float32 BxV) of each slot's token at its position, and the caches with its k/v written.
 
   A position >= the cache length is not written (inactive slots use that); its logits are garbage.
+  `layers`: `split_layers(params)`, hoisted out of the caller's loop.
   """
   dtype = cfg.jnp_dtype
+  layers = split_layers(params) if layers is None else layers
   b_idx = jnp.arange(tokens_B.shape[0])
   pos_Bx1 = positions_B[:, None]
   x_BxD = params["embed"]["embedding"][tokens_B].astype(dtype)
   cache_k, cache_v = list(cache_k), list(cache_v)
-  for l in range(cfg.n_layers):  # unrolled: each layer's cache stays a separate buffer, updated in place
-    p = jax.tree.map(lambda a, l=l: a[l], params["layers"])
+  for l, p in enumerate(layers):  # unrolled: each layer's cache stays a separate buffer, updated in place
     h_BxD = _norm(cfg, p["attn_norm"]["scale"], x_BxD)
     q = rotary(_proj(cfg, p["attn"], "q", h_BxD)[:, None], pos_Bx1, cfg.rope_theta)[:, 0]
     k = rotary(_proj(cfg, p["attn"], "k", h_BxD)[:, None], pos_Bx1, cfg.rope_theta)[:, 0]
