@@ -145,9 +145,16 @@ class RolloutEngine:
         queue.append(Trajectory(req.prompt_id, k, req.prompt_tokens, [], [], [], max_new_tokens=req.max_new_tokens))
     queue.reverse()  # pop() from the end keeps the priority order
 
-    if self._state is None:
-      self._state = slots_lib.init_state(cfg, B, S, self.sharding)
     live: List[Optional[_Live]] = [None] * B
+
+    def fit_capacity(longest: int):
+      """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: attention reads
+      the whole capacity each step, and a resize (a copy) happens only when the bucket changes."""
+      need = min(S, -(-(longest + scfg.chunk_size) // scfg.attn_bucket) * scfg.attn_bucket)
+      if self._state is None:
+        self._state = slots_lib.init_state(cfg, B, S, need, self.sharding)
+      elif self._state.cache_k[0].shape[2] != need:
+        self._state = slots_lib.resize(need, self.sharding, self._state)
 
     def refill():
       free = [i for i in range(B) if live[i] is None]
@@ -173,8 +180,10 @@ class RolloutEngine:
         lengths_P[row], starts[row], remaining[row] = n, len(traj.prompt_tokens), self._limits(traj, token_budget)
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
         live[slot] = _Live(traj, [], [], n)
-      self._state = slots_lib.prefill(cfg, self.sharding, params, self._state, tokens, lengths_P, starts, remaining,
-                                      slots_P, seeds, rng)
+      fit_capacity(max(item.length for item in live if item is not None))
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, params, tokens, lengths_P)
+      self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
+                                         remaining, slots_P, seeds, rng)
       stats.prefills += 1
       stats.prefill_tokens += sum(lengths)
 
@@ -200,12 +209,10 @@ class RolloutEngine:
       busy = [i for i in range(B) if live[i] is not None]
       if not busy:
         break
-      max_pos = max(live[i].length for i in busy) - 1
-      attn_len = min(S, -(-(max_pos + scfg.chunk_size + 1) // scfg.attn_bucket) * scfg.attn_bucket)
+      fit_capacity(max(live[i].length for i in busy))
       waiting = len(queue) if not self.static_batching else 0
       stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
-      self._state, out = slots_lib.decode_chunk(cfg, scfg, attn_len, self.sharding, params, self._state,
-                                                stop_when_free)
+      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, params, self._state, stop_when_free)
       tokens_BxC, logp_BxC, reasons_B, steps = jax.device_get(out)
       stats.chunks += 1
       stats.decode_steps += int(steps)

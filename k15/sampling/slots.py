@@ -1,9 +1,11 @@
 """Device side of the sampling loop: a fixed set of decode slots, prefill into chosen slots, chunked decode.
 
-Shapes are static (num_slots B, cache length S); every slot sits at its own length. A slot's state is
-the token it feeds next (the last of its sequence) and that token's position; prefill writes the k/v of
-the tokens before it, so decode alone samples. Stale cache entries past a slot's position are never
-attended (the mask is position-based), so a refilled slot needs no clearing.
+Shapes are static (num_slots B, max length S); every slot sits at its own length. The caches hold a
+bucketed capacity A <= S that follows the longest live sequence (attention reads all A positions each
+step), resized only when the bucket changes. A slot's state is the token it feeds next (the last of its
+sequence) and that token's position; prefill writes the k/v of the tokens before it, so decode alone
+samples. Stale cache entries past a slot's position are never attended (the mask is position-based), so
+a refilled slot needs no clearing.
 """
 import functools
 from typing import NamedTuple, Optional, Tuple
@@ -23,7 +25,7 @@ RUNNING, EOS, REPEAT, LIMIT = 0, 1, 2, 3
 
 
 class SlotState(NamedTuple):
-  cache_k: LayerCaches  # per layer BxKxSxH
+  cache_k: LayerCaches  # per layer BxKxAxH; capacity A <= S follows the longest live sequence
   cache_v: LayerCaches
   hist_BxS: jax.Array  # int32 tokens at their absolute positions (for repeat detection)
   tokens_B: jax.Array  # int32 token fed at the next step
@@ -47,10 +49,12 @@ def _constrain(tree, sharding: Optional[NamedSharding]):
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
-def init_state(cfg: ModelConfig, num_slots: int, length: int, sharding: Optional[NamedSharding] = None):
-  """An all-idle SlotState; `sharding` (slot dim over the data axes) is applied to every array."""
+def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
+               sharding: Optional[NamedSharding] = None):
+  """An all-idle SlotState: caches of `capacity` positions, token history of `length`; `sharding` (slot
+  dim over the data axes) is applied to every array."""
   zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
-  cache = lambda: tuple(zeros((num_slots, cfg.n_kv_heads, length, cfg.head_dim), cfg.jnp_dtype)
+  cache = lambda: tuple(zeros((num_slots, cfg.n_kv_heads, capacity, cfg.head_dim), cfg.jnp_dtype)
                         for _ in range(cfg.n_layers))
   key_data = jax.random.key_data(jax.random.split(jax.random.key(0), num_slots))
   state = SlotState(cache(), cache(), zeros((num_slots, length), jnp.int32), zeros((num_slots,), jnp.int32),
@@ -59,31 +63,51 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, sharding: Optional
   return state if sharding is None else jax.device_put(state, sharding)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def prefill(cfg: ModelConfig, sharding, params, state: SlotState, tokens_PxT, lengths_P, starts_P, remaining_P,
-            slots_P, seeds_Px2, rng):
-  """Loads P sequences into slots_P (index >= B: padding row, ignored); other slots keep their cache.
+@functools.partial(jax.jit, static_argnums=(0,))
+def encode_prefixes(cfg: ModelConfig, params, tokens_PxT, lengths_P):
+  """K/V (per layer PxKxTxH) of each left-aligned sequence but its last token, which decode feeds.
 
-  tokens_PxT holds each sequence (prompt, or prompt + partial response) left-aligned; its last token is
-  not written here but fed by the next decode step. seeds_Px2 (prompt id, sample index) pick each
-  trajectory's PRNG key, so its samples do not depend on the slot or chunk it runs in.
+  Separate from `load_slots` so this heavy compile depends only on (P, T), not on the cache capacity.
   """
   P, T = tokens_PxT.shape
   t_T = jnp.arange(T, dtype=jnp.int32)
   # Position T is past this cache: those tokens (the last one and the padding) are not written.
   positions_PxT = jnp.where(t_T[None, :] < lengths_P[:, None] - 1, t_T[None, :], T)
   _, kv = forward_with_cache(cfg, params, tokens_PxT, positions_PxT, KVCache.zeros(cfg, P, T))
-  write = lambda full, new: full.at[slots_P, :, :T].set(new.astype(full.dtype), mode="drop")
-  cache_k = tuple(map(write, state.cache_k, to_layer_caches(kv.k)))
-  cache_v = tuple(map(write, state.cache_v, to_layer_caches(kv.v)))
+  return to_layer_caches(kv.k), to_layer_caches(kv.v)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def load_slots(sharding, state: SlotState, k_layers, v_layers, tokens_PxT, lengths_P, starts_P, remaining_P, slots_P,
+               seeds_Px2, rng):
+  """Loads P encoded sequences into slots_P (index >= B: padding row, ignored); other slots keep their cache.
+
+  seeds_Px2 (prompt id, sample index) pick each trajectory's PRNG key, so its samples do not depend on
+  the slot or chunk it runs in.
+  """
+  T = min(tokens_PxT.shape[1], state.cache_k[0].shape[2])  # past the capacity there is only padding
+  write = lambda full, new: full.at[slots_P, :, :T].set(new[:, :, :T].astype(full.dtype), mode="drop")
   last_P = jnp.take_along_axis(tokens_PxT, (lengths_P - 1)[:, None], axis=1)[:, 0]
   keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(rng, s[0]), s[1]))(seeds_Px2)
   put = lambda a, v: a.at[slots_P].set(v, mode="drop")
   state = SlotState(
-      cache_k, cache_v, state.hist_BxS.at[slots_P, :T].set(tokens_PxT, mode="drop"),
+      tuple(map(write, state.cache_k, k_layers)), tuple(map(write, state.cache_v, v_layers)),
+      state.hist_BxS.at[slots_P, :tokens_PxT.shape[1]].set(tokens_PxT, mode="drop"),
       put(state.tokens_B, last_P), put(state.positions_B, lengths_P - 1), put(state.starts_B, starts_P),
       put(state.remaining_B, remaining_P), put(state.active_B, remaining_P > 0),
       put(state.keys_B, jax.random.key_data(keys)))
+  return _constrain(state, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # no donation: the caches change shape
+def resize(capacity: int, sharding, state: SlotState):
+  """The caches cut or zero-padded to `capacity` positions: decode attends over the whole capacity, so it
+  follows the longest live sequence. Entries past a slot's position are never attended, so cutting is safe
+  as long as every live position stays below the capacity."""
+  def fit(c):
+    n = c.shape[2]
+    return c[:, :, :capacity] if capacity <= n else jnp.pad(c, ((0, 0), (0, 0), (0, capacity - n), (0, 0)))
+  state = state._replace(cache_k=tuple(map(fit, state.cache_k)), cache_v=tuple(map(fit, state.cache_v)))
   return _constrain(state, sharding)
 
 
@@ -94,19 +118,17 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
   return hit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding, params, state: SlotState,
-                 stop_when_free):
-  """Up to chunk_size decode steps in one while_loop, attending over the first attn_len cache positions.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state: SlotState, stop_when_free):
+  """Up to chunk_size decode steps in one while_loop, attending over the caches' whole capacity A.
 
   The loop also ends once `stop_when_free` (int32) slots are idle, so waiting work gets their slots
-  without idling until the chunk's end. attn_len must exceed every active slot's position + chunk_size
-  (the engine buckets it), so the attention cost follows the longest live sequence, not the cache length.
+  without idling until the chunk's end. A must exceed every active slot's position + chunk_size (the
+  engine resizes the caches to that, bucketed).
   """
   B, S = state.hist_BxS.shape
-  A, C = attn_len, scfg.chunk_size
-  head = (lambda x: x[:, :, :A]) if A < S else (lambda x: x)
-  cache_k, cache_v = tuple(map(head, state.cache_k)), tuple(map(head, state.cache_v))
+  A, C = state.cache_k[0].shape[2], scfg.chunk_size
+  cache_k, cache_v = state.cache_k, state.cache_v
   hist_BxA = state.hist_BxS[:, :A]
   b_idx = jnp.arange(B)
   keys_B = jax.random.wrap_key_data(state.keys_B)
@@ -146,12 +168,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, attn_len: int, sharding
   (steps, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok,
    out_logp) = jax.lax.while_loop(cond, body, carry)
 
-  if A < S:  # write the attended prefix back into the full-length buffers (in place: they are donated)
-    back = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)
-    cache_k, cache_v = tuple(map(back, state.cache_k, cache_k)), tuple(map(back, state.cache_v, cache_v))
-    hist_BxS = back(state.hist_BxS, hist_BxA)
-  else:
-    hist_BxS = hist_BxA
+  hist_BxS = jax.lax.dynamic_update_slice(state.hist_BxS, hist_BxA, (0, 0)) if A < S else hist_BxA
   state = SlotState(cache_k, cache_v, hist_BxS, tokens_B, positions_B, state.starts_B, remaining_B, active_B,
                     state.keys_B)
   return _constrain(state, sharding), ChunkOutput(out_tok, out_logp, reasons_B, steps)
