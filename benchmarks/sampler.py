@@ -141,37 +141,49 @@ def bench_tunix(path, cfg, prompts, args):
 
 
 def long_tail(cfg, params, args):
-  """Per-request response lengths from a long-tailed (log-normal) law, forced through per-request caps."""
+  """RL-style iterations of new prompts whose response lengths follow a long-tailed (log-normal) law.
+
+  Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
+  iteration's prompts in batches of `slots` until the longest of the batch ends; "refill" refills slots
+  as trajectories end; "+ partial rollouts" also caps each trajectory at `budget` tokens per iteration
+  and resumes it in the next one. After the last iteration of new prompts, one more iteration without a
+  budget finishes what is left in the buffer, so every system does the same work.
+  """
   rng = np.random.RandomState(0)
-  slots, iters, per_iter = (8, 2, 16) if args.quick else (args.batch, 4, 64)
-  prompt_len, cap = 16, (64 if args.quick else 768)
-  lengths = np.clip(np.round(rng.lognormal(math.log(cap / 8), 0.9, iters * per_iter)), 4, cap).astype(int)
+  slots, iters, per_iter, cap = (8, 3, 16, 64) if args.quick else (args.batch, 6, 128, 512)
+  prompt_len, budget = 16, cap // 8
+  lengths = np.clip(np.round(rng.lognormal(math.log(cap / 10), 1.0, iters * per_iter)), 4, cap).astype(int)
   prompts = rng.randint(1, cfg.vocab_size - 1, (len(lengths), prompt_len))
   requests = [sampling.Request(i, prompts[i].tolist(), max_new_tokens=int(n)) for i, n in enumerate(lengths)]
   by_iter = [requests[i * per_iter:(i + 1) * per_iter] for i in range(iters)]
-  budget = cap // 4
-  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk,
-                                 max_length=prompt_len + cap, attn_bucket=128)
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk, max_length=prompt_len + cap,
+                                 attn_bucket=64)
 
   def run(static, token_budget):
     engine = sampling.RolloutEngine(cfg, scfg, slots, static_batching=static)
     buffer = sampling.ReplayBuffer() if token_budget else None
-    useful = steps = done = 0
+    per_iteration, done = [], 0
     start = time.perf_counter()
-    it = 0
-    while it < len(by_iter) or (buffer is not None and len(buffer)):
-      finished, stats = engine.run(params, by_iter[it] if it < len(by_iter) else [], buffer, it, token_budget,
+    for it in range(iters + (1 if token_budget else 0)):
+      last = it == iters  # the drain: no new prompts, no budget
+      finished, stats = engine.run(params, [] if last else by_iter[it], buffer, it, None if last else token_budget,
                                    jax.random.key(it))
-      useful, steps, done, it = useful + stats.useful_tokens, steps + stats.decode_steps, done + len(finished), it + 1
-    assert done == len(requests) and useful == int(lengths.sum())
-    return time.perf_counter() - start, useful / (slots * steps), it
+      per_iteration.append(stats)
+      done += len(finished)
+    seconds = time.perf_counter() - start
+    assert done == len(requests) and sum(s.useful_tokens for s in per_iteration) == int(lengths.sum())
+    util = lambda ss: sum(s.useful_tokens for s in ss) / (slots * sum(s.decode_steps for s in ss))
+    steady = per_iteration[:iters]
+    return dict(seconds=seconds, util=util(per_iteration), steady_util=util(steady),
+                iter_s=np.mean([s.wall_time_s for s in steady]), drain_s=sum(s.wall_time_s for s in per_iteration[iters:]))
 
   results = {}
   for name, static, token_budget in [("static batching", True, None), ("refill", False, None),
                                      ("refill + partial rollouts", False, budget)]:
     run(static, token_budget)  # compiles the shapes this schedule meets
-    results[name] = min((run(static, token_budget) for _ in range(max(1, args.repeats - 1))), key=lambda r: r[0])
-  return results, lengths, budget, slots
+    results[name] = min((run(static, token_budget) for _ in range(max(1, args.repeats - 1))),
+                        key=lambda r: r["seconds"])
+  return results, lengths, budget, slots, iters, per_iter
 
 
 def main():
@@ -207,14 +219,16 @@ def main():
   print(f"k15 achieved {flops / k15_s / 1e9:.1f} GFLOP/s = {flops / k15_s / mm:.0%} of a 2048^2 float32 matmul "
         f"({mm / 1e9:.1f} GFLOP/s)")
 
-  results, lengths, budget, slots = long_tail(cfg, params, args)
-  print(f"\n== long-tailed lengths: {len(lengths)} requests over {slots} slots; response lengths median "
-        f"{int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
+  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
+  print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
+        f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
         f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
-  base_s = results["static batching"][0]
-  for name, (seconds, util, iters) in results.items():
-    print(f"{name:>26}: {seconds:6.2f} s ({int(lengths.sum()) / seconds:6.0f} tok/s, {iters} iterations), "
-          f"slot utilization {util:.0%}, wall time vs static {seconds / base_s:.2f}x")
+  base = results["static batching"]
+  for name, r in results.items():
+    print(f"{name:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
+          f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
+          f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
+          f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}")
 
 
 if __name__ == "__main__":
