@@ -52,8 +52,8 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL"):
-  """Accuracy and mean response length per iteration, side by side."""
+def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL", baseline: Optional[float] = None):
+  """Accuracy and mean response length per iteration, side by side; baseline: the warm-up's held-out accuracy."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -63,7 +63,9 @@ def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL"):
   ax_acc.plot(steps, [r["accuracy"] for r in rows], label="train samples")
   evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
   if evals:
-    ax_acc.plot(*zip(*evals), "o-", label="held-out (greedy)")
+    ax_acc.plot(*zip(*evals), "o-", label="held-out")
+  if baseline is not None:
+    ax_acc.axhline(baseline, color="gray", linestyle="--", label="held-out after warm-up")
   ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy")
   ax_acc.legend()
   ax_len.plot(steps, [r["response_len_mean"] for r in rows], label="mean")

@@ -115,7 +115,8 @@ def run(config, workdir: str):
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     if os.path.exists(os.path.join(workdir, "rl.jsonl")):
-      plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"))
+      plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"),
+                     baseline=warmup_eval["accuracy"])
   print("\n" + table, flush=True)
   print(f"\naccuracy change: {100 * (final_eval['accuracy'] - warmup_eval['accuracy']):+.1f} points; "
         f"wall time {summary['wall_time_s']:.0f}s; plot {os.path.join(workdir, 'rl_curves.png')}", flush=True)
