@@ -66,7 +66,7 @@ def test_decode_step_matches_forward_with_cache(hf_model):
   tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
   offsets = jnp.array([0, 2, 4])  # each row sits at its own length
   ref_cache = models.KVCache.zeros(cfg, B, S)
-  cache_k = cache_v = step.to_layer_caches(ref_cache.k)
+  cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
   step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
   ref_fn = jax.jit(lambda tok, pos, cache: models.forward_with_cache(cfg, params, tok, pos, cache))
   for t in range(T - 4):
@@ -74,7 +74,8 @@ def test_decode_step_matches_forward_with_cache(hf_model):
     ref_logits, ref_cache = ref_fn(tokens[:, t:t + 1], positions[:, None], ref_cache)
     logits, cache_k, cache_v = step_fn(cache_k, cache_v, tokens[:, t], positions)
     np.testing.assert_allclose(logits, ref_logits[:, 0], atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(np.stack(cache_k), np.swapaxes(np.asarray(ref_cache.k), 2, 3), atol=1e-5)
+  np.testing.assert_allclose(np.stack(cache_k), np.transpose(np.asarray(ref_cache.k), (0, 1, 3, 4, 2)), atol=1e-5)
+  np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=1e-5)
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):

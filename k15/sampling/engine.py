@@ -153,7 +153,7 @@ class RolloutEngine:
       need = min(S, -(-(longest + scfg.chunk_size) // scfg.attn_bucket) * scfg.attn_bucket)
       if self._state is None:
         self._state = slots_lib.init_state(cfg, B, S, need, self.sharding)
-      elif self._state.cache_k[0].shape[2] != need:
+      elif slots_lib.capacity(self._state) != need:
         self._state = slots_lib.resize(need, self.sharding, self._state)
 
     def refill():

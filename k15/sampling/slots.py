@@ -18,15 +18,15 @@ from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
 from k15.sampling.config import SamplingConfig
 from k15.sampling.repeat import newest_ngram_count
 from k15.sampling.select import select_tokens
-from k15.sampling.step import LayerCaches, decode_step, split_layers, to_layer_caches
+from k15.sampling.step import LayerCaches, decode_step, keys_from_model, split_layers, values_from_model
 
 # Why a slot stopped; 0 while it runs.
 RUNNING, EOS, REPEAT, LIMIT = 0, 1, 2, 3
 
 
 class SlotState(NamedTuple):
-  cache_k: LayerCaches  # per layer BxKxAxH; capacity A <= S follows the longest live sequence
-  cache_v: LayerCaches
+  cache_k: LayerCaches  # per layer BxKxHxA; capacity A <= S follows the longest live sequence
+  cache_v: LayerCaches  # per layer BxKxAxH
   hist_BxS: jax.Array  # int32 tokens at their absolute positions (for repeat detection)
   tokens_B: jax.Array  # int32 token fed at the next step
   positions_B: jax.Array  # int32 its position
@@ -34,6 +34,10 @@ class SlotState(NamedTuple):
   remaining_B: jax.Array  # int32 tokens the slot may still generate in this segment
   active_B: jax.Array  # bool
   keys_B: jax.Array  # uint32 PRNG key data, one key per trajectory
+
+
+def capacity(state: SlotState) -> int:
+  return state.cache_v[0].shape[2]
 
 
 class ChunkOutput(NamedTuple):
@@ -54,10 +58,11 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
   """An all-idle SlotState: caches of `capacity` positions, token history of `length`; `sharding` (slot
   dim over the data axes) is applied to every array."""
   zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
-  cache = lambda: tuple(zeros((num_slots, cfg.n_kv_heads, capacity, cfg.head_dim), cfg.jnp_dtype)
-                        for _ in range(cfg.n_layers))
+  K, H = cfg.n_kv_heads, cfg.head_dim
+  layers = lambda shape: tuple(zeros(shape, cfg.jnp_dtype) for _ in range(cfg.n_layers))
   key_data = jax.random.key_data(jax.random.split(jax.random.key(0), num_slots))
-  state = SlotState(cache(), cache(), zeros((num_slots, length), jnp.int32), zeros((num_slots,), jnp.int32),
+  state = SlotState(layers((num_slots, K, H, capacity)), layers((num_slots, K, capacity, H)),
+                    zeros((num_slots, length), jnp.int32), zeros((num_slots,), jnp.int32),
                     zeros((num_slots,), jnp.int32), zeros((num_slots,), jnp.int32),
                     zeros((num_slots,), jnp.int32), zeros((num_slots,), bool), key_data)
   return state if sharding is None else jax.device_put(state, sharding)
@@ -74,7 +79,7 @@ def encode_prefixes(cfg: ModelConfig, params, tokens_PxT, lengths_P):
   # Position T is past this cache: those tokens (the last one and the padding) are not written.
   positions_PxT = jnp.where(t_T[None, :] < lengths_P[:, None] - 1, t_T[None, :], T)
   _, kv = forward_with_cache(cfg, params, tokens_PxT, positions_PxT, KVCache.zeros(cfg, P, T))
-  return to_layer_caches(kv.k), to_layer_caches(kv.v)
+  return keys_from_model(kv.k), values_from_model(kv.v)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
@@ -85,13 +90,14 @@ def load_slots(sharding, state: SlotState, k_layers, v_layers, tokens_PxT, lengt
   seeds_Px2 (prompt id, sample index) pick each trajectory's PRNG key, so its samples do not depend on
   the slot or chunk it runs in.
   """
-  T = min(tokens_PxT.shape[1], state.cache_k[0].shape[2])  # past the capacity there is only padding
-  write = lambda full, new: full.at[slots_P, :, :T].set(new[:, :, :T].astype(full.dtype), mode="drop")
+  T = min(tokens_PxT.shape[1], capacity(state))  # past the capacity there is only padding
+  write_k = lambda full, new: full.at[slots_P, :, :, :T].set(new[..., :T].astype(full.dtype), mode="drop")
+  write_v = lambda full, new: full.at[slots_P, :, :T].set(new[:, :, :T].astype(full.dtype), mode="drop")
   last_P = jnp.take_along_axis(tokens_PxT, (lengths_P - 1)[:, None], axis=1)[:, 0]
   keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(rng, s[0]), s[1]))(seeds_Px2)
   put = lambda a, v: a.at[slots_P].set(v, mode="drop")
   state = SlotState(
-      tuple(map(write, state.cache_k, k_layers)), tuple(map(write, state.cache_v, v_layers)),
+      tuple(map(write_k, state.cache_k, k_layers)), tuple(map(write_v, state.cache_v, v_layers)),
       state.hist_BxS.at[slots_P, :tokens_PxT.shape[1]].set(tokens_PxT, mode="drop"),
       put(state.tokens_B, last_P), put(state.positions_B, lengths_P - 1), put(state.starts_B, starts_P),
       put(state.remaining_B, remaining_P), put(state.active_B, remaining_P > 0),
@@ -100,14 +106,17 @@ def load_slots(sharding, state: SlotState, k_layers, v_layers, tokens_PxT, lengt
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))  # no donation: the caches change shape
-def resize(capacity: int, sharding, state: SlotState):
-  """The caches cut or zero-padded to `capacity` positions: decode attends over the whole capacity, so it
+def resize(new_capacity: int, sharding, state: SlotState):
+  """The caches cut or zero-padded to `new_capacity` positions: decode attends over the whole capacity, so it
   follows the longest live sequence. Entries past a slot's position are never attended, so cutting is safe
   as long as every live position stays below the capacity."""
-  def fit(c):
-    n = c.shape[2]
-    return c[:, :, :capacity] if capacity <= n else jnp.pad(c, ((0, 0), (0, 0), (0, capacity - n), (0, 0)))
-  state = state._replace(cache_k=tuple(map(fit, state.cache_k)), cache_v=tuple(map(fit, state.cache_v)))
+  def fit(c, axis):
+    n = c.shape[axis]
+    if new_capacity <= n:
+      return jax.lax.slice_in_dim(c, 0, new_capacity, axis=axis)
+    return jnp.pad(c, [(0, new_capacity - n) if d == axis else (0, 0) for d in range(c.ndim)])
+  state = state._replace(cache_k=tuple(fit(c, 3) for c in state.cache_k),
+                         cache_v=tuple(fit(c, 2) for c in state.cache_v))
   return _constrain(state, sharding)
 
 
@@ -127,7 +136,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state
   engine resizes the caches to that, bucketed).
   """
   B, S = state.hist_BxS.shape
-  A, C = state.cache_k[0].shape[2], scfg.chunk_size
+  A, C = capacity(state), scfg.chunk_size
   cache_k, cache_v = state.cache_k, state.cache_v
   hist_BxA = state.hist_BxS[:, :A]
   b_idx = jnp.arange(B)

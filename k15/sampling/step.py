@@ -2,9 +2,10 @@
 
 `k15.models.forward_with_cache` is the reference (tests check this step against it, logit for logit);
 it serves prefill as is. For decode it is slow on CPU: its layer scan copies every layer's cache slice
-in and out each step and its attention transposes the cache. Here each layer's cache is its own buffer
-in K-major layout (BxKxSxH), written in place at one position per slot, and the attention reads it
-without a transpose. The norms, MLP and rotary embedding are the model's own modules.
+in and out each step and its attention transposes the cache. Here each layer's cache is its own buffer,
+written in place at one position per slot, in the layouts the two attention matmuls read without a
+transpose: keys BxKxHxS (q.k contracts H against a row-major HxS block), values BxKxSxH. The norms, MLP
+and rotary embedding are the model's own modules.
 """
 from typing import Tuple
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from k15.models import ModelConfig
 from k15.models.transformer import MLP, RMSNorm, rotary
 
-# Per layer: a BxKxSxH key (or value) buffer.
+# Per layer: a BxKxHxS key buffer, or a BxKxSxH value buffer.
 LayerCaches = Tuple[jax.Array, ...]
 
 
@@ -29,12 +30,12 @@ def _proj(cfg: ModelConfig, attn, name, x_BxD):
   return out_BxNxH
 
 
-def _attend(cfg: ModelConfig, q_BxNxH, k_BxKxSxH, v_BxKxSxH, positions_B):
+def _attend(cfg: ModelConfig, q_BxNxH, k_BxKxHxS, v_BxKxSxH, positions_B):
   """Grouped-query attention of one query per slot over cached positions <= its own (float32 softmax)."""
   B, N, H = q_BxNxH.shape
-  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  K, S = k_BxKxHxS.shape[1], k_BxKxHxS.shape[3]
   q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
-  scores = jnp.einsum("bkgh,bksh->bkgs", q_BxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkgh,bkhs->bkgs", q_BxKxGxH, k_BxKxHxS, preferred_element_type=jnp.float32)
   scores = scores * (H ** -0.5)
   mask_BxS = jnp.arange(S)[None, :] <= positions_B[:, None]
   scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
@@ -66,7 +67,7 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
     q = rotary(_proj(cfg, p["attn"], "q", h_BxD)[:, None], pos_Bx1, cfg.rope_theta)[:, 0]
     k = rotary(_proj(cfg, p["attn"], "k", h_BxD)[:, None], pos_Bx1, cfg.rope_theta)[:, 0]
     v = _proj(cfg, p["attn"], "v", h_BxD)
-    cache_k[l] = cache_k[l].at[b_idx, :, positions_B].set(k.astype(cache_k[l].dtype), mode="drop")
+    cache_k[l] = cache_k[l].at[b_idx, :, :, positions_B].set(k.astype(cache_k[l].dtype), mode="drop")
     cache_v[l] = cache_v[l].at[b_idx, :, positions_B].set(v.astype(cache_v[l].dtype), mode="drop")
     out_BxNxH = _attend(cfg, q, cache_k[l].astype(dtype), cache_v[l].astype(dtype), positions_B)
     x_BxD = x_BxD + jnp.einsum("bnh,nhd->bd", out_BxNxH, p["attn"]["o_kernel"].astype(dtype))
@@ -80,6 +81,11 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
   return logits_BxV.astype(jnp.float32), tuple(cache_k), tuple(cache_v)
 
 
-def to_layer_caches(k_LxBxSxKxH) -> LayerCaches:
-  """The model's stacked cache layout -> per-layer K-major buffers (BxKxSxH)."""
-  return tuple(jnp.swapaxes(k, 1, 2) for k in k_LxBxSxKxH)
+def keys_from_model(k_LxBxSxKxH) -> LayerCaches:
+  """The model's stacked key cache -> per-layer BxKxHxS buffers."""
+  return tuple(jnp.transpose(k, (0, 2, 3, 1)) for k in k_LxBxSxKxH)
+
+
+def values_from_model(v_LxBxSxKxH) -> LayerCaches:
+  """The model's stacked value cache -> per-layer BxKxSxH buffers."""
+  return tuple(jnp.swapaxes(v, 1, 2) for v in v_LxBxSxKxH)
