@@ -29,6 +29,7 @@ def parse_args():
   p.add_argument("--chunk", type=int, default=64, help="k15 decode steps per dispatch")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
   p.add_argument("--skip_tunix", action="store_true")
+  p.add_argument("--skip_long_tail", action="store_true")
   return p.parse_args()
 
 
@@ -218,6 +219,8 @@ def main():
   print(f"k15 achieved {flops / k15_s / 1e9:.1f} GFLOP/s = {flops / k15_s / mm:.0%} of a 2048^2 float32 matmul "
         f"({mm / 1e9:.1f} GFLOP/s)")
 
+  if args.skip_long_tail:
+    return
   results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
   print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
