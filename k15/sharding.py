@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -147,3 +147,22 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def to_host(tree):
+  """Numpy values of a pytree of arrays, on every process (all must call it).
+
+  An array sharded over other processes' devices cannot be fetched locally (device_get raises); it is
+  gathered with process_allgather. Fully addressable or fully replicated arrays are read directly.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
+
+
+def sync_processes(name: str):
+  """A barrier across processes (a no-op on one): e.g. process 0 writes shared files, the others wait."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

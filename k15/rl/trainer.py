@@ -66,10 +66,11 @@ class Trainer:
     return run
 
   def make_eval(self, fn: Callable):
-    """A jitted fn(params, batch) under the mesh, e.g. reference log-probs."""
+    """A jitted fn(params, batch) under the mesh, e.g. reference log-probs; returns numpy on every process
+    (outputs sharded over several hosts are gathered)."""
     jitted = jax.jit(fn)
 
     def run(params, batch):
       with self.context():
-        return jitted(params, self.shard_batch(batch))
+        return sharding.to_host(jitted(params, self.shard_batch(batch)))
     return run

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from k15 import sharding as sharding_lib
 from k15.models import ModelConfig
 from k15.sampling import slots as slots_lib
 from k15.sampling.config import SamplingConfig
@@ -213,7 +214,7 @@ class RolloutEngine:
       waiting = len(queue) if not self.static_batching else 0
       stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
       self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, params, self._state, stop_when_free)
-      tokens_BxC, logp_BxC, reasons_B, steps = jax.device_get(out)
+      tokens_BxC, logp_BxC, reasons_B, steps = sharding_lib.to_host(out)  # gathered across processes
       stats.chunks += 1
       stats.decode_steps += int(steps)
       for i in busy:
