@@ -14,17 +14,24 @@ import numpy as np
 
 from k15 import models
 from k15.checkpoint import Checkpointer
-from k15.rewards import penalties
-from k15.rewards.arith import arith_reward
+from k15.rewards import penalties, verifiers
 from k15.rl import batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
 from k15.rl.prompt_sampler import CurriculumStage, PromptSampler
 from k15.sampling import ReplayBuffer, Request, RolloutEngine
 
 
-def rl_optimizer(learning_rate):
+def rl_optimizer(rl_cfg):
+  """The optimizer of the training phase: gradient clipping, then config.rl.optimizer."""
   import optax
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+  kinds = {
+      "adam": lambda: optax.adam(rl_cfg.learning_rate, eps=rl_cfg.adam_eps),
+      "sgd": lambda: optax.sgd(rl_cfg.learning_rate),
+      "momentum": lambda: optax.sgd(rl_cfg.learning_rate, momentum=0.9),
+  }
+  if rl_cfg.optimizer not in kinds:
+    raise ValueError(f"config.rl.optimizer={rl_cfg.optimizer!r}; valid: {sorted(kinds)}")
+  return optax.chain(optax.clip_by_global_norm(rl_cfg.max_grad_norm), kinds[rl_cfg.optimizer]())
 
 
 def make_loss_fn(model_cfg, rl_cfg):
@@ -94,12 +101,14 @@ def _plain(x):
 def make_prompt_sampler(config, train):
   rl = config.rl
   stages = [CurriculumStage(int(until), tuple(levels)) for until, levels in rl.curriculum] if rl.curriculum else []
-  return PromptSampler(difficulties=np.array([ex["difficulty"] for ex in train]), stages=stages,
+  labels = [ex.get("difficulty") for ex in train]
+  difficulties = None if any(d is None for d in labels) else np.array(labels)  # unlabelled: no curriculum
+  return PromptSampler(len(train), difficulties=difficulties, stages=stages,
                        prioritized=rl.prioritized, floor=rl.priority_floor, ema_decay=rl.priority_ema,
                        seed=config.seed)
 
 
-def build_batch(groups, answers, tokenizer, length_weight, rl_cfg):
+def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   """Rewards and fixed-shape arrays for complete groups; returns (batch, correct_PxG, metrics).
 
   The sequence length is the batch's longest prompt + response rounded up to a multiple of 32: a few
@@ -107,8 +116,8 @@ def build_batch(groups, answers, tokenizer, length_weight, rl_cfg):
   """
   G = rl_cfg.samples_per_prompt
   trajs = [t for g in groups for t in g]
-  correct = np.array([arith_reward(tokenizer.decode(t.response_tokens), a) for g, a in zip(groups, answers)
-                      for t in g], np.float32).reshape(-1, G)
+  texts = [tokenizer.decode(t.response_tokens) for t in trajs]
+  correct = verifier(texts, [ex for ex in examples for _ in range(G)]).reshape(-1, G)
   lengths = np.array([len(t.response_tokens) for t in trajs], np.float32).reshape(-1, G)
   len_reward = penalties.length_penalty(lengths, correct)
   repeat = penalties.repeat_penalty([t.finish_reason for t in trajs], rl_cfg.repeat_penalty).reshape(-1, G)
@@ -153,15 +162,21 @@ def _minibatches(batch, n_groups, minibatches, G, rng):
     yield _pad_groups({k: v[rows] for k, v in batch.items()}, size, G)
 
 
-def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
-  """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params."""
+def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=None):
+  """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params.
+
+  train / eval_: example dicts (inputs_ids, answer, difficulty, and optionally domain and test_cases);
+  verifier: k15.rewards.verifiers.Verifier (default: built from config.rl.reward, closed at the end).
+  """
+  own_verifier = verifier is None
+  verifier = verifier or verifiers.make_verifier(config)
   rl = config.rl
   G = rl.samples_per_prompt
   model_cfg = trainer.cfg
   max_prompt = max(len(ex["inputs_ids"]) for ex in train)
   seq_len = 8 * -(-(max_prompt + rl.max_response_len) // 8)
   state = RLState(make_prompt_sampler(config, train), config.seed)
-  optimizer = rl_optimizer(rl.learning_rate)
+  optimizer = rl_optimizer(rl)
   step_fn = trainer.make_step(make_loss_fn(model_cfg, rl), optimizer)
   ref_fn = trainer.make_eval(_ref_logp_fn(model_cfg))
   engine = RolloutEngine(model_cfg, rollout.sampling_config(config, tokenizer, seq_len), config.sampling.num_slots,
@@ -207,8 +222,8 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
     if groups:
       # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
       weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
-      answers = [train[p]["answer"] for p in prompt_of]
-      batch, correct, batch_metrics = build_batch(groups, answers, tokenizer, weight, rl)
+      batch, correct, batch_metrics = build_batch(groups, [train[p] for p in prompt_of], tokenizer, verifier,
+                                                  weight, rl)
       metrics.update(batch_metrics)
       state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
       # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
@@ -223,7 +238,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
     metrics["iteration_time_s"] = time.time() - t0
     metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
     if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
-      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config)
+      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config, verifier=verifier)
       metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
     logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
                                     "slot_utilization", "tokens_per_s"))
@@ -231,4 +246,6 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_):
       ckpt.save(it, (params, opt_state), state.state_dict())
   logger.close()
   ckpt.close()
+  if own_verifier:
+    verifier.close()
   return params

@@ -12,10 +12,10 @@ from k15.sampling.replay import Trajectory
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling_cfg: SamplingConfig, rng,
              num_slots: Optional[int] = None, mesh: Optional[Mesh] = None) -> List[Trajectory]:
   """One completion per prompt, in prompt order: response_tokens, logprobs (log pi, T=1, untruncated),
-  finish_reason ("eos", "repeat" or "max_length"). num_slots defaults to one per prompt (rounded up to
-  the mesh's slot shards); fewer slots than prompts refill slots as completions finish."""
+  finish_reason ("eos", "repeat" or "max_length"). num_slots defaults to one per prompt; it is rounded up to
+  a multiple of the mesh's slot shards; fewer slots than prompts refill slots as completions finish."""
   shards = 1 if mesh is None else slot_axes_of(mesh)[1]
-  num_slots = num_slots or -(-len(prompts) // shards) * shards
+  num_slots = -(-(num_slots or len(prompts)) // shards) * shards
   engine = RolloutEngine(cfg, sampling_cfg, num_slots, mesh)
   requests = [Request(i, list(p)) for i, p in enumerate(prompts)]
   finished, _ = engine.run(params, requests, None, iteration=0, token_budget=None, rng=rng)
