@@ -29,6 +29,12 @@ TEST = [
     "torch==2.13.0",  # the CPU wheel on this machine's disk; plain `torch` pulls a CUDA build
     "transformers==5.12.1",  # kept at 5.12.x so google-tunix (safetensors<0.8) installs beside it
 ]
+NOTEBOOK = [  # notebooks/ executed with parameters (the tests run them at smoke size)
+    "papermill==2.7.0",
+    "nbclient==0.10.4",
+    "nbformat==5.10.4",
+    "ipykernel==7.4.0",
+]
 
 setuptools.setup(
     name="k15",
@@ -38,7 +44,8 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=CORE + DATA,
     extras_require={
-        "test": TEST,
+        "test": TEST + NOTEBOOK,
+        "notebook": NOTEBOOK,
         "math": ["math-verify==0.9.0"],
         "bench": ["google-tunix==0.1.7"],
     },

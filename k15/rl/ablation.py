@@ -1,0 +1,284 @@
+"""Loss ablations on the synthetic task: one shared warm-up, one RL run per loss variant, a table and plots.
+
+The driver is notebooks/loss_ablations.ipynb; this module keeps its logic importable and testable. Every variant
+starts from the same SFT warm-up params and the same seed, so runs differ only in their config.rl overrides.
+
+Workdir layout:
+  data/, warmup/           the task and the shared long-CoT warm-up (the main job's layout, see pipeline.py)
+  warmup_eval.json         held-out evaluation of the warm-up (the baseline row)
+  variants/<name>/         one RL run: config.json, rl.jsonl, checkpoints/, tensorboard/, result.json
+  results.json, results.md every variant's held-out evaluation (and the table)
+  ablation_curves.png      accuracy and mean response length per iteration, all variants on shared axes
+  ablation_final.png       held-out accuracy against mean response tokens after RL
+"""
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Mapping, Optional, Sequence, Union
+
+import jax
+import ml_collections
+import numpy as np
+
+from k15 import models, sharding
+from k15.rl import loop, pipeline
+from k15.rl.metrics import read_jsonl
+from k15.rl.trainer import Trainer
+
+# Named variants: config.rl overrides on top of the experiment config (the "k15" row is the config as given).
+VARIANTS: dict[str, dict] = {
+    "k15": {},
+    "k15_tau0.01": {"tau": 0.01},  # weaker pull towards the start-of-iteration policy
+    "k15_tau1": {"tau": 1.0},  # stronger pull
+    "k15_token": {"log_ratio": "token"},  # per-token squared log-ratio (public reimplementations)
+    "k15_no_reset": {"reset_optimizer": False},  # Adam moments carried across iterations
+    "k15_logmeanexp": {"baseline": "logmeanexp"},  # tau*log Z estimated by tau*log mean exp(r/tau)
+    "reinforce": {"loss": "reinforce"},
+    "grpo": {"loss": "grpo"},
+    "rest": {"loss": "rest"},
+}
+
+VariantSpec = Union[Sequence[str], Mapping[str, Mapping]]
+
+
+def apply_overrides(config, overrides: Mapping) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place, e.g. {"rl.iterations": 30, "sft.steps": 100}; returns config."""
+  for key, value in dict(overrides).items():
+    _set(config, key, value)
+  return config
+
+
+def _set(config, dotted_key, value):
+  *path, leaf = dotted_key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  if leaf not in node:  # a typo must not silently add a field nobody reads
+    raise KeyError(f"unknown config field {dotted_key!r}")
+  node[leaf] = value  # ConfigDict rejects a value of the wrong type
+
+
+def resolve_variants(variants: VariantSpec) -> dict[str, dict]:
+  """Names from VARIANTS, or a {name: rl overrides} dict, as {name: rl overrides}."""
+  if isinstance(variants, Mapping):
+    out = {str(k): dict(v) for k, v in variants.items()}
+  else:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+      raise ValueError(f"unknown variants {unknown}; valid: {sorted(VARIANTS)} (or pass a dict of rl overrides)")
+    out = {v: dict(VARIANTS[v]) for v in variants}
+  if not out:
+    raise ValueError("no variants to run")
+  bad = [name for name in out if not re.fullmatch(r"[\w.\-]+", name)]
+  if bad:  # names are directory names under variants/
+    raise ValueError(f"variant names may hold letters, digits, '_', '.', '-' only: {bad}")
+  return out
+
+
+def variant_config(config, rl_overrides: Mapping) -> ml_collections.ConfigDict:
+  """A copy of config with config.rl fields replaced; unknown fields are an error."""
+  config = apply_overrides(ml_collections.ConfigDict(config.to_dict()),
+                           {f"rl.{k}": v for k, v in rl_overrides.items()})
+  loop.make_loss_fn(None, config.rl)  # validates config.rl.loss now, not after the rollouts
+  return config
+
+
+def describe(rl) -> str:
+  """The loss settings of a variant in a few words, e.g. 'k15 tau=0.1 sequence mean-baseline reset'."""
+  words = [rl.loss]
+  if rl.loss == "k15":
+    words += [f"tau={rl.tau:g}", rl.log_ratio, f"{rl.baseline}-baseline"]
+    if rl.form != "gradient":
+      words.append(f"{rl.form}-form")
+  words.append("reset" if rl.reset_optimizer else "no-reset")
+  return " ".join(words)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every variant shares: the base config, mesh, task, tokenizer and warm-up."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  trainer: Trainer
+  tokenizer: object
+  train: list
+  eval: list
+  warmup_params: object
+  warmup_eval: dict
+  warmup_time_s: float
+
+
+def prepare(config, workdir: str) -> Setup:
+  """Generates the task and trains the warm-up once (both reused if already in workdir), evaluates it."""
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  model_cfg = models.ModelConfig.from_dict(config.model)
+  trainer = Trainer(model_cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
+  tokenizer, train, eval_ = pipeline.load_task(config, workdir)
+  params = pipeline._load_or_train_warmup(config, workdir, trainer, tokenizer, train)  # pylint: disable=protected-access
+  path = os.path.join(workdir, "warmup_eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      warmup_eval = json.load(f)
+  else:
+    warmup_eval = pipeline.evaluate_both(trainer, params, tokenizer, eval_, config)
+    with open(path, "w") as f:
+      json.dump(warmup_eval, f, indent=2)
+  print(f"warm-up ({model_cfg.num_params() / 1e6:.2f}M params): held-out accuracy {warmup_eval['accuracy']:.1%}, "
+        f"mean tokens {warmup_eval['mean_tokens']:.1f} ({time.time() - start:.0f}s)", flush=True)
+  return Setup(config, workdir, trainer, tokenizer, train, eval_, params, warmup_eval, time.time() - start)
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x))
+
+
+def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
+  """RL from the shared warm-up with config.rl overridden, then held-out evaluation; cached in result.json.
+
+  An interrupted variant resumes from its last checkpoint. A variant directory made with another config is an
+  error (delete it or use a fresh workdir) rather than a silent mix of two runs.
+  """
+  config = variant_config(setup.config, rl_overrides)
+  vdir = os.path.join(setup.workdir, "variants", name)
+  os.makedirs(vdir, exist_ok=True)
+  config_path, result_path = os.path.join(vdir, "config.json"), os.path.join(vdir, "result.json")
+  config_dict = _jsonable(config.to_dict())
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      if json.load(f) != config_dict:
+        raise ValueError(f"{vdir} holds a run with another config; delete it or use a fresh workdir")
+  else:
+    with open(config_path, "w") as f:
+      json.dump(config_dict, f, indent=2)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      print(f"{name}: reusing {result_path}", flush=True)
+      return json.load(f)
+
+  print(f"--- {name}: {describe(config.rl)}, {config.rl.iterations} iterations", flush=True)
+  start = time.time()
+  # The train step donates its params: each variant gets its own copy of the warm-up.
+  params = jax.tree.map(lambda x: x.copy(), setup.warmup_params)
+  params = loop.run_rl(config, vdir, setup.trainer, params, setup.tokenizer, setup.train, setup.eval)
+  rl_time = time.time() - start
+  final = pipeline.evaluate_both(setup.trainer, params, setup.tokenizer, setup.eval, config)
+  rows = curves(setup.workdir, name)
+  result = {"name": name, "overrides": dict(rl_overrides), "description": describe(config.rl),
+            "iterations": config.rl.iterations, "rl_time_s": rl_time, "eval": final,
+            "train_accuracy_last5": _tail_mean(rows, "accuracy"),
+            "response_len_last5": _tail_mean(rows, "response_len_mean")}
+  with open(result_path, "w") as f:
+    json.dump(_jsonable(result), f, indent=2)
+  print(f"{name}: held-out accuracy {final['accuracy']:.1%} (warm-up {setup.warmup_eval['accuracy']:.1%}), "
+        f"mean tokens {final['mean_tokens']:.1f}, RL {rl_time:.0f}s", flush=True)
+  return result
+
+
+def run_ablation(setup: Setup, variants: VariantSpec) -> list[dict]:
+  """Runs every variant (in order), writes results.json and results.md; returns the results."""
+  results = [run_variant(setup, name, overrides) for name, overrides in resolve_variants(variants).items()]
+  with open(os.path.join(setup.workdir, "results.json"), "w") as f:
+    json.dump({"warmup": setup.warmup_eval, "variants": results}, f, indent=2)
+  with open(os.path.join(setup.workdir, "results.md"), "w") as f:
+    f.write(results_table(results, setup.warmup_eval) + "\n")
+  return results
+
+
+def curves(workdir: str, name: str) -> list[dict]:
+  """A variant's per-iteration metrics (rows of iterations that trained at least one group)."""
+  rows = read_jsonl(os.path.join(workdir, "variants", name, "rl.jsonl"))
+  return [r for r in rows if "accuracy" in r]
+
+
+def _tail_mean(rows, key, n=5):
+  vals = [r[key] for r in rows[-n:] if key in r]
+  return float(np.mean(vals)) if vals else float("nan")
+
+
+def results_table(results: Sequence[dict], warmup_eval: dict) -> str:
+  """Markdown: one row for the warm-up, one per variant (held-out after RL, train accuracy of the last 5 its)."""
+  lines = ["| variant | loss settings | held-out accuracy (greedy) | sampled accuracy (T=1) | mean response tokens "
+           "| tokens per correct | train accuracy, last 5 iterations | RL time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+
+  def row(name, desc, ev, train_acc, seconds):
+    sampled = f"{ev['sampled_accuracy']:.1%}" if "sampled_accuracy" in ev else "-"
+    lines.append(f"| {name} | {desc} | {ev['accuracy']:.1%} | {sampled} | {ev['mean_tokens']:.1f} "
+                 f"| {ev['tokens_per_correct']:.1f} | {train_acc} | {seconds} |")
+
+  row("warm-up (no RL)", "SFT only", warmup_eval, "-", "-")
+  for r in results:
+    row(r["name"], r["description"], r["eval"], f"{r['train_accuracy_last5']:.1%}", f"{r['rl_time_s']:.0f}")
+  return "\n".join(lines)
+
+
+def _smooth(values, window):
+  """Trailing mean over up to `window` points: per-iteration train accuracy of 128 samples is noisy."""
+  values = np.asarray(values, np.float64)
+  cumsum = np.concatenate([[0.0], np.cumsum(values)])
+  idx = np.arange(1, len(values) + 1)
+  lo = np.maximum(idx - window, 0)
+  return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def plot_ablation(workdir: str, names: Sequence[str], png_path: str, baseline: Optional[float] = None,
+                  smooth: int = 5, title: str = "loss ablations"):
+  """Train accuracy, held-out accuracy and mean response length per iteration; one line per variant.
+
+  baseline: the warm-up's held-out accuracy, drawn at iteration 0 of every held-out curve.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_acc, ax_eval, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+  for i, name in enumerate(names):
+    rows = curves(workdir, name)
+    color = f"C{i % 10}"
+    steps = [r["step"] for r in rows]
+    ax_acc.plot(steps, _smooth([r["accuracy"] for r in rows], smooth), color=color, label=name)
+    evals = dict((r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r)
+    if baseline is not None:
+      evals[0] = baseline  # every variant starts from the warm-up
+    result_path = os.path.join(workdir, "variants", name, "result.json")
+    if os.path.exists(result_path):  # the evaluation after RL, also when none ran during it
+      with open(result_path) as f:
+        result = json.load(f)
+      evals[result["iterations"]] = result["eval"]["accuracy"]
+    if evals:
+      ax_eval.plot(*zip(*sorted(evals.items())), "o-", color=color, label=name)
+    ax_len.plot(steps, _smooth([r["response_len_mean"] for r in rows], smooth), color=color, label=name)
+  if baseline is not None:
+    ax_eval.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="warm-up")
+  ax_acc.set(xlabel="iteration", ylabel="accuracy", title=f"train-sample accuracy (mean of last {smooth})")
+  ax_eval.set(xlabel="iteration (0: warm-up)", ylabel="accuracy", title="held-out accuracy (greedy)")
+  ax_len.set(xlabel="iteration", ylabel="response tokens", title=f"mean response length (mean of last {smooth})")
+  for ax in (ax_acc, ax_eval, ax_len):
+    ax.grid(alpha=0.3)
+  ax_len.legend(fontsize=8)
+  ax_eval.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+  return png_path
+
+
+def plot_final(results: Sequence[dict], warmup_eval: dict, png_path: str):
+  """Held-out accuracy against mean response tokens after RL, one point per variant, and the warm-up."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  ax.scatter([warmup_eval["mean_tokens"]], [warmup_eval["accuracy"]], marker="x", color="gray", label="warm-up")
+  for i, r in enumerate(results):
+    ax.scatter([r["eval"]["mean_tokens"]], [r["eval"]["accuracy"]], color=f"C{i % 10}", label=r["name"])
+  ax.set(xlabel="mean response tokens (held-out)", ylabel="held-out accuracy (greedy)", title="after RL")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+  return png_path
