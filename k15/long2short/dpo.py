@@ -5,8 +5,19 @@ the negatives are every wrong response strictly longer than it, and every other 
 long_factor times its length. Pairs are (chosen_idx, rejected_idx) into the group, rejected in index order.
 A wrong response no longer than the positive makes no pair: preferring the positive over it would teach
 correctness, not brevity.
+
+`dpo_train` then minimizes the DPO loss (k15.rl.losses.dpo_loss) over those pairs, with a frozen reference (the
+long-CoT model) whose sequence log-probs are computed once.
 """
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from k15 import models
+from k15.rl import batching, losses, sft
+from k15.rl.metrics import MetricsLogger
 
 
 def build_dpo_pairs(lengths_G, correct_G, long_factor: float = 1.5) -> list[tuple[int, int]]:
@@ -31,3 +42,56 @@ def build_dpo_pairs_batch(lengths_PxG, correct_PxG, long_factor: float = 1.5) ->
   G = lengths.shape[1]
   return [(p * G + c, p * G + r) for p in range(lengths.shape[0])
           for c, r in build_dpo_pairs(lengths[p], correct[p], long_factor)]
+
+
+def sequence_logp(model_cfg, params, tokens_BxT, mask_BxTm1):
+  """Sum of the masked response-token log-probs per row (the report's sequence log-probability), shape B."""
+  logp_BxTm1 = models.token_logprobs(model_cfg, params, tokens_BxT)
+  return jnp.sum(jnp.where(mask_BxTm1 > 0, logp_BxTm1 * mask_BxTm1, 0.0), axis=-1)
+
+
+def dpo_train(trainer, params, ref_params, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+              rejected: Sequence[Sequence[int]], *, steps: int, batch_size: int, learning_rate: float,
+              warmup_steps: int, beta: float, pad_id: int, seed: int, logger: Optional[MetricsLogger] = None,
+              log_every: int = 25):
+  """DPO on (prompt, chosen, rejected) triples; returns the new params (params are donated, ref_params kept).
+
+  Responses are token lists that end with eos. Each step draws batch_size pairs and scores chosen and rejected
+  in one 2*batch_size forward pass.
+  """
+  n = len(prompts)
+  if not n or len(chosen) != n or len(rejected) != n:
+    raise ValueError(f"dpo_train needs equally many prompts, chosen and rejected (>0), got "
+                     f"{n}, {len(chosen)}, {len(rejected)}")
+  if beta <= 0:
+    raise ValueError(f"DPO beta must be positive, got {beta}")
+  cfg = trainer.cfg
+  seq_len = 8 * -(-max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)) // 8)
+  tokens_c, mask_c = batching.pack(prompts, chosen, seq_len, pad_id)
+  tokens_r, mask_r = batching.pack(prompts, rejected, seq_len, pad_id)
+
+  # The reference is frozen: its sequence log-probs once, in fixed-size chunks (one compile; the tail is padded).
+  ref_fn = trainer.make_eval(lambda p, b: sequence_logp(cfg, p, b["tokens"], b["mask"]))
+  ref_c, ref_r = np.zeros(n, np.float32), np.zeros(n, np.float32)
+  for start in range(0, n, batch_size):
+    rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+    take = min(batch_size, n - start)
+    ref_c[start:start + take] = np.asarray(ref_fn(ref_params, {"tokens": tokens_c[rows], "mask": mask_c[rows]}))[:take]
+    ref_r[start:start + take] = np.asarray(ref_fn(ref_params, {"tokens": tokens_r[rows], "mask": mask_r[rows]}))[:take]
+
+  def loss_fn(params, batch):
+    seq_2B = sequence_logp(cfg, params, batch["tokens"], batch["mask"])
+    return losses.dpo_loss(seq_2B[:batch_size], seq_2B[batch_size:], batch["ref_c"], batch["ref_r"], beta)
+
+  optimizer = sft.sft_optimizer(learning_rate, steps, warmup_steps)
+  step_fn = trainer.make_step(loss_fn, optimizer)
+  opt_state = trainer.init_opt_state(optimizer, params)
+  rng = np.random.default_rng(seed)
+  for step in range(1, steps + 1):
+    idx = rng.choice(n, size=batch_size, replace=n < batch_size)
+    batch = {"tokens": np.concatenate([tokens_c[idx], tokens_r[idx]]),
+             "mask": np.concatenate([mask_c[idx], mask_r[idx]]), "ref_c": ref_c[idx], "ref_r": ref_r[idx]}
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    if logger is not None and (step % log_every == 0 or step == steps):
+      logger.write(step, jax.device_get(metrics), show=("loss", "reward_accuracy", "margin_mean"))
+  return params

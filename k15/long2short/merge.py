@@ -1,4 +1,6 @@
 """Model merging for long2short (report 2.4): a weighted average of a long-CoT and a short-CoT checkpoint."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -30,3 +32,20 @@ def merge_params(params_a, params_b, weights=(0.5, 0.5)):
       raise ValueError(f"param {path}: cannot average a {a.dtype} leaf")
     merged.append((w_a * jnp.asarray(a, jnp.float32) + w_b * jnp.asarray(b, jnp.float32)).astype(a.dtype))
   return jax.tree_util.tree_unflatten(treedef_a, merged)
+
+
+def merge_checkpoints(path_a: str, path_b: str, out_path: str, weights=(0.5, 0.5)):
+  """Merges two HF checkpoint directories of the same architecture into out_path; returns (cfg, params).
+
+  Both config.json files must describe the same model (every ModelConfig field); the error names the fields.
+  """
+  from k15 import models  # safetensors and the model only here: merge_params works on any pytree
+  cfg_a, params_a = models.load_hf(path_a)
+  cfg_b, params_b = models.load_hf(path_b)
+  if cfg_a != cfg_b:
+    diff = {f.name: (getattr(cfg_a, f.name), getattr(cfg_b, f.name)) for f in dataclasses.fields(cfg_a)
+            if getattr(cfg_a, f.name) != getattr(cfg_b, f.name)}
+    raise ValueError(f"cannot merge {path_a} and {path_b}: different architectures, (a, b) per field: {diff}")
+  merged = merge_params(params_a, params_b, weights)
+  models.save_hf(out_path, cfg_a, merged)
+  return cfg_a, merged
