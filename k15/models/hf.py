@@ -232,3 +232,32 @@ def save_hf(path: str, cfg: ModelConfig, params, architecture: str = None,
   with open(os.path.join(path, _INDEX), "w") as f:
     json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map},
               f, indent=2)
+
+
+# Fields a checkpoint's config.json must agree on with the experiment's config.model; dtypes and remat are
+# the run's choice.
+_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                        "rope_theta", "rms_norm_eps", "qkv_bias", "tie_embeddings")
+
+
+def split_hf_path(model_fields) -> tuple:
+  """config.model -> (ModelConfig, hf_path or None): hf_path, where the weights start, is not an architecture
+  field, so it is taken out before ModelConfig.from_dict (which rejects unknown keys)."""
+  fields = dict(model_fields)
+  hf_path = fields.pop("hf_path", None) or None
+  return ModelConfig.from_dict(fields), hf_path
+
+
+def load_hf_matching(path: str, cfg: ModelConfig):
+  """Params of the HF checkpoint at `path`, which must have cfg's architecture (a mismatch names the fields).
+
+  Tensors are read into host (CPU) memory: one accelerator could not hold a 7B model's float32 copy.
+  """
+  import jax
+  with jax.default_device(jax.devices("cpu")[0]):
+    hf_cfg, params = load_hf(path, dtype=cfg.param_dtype)
+  diff = [f"config.model.{f}={getattr(cfg, f)!r} but {path}/config.json has {getattr(hf_cfg, f)!r}"
+          for f in _ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(hf_cfg, f)]
+  if diff:
+    raise CheckpointError("config.model.hf_path: the checkpoint does not match the config: " + "; ".join(diff))
+  return params
