@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 from absl import app, flags
 
@@ -26,11 +27,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def process_env(base: dict, process_id: int, num_processes: int, port: int, devices: int) -> dict:
+  """The environment of one process: its place in the run, its fake CPU devices, and this checkout first on
+  PYTHONPATH (so every process imports the same k15, whatever the working directory)."""
   env = dict(base)
   env.update(K15_COORDINATOR=f"localhost:{port}", K15_NUM_PROCESSES=str(num_processes),
              K15_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=os.pathsep.join(p for p in (REPO, base.get("PYTHONPATH")) if p))
   return env
 
 
@@ -41,6 +48,9 @@ def _relay(proc, prefix):
 
 
 def launch(command: list, num_processes: int, devices: int, port: int = 0) -> int:
+  """Runs `command` as num_processes processes of one JAX run; returns the first non-zero exit code, or 0."""
+  if num_processes < 1 or devices < 1:
+    raise ValueError(f"num_processes={num_processes} and devices_per_process={devices} must be >= 1")
   port = port or free_port()
   procs = [subprocess.Popen(command, env=process_env(os.environ, i, num_processes, port, devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -49,13 +59,15 @@ def launch(command: list, num_processes: int, devices: int, port: int = 0) -> in
   for t in relays:
     t.start()
   code = 0
-  for p in procs:
-    rc = p.wait()
-    if rc and not code:
-      code = rc
-      for other in procs:  # one failed process would leave the others waiting in a collective
+  while any(p.poll() is None for p in procs):  # poll all: a failed process may leave the others in a collective
+    failed = [p.returncode for p in procs if p.returncode]
+    if failed and not code:
+      code = failed[0]
+      for other in procs:
         if other.poll() is None:
           other.terminate()
+    time.sleep(0.2)
+  code = code or next((p.returncode for p in procs if p.returncode), 0)
   for t in relays:
     t.join(timeout=5)
   return code

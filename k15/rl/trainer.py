@@ -31,6 +31,11 @@ class Trainer:
       return jax.jit(lambda r: models.init_params(self.cfg, r), out_shardings=self.param_shardings)(rng)
 
   def place_params(self, params):
+    """Params -> the training shardings. With several processes, process-local arrays go through host memory:
+    jax cannot fill a sharding that spans other hosts from one process's device."""
+    if jax.process_count() > 1:
+      local = lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+      params = jax.tree.map(local, params)
     return jax.device_put(params, self.param_shardings)
 
   def init_opt_state(self, optimizer, params):
