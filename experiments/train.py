@@ -20,6 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if "://" in _WORKDIR.value:  # plain file I/O would create a local directory named "gs:"
+    raise app.UsageError(f"--workdir={_WORKDIR.value}: k15 writes its workdir through the file system; mount the "
+                         "bucket (python -m launch.tpu run does, with gcsfuse) and pass the mounted path")
   if not flags.FLAGS["verbosity"].present:  # orbax and seqio log every step at INFO; -v 0 brings it back
     logging.set_verbosity(logging.WARNING)
   from k15 import sharding

@@ -59,7 +59,7 @@ def launch(command: list, num_processes: int, devices: int, port: int = 0) -> in
   for t in relays:
     t.start()
   code = 0
-  while any(p.poll() is None for p in procs):  # poll all: a failed process may leave the others in a collective
+  while None in [p.poll() for p in procs]:  # poll all: a failed process may leave the others in a collective
     failed = [p.returncode for p in procs if p.returncode]
     if failed and not code:
       code = failed[0]

@@ -1,0 +1,260 @@
+"""Cloud TPU pod slices: create (or reuse) a TPU VM slice, put the code on every worker, start a run on all hosts.
+
+  python -m launch.tpu up --name=k15-v5p --zone=us-east5-a --accelerator=v5p-64 \
+      --workdir=gs://my-bucket/k15/qwen1p5b -- \
+      --config=experiments/configs/qwen_math_1p5b.py:v5p-64 --config.model.hf_path=/path/on/workers
+
+Subcommands: create (reuses a slice that already exists), setup (copies this checkout to every worker and
+installs it with jax[tpu]), run (mounts the workdir's bucket with gcsfuse on every worker and starts
+experiments.train on all hosts at once: the `gcloud compute tpus tpu-vm ssh --worker=all` pattern),
+up (all three), delete. Everything goes through the gcloud CLI; --dry_run prints the commands instead.
+
+The workdir is a gs:// path. k15 writes its workdir with plain file I/O and orbax, and every host must see the
+same directory (each writes its own checkpoint shards), so `run` mounts the bucket at the same path on every
+worker and passes that path as --workdir.
+"""
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from typing import List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REMOTE_DIR = "k15"  # the checkout on each worker, relative to the ssh user's home
+MOUNT_ROOT = "/tmp/k15-gcs"  # buckets are mounted at MOUNT_ROOT/<bucket> on every worker
+
+# Per chip generation: accelerator-type prefix, TensorCores named per chip in the type ("v5p-8" = 4 chips),
+# chips per host in multi-host slices, default runtime version, HBM bytes and peak bf16 FLOP/s per chip.
+CHIPS = {
+    "v4": dict(prefix="v4", cores_per_chip=2, chips_per_host=4, runtime="tpu-ubuntu2204-base",
+               hbm_bytes=32 * 2**30, peak_flops=275e12),
+    "v5e": dict(prefix="v5litepod", cores_per_chip=1, chips_per_host=4, runtime="v2-alpha-tpuv5-lite",
+                hbm_bytes=16 * 2**30, peak_flops=197e12),
+    "v5p": dict(prefix="v5p", cores_per_chip=2, chips_per_host=4, runtime="v2-alpha-tpuv5",
+                hbm_bytes=95 * 2**30, peak_flops=459e12),
+    "v6e": dict(prefix="v6e", cores_per_chip=1, chips_per_host=4, runtime="v2-alpha-tpuv6e",
+                hbm_bytes=32 * 2**30, peak_flops=918e12),
+}
+_SINGLE_HOST_CHIPS = 8  # v5e / v6e slices of up to 8 chips are one host
+
+
+class LaunchError(RuntimeError):
+  """A launch that cannot work as asked (missing CLI, bad flag value); the message says what to change."""
+
+
+def slice_info(accelerator: str) -> dict:
+  """'v5p-128' / 'v5litepod-16' -> chip generation, chips, hosts (JAX processes), and the chip's facts."""
+  m = re.fullmatch(r"(v4|v5litepod|v5e|v5p|v6e)-(\d+)", accelerator)
+  if not m:
+    raise LaunchError(f"--accelerator={accelerator!r}: expected e.g. v5litepod-16, v5p-128, v6e-64 or v4-32")
+  prefix, n = m.group(1), int(m.group(2))
+  chip = "v5e" if prefix in ("v5litepod", "v5e") else prefix
+  facts = CHIPS[chip]
+  if n % facts["cores_per_chip"]:
+    raise LaunchError(f"--accelerator={accelerator!r}: {prefix} types count TensorCores, a multiple of "
+                      f"{facts['cores_per_chip']}")
+  chips = n // facts["cores_per_chip"]
+  single_host = chips <= (_SINGLE_HOST_CHIPS if facts["cores_per_chip"] == 1 else facts["chips_per_host"])
+  hosts = 1 if single_host else chips // facts["chips_per_host"]
+  return dict(facts, chip=chip, chips=chips, hosts=hosts, accelerator_type=f"{facts['prefix']}-{n}")
+
+
+def split_gcs(path: str):
+  """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
+  m = re.fullmatch(r"gs://([a-z0-9][a-z0-9._-]{1,221}[a-z0-9])(/.*)?", path)
+  if not m:
+    raise LaunchError(f"--workdir={path!r}: expected a bucket path gs://BUCKET/PATH")
+  return m.group(1), (m.group(2) or "/").strip("/")
+
+
+def mounted_workdir(workdir: str) -> str:
+  """Where the gs:// workdir appears on every worker once its bucket is mounted."""
+  bucket, path = split_gcs(workdir)
+  return "/".join(p for p in (MOUNT_ROOT, bucket, path) if p)
+
+
+def _gcloud_tpu(verb: str, name: str, zone: str, project: Optional[str]) -> List[str]:
+  cmd = ["gcloud", "compute", "tpus", "tpu-vm", verb, name, f"--zone={zone}"]
+  return cmd + ([f"--project={project}"] if project else [])
+
+
+def describe_command(name, zone, project=None) -> List[str]:
+  return _gcloud_tpu("describe", name, zone, project) + ["--format=value(state)"]
+
+
+def create_command(name, zone, accelerator, project=None, runtime=None, spot=False) -> List[str]:
+  info = slice_info(accelerator)
+  cmd = _gcloud_tpu("create", name, zone, project)
+  cmd += [f"--accelerator-type={info['accelerator_type']}", f"--version={runtime or info['runtime']}"]
+  return cmd + (["--spot"] if spot else [])
+
+
+def delete_command(name, zone, project=None) -> List[str]:
+  return _gcloud_tpu("delete", name, zone, project) + ["--quiet"]
+
+
+def ssh_all_command(name, zone, remote: str, project=None) -> List[str]:
+  """Runs the shell command `remote` on every worker of the slice at once."""
+  return _gcloud_tpu("ssh", name, zone, project) + ["--worker=all", f"--command={remote}"]
+
+
+def scp_all_command(name, zone, local: str, remote: str, project=None) -> List[str]:
+  return (["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{name}:{remote}", "--worker=all",
+           f"--zone={zone}"] + ([f"--project={project}"] if project else []))
+
+
+def _jax_pin() -> str:
+  with open(os.path.join(REPO, "setup.py")) as f:
+    m = re.search(r'"jax==([0-9.]+)"', f.read())
+  if not m:
+    raise LaunchError("setup.py: no jax==X pin to install jax[tpu] at")
+  return m.group(1)
+
+
+def install_script(archive_name: str) -> str:
+  """On each worker: unpack the code, install it with TPU jax and math-verify, and install gcsfuse."""
+  gcsfuse = ("{ command -v gcsfuse >/dev/null || { "
+             "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
+             "gcsfuse-$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+             "curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | "
+             "sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && "
+             "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; }")
+  return " && ".join([
+      "set -e",
+      f"rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR}",
+      f"tar xzf ~/{archive_name} -C ~/{REMOTE_DIR}",
+      f"cd ~/{REMOTE_DIR}",
+      f"python3 -m pip install -q -e '.[math]' 'jax[tpu]=={_jax_pin()}'",
+      gcsfuse,
+  ])
+
+
+def run_script(workdir: str, hosts: int, train_args: Sequence[str], log_name: str = "k15-run.log",
+               detach: bool = False) -> str:
+  """On each worker: mount the workdir's bucket (once), then start experiments.train as one of `hosts` processes."""
+  bucket, _ = split_gcs(workdir)
+  mount = f"{MOUNT_ROOT}/{bucket}"
+  mount_cmd = (f"mkdir -p {mount} && {{ mountpoint -q {mount} || "
+               f"gcsfuse --implicit-dirs {shlex.quote(bucket)} {mount}; }}")
+  # K15_NUM_PROCESSES makes k15.sharding.initialize_distributed join the slice; JAX finds the coordinator and
+  # this host's process id from the TPU metadata.
+  train = " ".join(["python3", "-m", "experiments.train", shlex.quote(f"--workdir={mounted_workdir(workdir)}"),
+                    *map(shlex.quote, train_args)])
+  env = f"K15_NUM_PROCESSES={hosts}"
+  train = f"{env} nohup {train} > ~/{log_name} 2>&1 &" if detach else f"{env} {train} 2>&1 | tee ~/{log_name}"
+  return " && ".join(["set -eo pipefail", mount_cmd, f"cd ~/{REMOTE_DIR}", train])
+
+
+def check_gcloud():
+  if shutil.which("gcloud") is None:
+    raise LaunchError("the gcloud CLI is not on PATH: install the Google Cloud SDK "
+                      "(https://cloud.google.com/sdk/docs/install), run `gcloud auth login`, or pass --dry_run to "
+                      "print the commands instead")
+
+
+def make_archive(out_path: str) -> str:
+  """This checkout (without .git, caches and notebooks' outputs) as a .tar.gz, to copy to the workers."""
+  skip = {".git", "__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
+  with tarfile.open(out_path, "w:gz") as tar:
+    tar.add(REPO, arcname=".", filter=lambda ti: None if os.path.basename(ti.name) in skip else ti)
+  return out_path
+
+
+class Runner:
+  """Runs gcloud commands, or prints them with --dry_run (which needs no gcloud)."""
+
+  def __init__(self, dry_run: bool, stream=sys.stdout):
+    self.dry_run, self.stream = dry_run, stream
+    if not dry_run:
+      check_gcloud()
+
+  def __call__(self, cmd: List[str], check: bool = True) -> int:
+    print("+ " + " ".join(map(shlex.quote, cmd)), file=self.stream, flush=True)
+    if self.dry_run:
+      return 0
+    rc = subprocess.call(cmd)
+    if check and rc:
+      raise LaunchError(f"command failed with exit code {rc}: {' '.join(cmd[:6])} ...")
+    return rc
+
+
+def create(args, runner: Runner):
+  """Creates the slice unless it exists (then it is reused as is)."""
+  exists = runner(describe_command(args.name, args.zone, args.project), check=False) == 0
+  if runner.dry_run:
+    print("# the create below runs only if the describe above fails (no such TPU VM)", file=runner.stream)
+  elif exists:
+    print(f"reusing TPU VM {args.name}", file=runner.stream)
+    return
+  runner(create_command(args.name, args.zone, args.accelerator, args.project, args.runtime, args.spot))
+
+
+def setup(args, runner: Runner):
+  archive = "k15-src.tar.gz"
+  local = os.path.join(tempfile.mkdtemp(prefix="k15-launch-"), archive)
+  if not runner.dry_run:
+    make_archive(local)
+  runner(scp_all_command(args.name, args.zone, local, archive, args.project))  # lands in the home directory
+  runner(ssh_all_command(args.name, args.zone, install_script(archive), args.project))
+
+
+def run(args, runner: Runner):
+  info = slice_info(args.accelerator)
+  runner(ssh_all_command(args.name, args.zone,
+                         run_script(args.workdir, info["hosts"], args.train_args, detach=args.detach), args.project))
+
+
+def delete(args, runner: Runner):
+  runner(delete_command(args.name, args.zone, args.project))
+
+
+def parse(argv: Sequence[str]):
+  argv = list(argv)
+  train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+  argv = argv[:argv.index("--")] if "--" in argv else argv
+  p = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n\n")[0])
+  p.add_argument("command", choices=["create", "setup", "run", "up", "delete"])
+  p.add_argument("--name", required=True, help="TPU VM name")
+  p.add_argument("--zone", required=True, help="e.g. us-east5-a (v5p), us-west4-a (v5e)")
+  p.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
+  p.add_argument("--accelerator", default=None, help="e.g. v5litepod-16, v5p-128 (create, run, up)")
+  p.add_argument("--runtime", default=None, help="TPU software version (default: the chip's, see CHIPS)")
+  p.add_argument("--spot", action="store_true", help="create a Spot slice")
+  p.add_argument("--workdir", default=None, help="gs://BUCKET/PATH (run, up)")
+  p.add_argument("--detach", action="store_true", help="run: start in the background, log to ~/k15-run.log")
+  p.add_argument("--dry_run", action="store_true", help="print the gcloud commands, run nothing")
+  args = p.parse_args(argv)
+  args.train_args = train_args
+  if args.command in ("create", "run", "up") and not args.accelerator:
+    raise LaunchError(f"{args.command}: --accelerator is required (e.g. v5p-128)")
+  if args.accelerator:
+    slice_info(args.accelerator)  # fail early on a malformed type
+  if args.command in ("run", "up"):
+    if not args.workdir:
+      raise LaunchError(f"{args.command}: --workdir=gs://BUCKET/PATH is required")
+    split_gcs(args.workdir)
+    if not any(a.startswith("--config=") for a in train_args):
+      raise LaunchError(f"{args.command}: give the experiment's flags after --, starting with --config=...")
+  return args
+
+
+def main(argv: Sequence[str], stream=sys.stdout) -> int:
+  try:
+    args = parse(argv)
+    runner = Runner(args.dry_run, stream)
+    steps = {"create": [create], "setup": [setup], "run": [run], "up": [create, setup, run], "delete": [delete]}
+    for step in steps[args.command]:
+      step(args, runner)
+  except LaunchError as e:
+    print(f"launch.tpu: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
