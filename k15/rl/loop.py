@@ -150,10 +150,27 @@ def _pad_groups(batch, n_groups, G):
   return out
 
 
+def _minibatch_rows(n_groups, minibatches, G):
+  per = -(-n_groups // minibatches)
+  return 4 * -(-per // 4) * G  # whole groups, padded to a multiple of 4: few shapes, little waste
+
+
+def _reference_logp(ref_fn, params, tokens, rows):
+  """ref_fn over chunks of `rows` rows (the last one padded): float32 logits of one minibatch at a time, not of
+  the whole iteration (with a 150k vocab, that alone would exceed a chip's memory)."""
+  out = []
+  for start in range(0, len(tokens), rows):
+    chunk = tokens[start:start + rows]
+    n = len(chunk)
+    chunk = np.concatenate([chunk, np.zeros((rows - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(ref_fn(params, {"tokens": chunk}))[:n])
+  return np.concatenate(out)
+
+
 def _minibatches(batch, n_groups, minibatches, G, rng):
   order = rng.permutation(n_groups)
   per = -(-n_groups // minibatches)
-  size = 4 * -(-per // 4)  # whole groups, padded to a multiple of 4: few shapes, little waste
+  size = _minibatch_rows(n_groups, minibatches, G) // G
   for m in range(minibatches):
     gids = order[m * per:(m + 1) * per]
     if len(gids) == 0:
@@ -227,7 +244,8 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=N
       metrics.update(batch_metrics)
       state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
       # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
-      batch["ref_logp"] = np.asarray(ref_fn(params, {"tokens": batch["tokens"]}))
+      rows = _minibatch_rows(len(groups), rl.minibatches, G)
+      batch["ref_logp"] = _reference_logp(ref_fn, params, batch["tokens"], rows)
       if rl.reset_optimizer:
         opt_state = trainer.init_opt_state(optimizer, params)
       step_metrics = []

@@ -7,12 +7,16 @@ config.prompts (see experiments/configs/math_mixture.py):
   template       the prompt text around {question}
   num_train      prompts drawn from the Mixture at its rates (repeats allowed): the RL prompt pool
   eval_tasks     list of {path, domain, field_map (optional)}: held-out prompts, read whole
-The tokenizer is config.data.tokenizer_path (SentencePiece .model or HF tokenizer.json) or, when empty, a
-SentencePiece vocabulary trained on the prompt files (tiny-model runs only).
+The tokenizer is config.data.tokenizer_path (SentencePiece .model or HF tokenizer.json), else the one of the
+start checkpoint config.model.hf_path, else a SentencePiece vocabulary trained on the prompt files (tiny-model runs
+only).
 """
 import hashlib
 import os
 
+import jax
+
+from k15 import sharding
 from k15.data import prompts as prompts_lib
 from k15.data import tokenizer as tokenizer_lib
 
@@ -26,16 +30,18 @@ def _example(prompt: dict, tokenizer, template: str, max_prompt_len: int, where:
 
 
 def _tokenizer(config, workdir, files):
-  if config.data.get("tokenizer_path"):
-    return tokenizer_lib.load_tokenizer(config.data.tokenizer_path)
+  path = config.data.get("tokenizer_path") or config.model.get("hf_path")  # a start checkpoint brings its tokenizer
+  if path:
+    return tokenizer_lib.load_tokenizer(path)
   model_prefix = os.path.join(workdir, "data", "spm")
-  if os.path.exists(model_prefix + ".model"):
-    return tokenizer_lib.SentencePieceTokenizer(model_prefix + ".model")
-  texts = []
-  for path, domain, field_map in files:
-    for p in prompts_lib.read_prompts(path, domain, field_map):
-      texts += [config.prompts.template.format(question=p["question"]), p["answer"]]
-  return tokenizer_lib.train_sentencepiece(texts, model_prefix, config.data.tokenizer_vocab_size)
+  if jax.process_index() == 0 and not os.path.exists(model_prefix + ".model"):  # one writer in a multi-host run
+    texts = []
+    for path, domain, field_map in files:
+      for p in prompts_lib.read_prompts(path, domain, field_map):
+        texts += [config.prompts.template.format(question=p["question"]), p["answer"]]
+    tokenizer_lib.train_sentencepiece(texts, model_prefix, config.data.tokenizer_vocab_size)
+  sharding.sync_processes("k15_prompt_tokenizer")  # the other processes read what process 0 wrote
+  return tokenizer_lib.SentencePieceTokenizer(model_prefix + ".model")
 
 
 def load_prompt_mixture(config, workdir):

@@ -1,0 +1,353 @@
+"""Memory and FLOPs of a config on a mesh, per device, without weights or devices: pick a slice before paying for it.
+
+  python -m experiments.plan --config=experiments/configs/qwen_math_1p5b.py
+  python -m experiments.plan --config=experiments/configs/qwen_math_7b.py:v5p-128 --mesh=data=1,fsdp=16,tensor=4
+
+Params and optimizer state are the abstract leaves (jax.eval_shape) split by the shardings the run would use, on
+a jax.sharding.AbstractMesh of the slice's shape; the KV caches are the rollout engine's own arrays at full length.
+Activations and FLOPs are estimates from the shapes (formulas below), for the worst case: every prompt at
+prompts.max_prompt_len and every response at rl.max_response_len. The train step and a decode chunk are traced
+abstractly at full size on the mesh, which checks that every shape fits together.
+
+FLOPs count a multiply-add as 2, as the implementation computes them: per token the matmuls cost 2 * M with M the
+matmul weights (layers and the logits projection, not the embedding lookup), and attention over c positions costs
+4 * L * N * H * c, where c is the whole sequence for a full pass (the causal mask skips no work) and the whole cache
+capacity for a decode step. One RL iteration: decode of every response token, prefill of each prompt and of every
+partial-rollout resume (its prefix re-encoded), one reference pass, and training (backward = 2x forward; remat adds
+one more forward).
+"""
+import math
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+
+from k15 import models, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
+                                          lock_config=True)
+_MESH = flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. data=1,fsdp=32,tensor=4 (default: config.mesh).")
+_ACCELERATOR = flags.DEFINE_string("accelerator", None,
+                                   "TPU slice, e.g. v5p-128 or v5litepod-32 (default: config.tpu.accelerator_type): "
+                                   "the device count for a -1 mesh axis, HBM and peak FLOP/s.")
+_DEVICES = flags.DEFINE_integer("devices", None, "Device count when no accelerator is known.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens when the config has no prompts.max_prompt_len.")
+_TRACE = flags.DEFINE_bool("trace", True, "Trace the train step and a decode chunk abstractly at full size.")
+
+GiB = 2**30
+
+
+def parse_mesh(text: str) -> dict:
+  """'data=1,fsdp=32,tensor=4' -> {'data': 1, 'fsdp': 32, 'tensor': 4}."""
+  sizes = {}
+  for part in filter(None, text.split(",")):
+    name, _, value = part.partition("=")
+    if name.strip() not in sharding.MESH_AXES or not value.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: expected axis=size pairs over {list(sharding.MESH_AXES)}")
+    sizes[name.strip()] = int(value)
+  return sizes
+
+
+def slice_of(config, accelerator=None):
+  """The TPU slice facts (launch.tpu.slice_info) of --accelerator or config.tpu.accelerator_type, or None."""
+  accelerator = accelerator or (config.tpu.accelerator_type if "tpu" in config else None)
+  if not accelerator:
+    return None
+  from launch import tpu  # pylint: disable=g-import-not-at-top
+  return tpu.slice_info(accelerator)
+
+
+def resolve_mesh(config, mesh_sizes=None, info=None, devices=None) -> dict:
+  """Mesh axis sizes for the plan: --mesh or config.mesh, a -1 axis taking the slice's remaining devices."""
+  sizes = dict(mesh_sizes or config.mesh)
+  devices = info["chips"] if info else devices
+  if devices is None:
+    if any(v == -1 for v in sizes.values()):
+      raise ValueError(f"mesh {sizes} has a -1 axis: give --accelerator (or config.tpu.accelerator_type) or --devices")
+    devices = int(np.prod(list(sizes.values())))
+  return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(sizes, devices)))
+
+
+def abstract_mesh(sizes: dict) -> AbstractMesh:
+  return AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+def tree_bytes(abstract_tree, shardings=None):
+  """(total bytes, bytes on one device) of a pytree of ShapeDtypeStructs split by NamedShardings."""
+  leaves = jax.tree.leaves(abstract_tree)
+  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+  total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+  per_device = sum(int(np.prod(s.shard_shape(x.shape) if s is not None else x.shape)) * x.dtype.itemsize
+                   for x, s in zip(leaves, shards))
+  return total, per_device
+
+
+def lengths(config, prompt_len=None) -> dict:
+  """Worst-case sequence lengths of the run, as the loop and the engines round them."""
+  Lp = int(config.prompts.max_prompt_len) if "prompts" in config else int(prompt_len or _PROMPT_LEN.default)
+  R = int(config.rl.max_response_len)
+  return dict(prompt=Lp, response=R, rollout_cache=8 * -(-(Lp + R) // 8), train=32 * -(-(Lp + R) // 32),
+              eval_cache=16 * -(-(Lp + int(config.eval.max_response_len)) // 16))
+
+
+def minibatch_rows(config) -> int:
+  """Rows of one training minibatch, as k15.rl.loop._minibatches pads them (whole groups, multiples of 4)."""
+  per = -(-int(config.rl.prompts_per_iteration) // int(config.rl.minibatches))
+  return 4 * -(-per // 4) * int(config.rl.samples_per_prompt)
+
+
+def _model_and_rules(config):
+  model_cfg, _ = models.split_hf_path(config.model)
+  return model_cfg, tuple(tuple(r) for r in config.sharding.logical_axis_rules)
+
+
+def sharding_problems(config, sizes: dict) -> list:
+  """Everything that would not split over the mesh as the rules ask (jax would silently replicate it)."""
+  model_cfg, rules = _model_and_rules(config)
+  mesh = abstract_mesh(sizes)
+  rule_map = sharding._rule_map(rules)  # pylint: disable=protected-access
+  problems = []
+  logical = models.param_logical_axes(model_cfg)
+  flat_logical = jax.tree_util.tree_leaves_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  for (path, names), x in zip(flat_logical, jax.tree.leaves(models.abstract_params(model_cfg))):
+    spec = sharding.logical_to_spec(tuple(names), x.shape, mesh, rules)
+    for dim, (name, got) in enumerate(zip(tuple(names), tuple(spec) + (None,) * len(x.shape))):
+      want = [a for a in rule_map.get(name, ()) if sizes[a] > 1]
+      got = () if got is None else (got,) if isinstance(got, str) else tuple(got)
+      missing = [a for a in want if a not in got]
+      if missing:
+        problems.append(f"param {jax.tree_util.keystr(path)} dim {dim} ({name}={x.shape[dim]}) is not split over "
+                        f"{missing} (sizes {[sizes[a] for a in missing]})")
+  from k15.sampling import engine  # pylint: disable=g-import-not-at-top
+  _, slot_shards = engine.slot_axes_of(mesh)
+  if config.sampling.num_slots % slot_shards:
+    problems.append(f"sampling.num_slots={config.sampling.num_slots} is not a multiple of the {slot_shards} slot "
+                    "shards (data x fsdp)")
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  rows = minibatch_rows(config)
+  if rows % batch_shards:
+    problems.append(f"a training minibatch has {rows} rows, not a multiple of data x fsdp = {batch_shards}: it would "
+                    "be replicated")
+  return problems
+
+
+def _cache_bytes(model_cfg, mesh, num_slots: int, length: int):
+  """(total, per device) bytes of the rollout engine's slot state (KV caches, token history) at full length."""
+  from k15.sampling import engine, slots  # pylint: disable=g-import-not-at-top
+  state = jax.eval_shape(lambda: slots.init_state(model_cfg, num_slots, length, length))
+  slot_axes, _ = engine.slot_axes_of(mesh)
+  shard = NamedSharding(mesh, PartitionSpec(slot_axes))  # the engine splits every slot array this way
+  return tree_bytes(state, jax.tree.map(lambda _: shard, state))
+
+
+def matmul_weights(cfg) -> int:
+  """M: weights used in a matmul per token (layers and the logits projection; norms and biases left out)."""
+  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  return L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D
+
+
+def forward_flops(cfg, length: int) -> float:
+  """One forward pass over a sequence of `length` tokens (attention scores for all length^2 pairs)."""
+  return 2 * matmul_weights(cfg) * length + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * length**2
+
+
+def iteration_flops(config, seq: dict) -> dict:
+  """FLOPs of one RL iteration (worst case), by phase."""
+  cfg, _ = _model_and_rules(config)
+  n = int(config.rl.prompts_per_iteration) * int(config.rl.samples_per_prompt)
+  Lp, R, budget = seq["prompt"], seq["response"], int(config.rl.token_budget)
+  attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+  decode = n * R * (2 * matmul_weights(cfg) + attn * seq["rollout_cache"])  # worst case: the cache at full length
+  segments = max(1, -(-R // budget))  # a response spans this many iterations; each resume re-encodes its prefix
+  prefill = n * sum(forward_flops(cfg, Lp + j * budget) for j in range(segments))
+  reference = n * forward_flops(cfg, Lp + R)
+  training = n * forward_flops(cfg, seq["train"]) * (4 if cfg.remat else 3)
+  out = dict(decode=decode, prefill=prefill, reference=reference, training=training)
+  out["total"] = sum(out.values())
+  return out
+
+
+def activation_bytes(config, sizes: dict, seq: dict) -> dict:
+  """Estimates, per device: a training step's activations, and a reference pass over one minibatch of rows.
+
+  Logits are float32 (B x T x V, V split over 'tensor' when the vocab divides); attention scores and probabilities
+  are float32 (B x N x T x T) for one layer at a time; with remat only each layer's input is kept for the backward.
+  """
+  cfg, rules = _model_and_rules(config)
+  act = jnp.dtype(cfg.dtype).itemsize
+  T, tensor = seq["train"], sizes["tensor"]
+  V = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+  N = cfg.n_heads // tensor if cfg.n_heads % tensor == 0 else cfg.n_heads
+  F = cfg.d_ff // tensor if cfg.d_ff % tensor == 0 else cfg.d_ff
+  mesh = abstract_mesh(sizes)
+
+  def rows_per_device(rows):
+    return sharding.batch_sharding(mesh, 2, rules, batch_size=rows).shard_shape((rows, T))[0]
+
+  def layer(b):  # one layer's working set: scores and probabilities, q/k/v/o, MLP hidden
+    return b * N * T * T * 4 * 2 + b * T * (4 * cfg.d_model + 3 * F) * act
+
+  def logits(b, copies):
+    return b * T * V * 4 * copies
+
+  b = rows_per_device(minibatch_rows(config))
+  kept = cfg.n_layers * b * T * cfg.d_model * act if cfg.remat else cfg.n_layers * layer(b)
+  train = kept + layer(b) + logits(b, 3)  # logits, log-softmax, and their gradient
+  b_ref = b  # k15.rl.loop computes reference log-probs one minibatch of rows at a time
+  reference = layer(b_ref) + logits(b_ref, 2)
+  return dict(train=train, reference=reference, train_rows_per_device=b, reference_rows_per_device=b_ref)
+
+
+def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
+  """Bytes per device and FLOPs of `config` on a mesh of `sizes` (see the module docstring)."""
+  from k15.rl import loop  # pylint: disable=g-import-not-at-top
+  model_cfg, rules = _model_and_rules(config)
+  mesh = abstract_mesh(sizes)
+  seq = lengths(config, prompt_len)
+  abstract = models.abstract_params(model_cfg)
+  p_shard = sharding.param_shardings(model_cfg, mesh, rules)
+  optimizer = loop.rl_optimizer(config.rl)
+  opt_abstract = jax.eval_shape(optimizer.init, abstract)
+  o_shard = sharding.opt_state_shardings(optimizer, abstract, p_shard, mesh)
+  params, params_dev = tree_bytes(abstract, p_shard)
+  opt, opt_dev = tree_bytes(opt_abstract, o_shard)
+  kv, kv_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["rollout_cache"])
+  kv_eval, kv_eval_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["eval_cache"])
+  acts = activation_bytes(config, sizes, seq)
+  flops = iteration_flops(config, seq)
+  devices = int(np.prod(list(sizes.values())))
+  per_device = dict(params=params_dev, optimizer=opt_dev, gradients=params_dev, rollout_kv_cache=kv_dev,
+                    eval_kv_cache=kv_eval_dev, activations=max(acts["train"], acts["reference"]))
+  return dict(
+      model=model_cfg, sizes=sizes, devices=devices, info=info, seq=seq, num_params=model_cfg.num_params(),
+      params_bytes=params, params_bytes_per_device=params_dev, opt_bytes=opt, opt_bytes_per_device=opt_dev,
+      kv_bytes=kv, kv_bytes_per_device=kv_dev, eval_kv_bytes=kv_eval, eval_kv_bytes_per_device=kv_eval_dev,
+      activations=acts, per_device=per_device, total_per_device=sum(per_device.values()), flops=flops,
+      flops_per_device=flops["total"] / devices, problems=sharding_problems(config, sizes))
+
+
+def abstract_trace(config, sizes: dict, prompt_len=None):
+  """Traces the train step (loss, gradients, optimizer) and one decode chunk at full size on an abstract mesh.
+
+  Returns (loss, chunk output) as ShapeDtypeStructs; shape or sharding errors raise here, before any slice exists.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from k15.rl import loop, rollout  # pylint: disable=g-import-not-at-top
+  from k15.sampling import engine, slots  # pylint: disable=g-import-not-at-top
+  model_cfg, rules = _model_and_rules(config)
+  mesh = abstract_mesh(sizes)
+  seq = lengths(config, prompt_len)
+  with_sharding = lambda tree, shards: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards)
+  abstract = models.abstract_params(model_cfg)
+  p_shard = sharding.param_shardings(model_cfg, mesh, rules)
+  params = with_sharding(abstract, p_shard)
+  optimizer = loop.rl_optimizer(config.rl)
+  opt_state = with_sharding(jax.eval_shape(optimizer.init, abstract),
+                            sharding.opt_state_shardings(optimizer, abstract, p_shard, mesh))
+  rows, T = minibatch_rows(config), seq["train"]
+  batch_sharding = lambda ndim: sharding.batch_sharding(mesh, ndim, rules, batch_size=rows)
+  batch = {"tokens": jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=batch_sharding(2))}
+  for name in ("mask", "ref_logp"):
+    batch[name] = jax.ShapeDtypeStruct((rows, T - 1), jnp.float32, sharding=batch_sharding(2))
+  for name in ("rewards", "weights"):
+    batch[name] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch_sharding(1))
+  loss_fn = loop.make_loss_fn(model_cfg, config.rl)
+
+  def train_step(params, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  class _Tok:  # the sampling config needs only the stop id
+    eos_id = 1
+  scfg = rollout.sampling_config(config, _Tok(), seq["rollout_cache"])
+  slot_axes, _ = engine.slot_axes_of(mesh)
+  slot_shard = NamedSharding(mesh, PartitionSpec(slot_axes))
+  state = jax.eval_shape(lambda: slots.init_state(model_cfg, int(config.sampling.num_slots),
+                                                  seq["rollout_cache"], seq["rollout_cache"]))
+  state = with_sharding(state, jax.tree.map(lambda _: slot_shard, state))
+  with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
+    _, _, loss = jax.eval_shape(train_step, params, opt_state, batch)
+    _, chunk = jax.eval_shape(lambda p, s: slots.decode_chunk(model_cfg, scfg, slot_shard, p, s, jnp.int32(1)),
+                              params, state)
+  return loss, chunk
+
+
+def _gib(n):
+  return f"{n / GiB:8.2f} GiB"
+
+
+def format_plan(p: dict, name: str = "") -> str:
+  cfg, sizes, info, seq = p["model"], p["sizes"], p["info"], p["seq"]
+  mesh = " ".join(f"{a}={sizes[a]}" for a in sharding.MESH_AXES)
+  chip = (f"{info['accelerator_type']}: {info['chips']} {info['chip']} chips on {info['hosts']} hosts, "
+          f"{info['hbm_bytes'] / GiB:.0f} GiB HBM and {info['peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip"
+          if info else "no accelerator given")
+  lines = [
+      f"plan {name}".rstrip(),
+      f"  model   {p['num_params'] / 1e9:.3f}B params: {cfg.n_layers} layers, d_model {cfg.d_model}, heads "
+      f"{cfg.n_heads}/{cfg.n_kv_heads} kv, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; params {cfg.param_dtype}, "
+      f"compute {cfg.dtype}, remat {'on' if cfg.remat else 'off'}",
+      f"  mesh    {mesh} = {p['devices']} devices ({chip})",
+      f"  lengths prompt <= {seq['prompt']}, response <= {seq['response']}: rollout cache {seq['rollout_cache']}, "
+      f"train {seq['train']}, eval cache {seq['eval_cache']} tokens",
+      "",
+      "  memory per device                   bytes            ",
+      f"    params                   {p['params_bytes_per_device']:>16,d}  {_gib(p['params_bytes_per_device'])}"
+      f"   (all devices: {p['params_bytes']:,d} B)",
+      f"    optimizer state          {p['opt_bytes_per_device']:>16,d}  {_gib(p['opt_bytes_per_device'])}"
+      f"   (all devices: {p['opt_bytes']:,d} B)",
+      f"    gradients                {p['params_bytes_per_device']:>16,d}  {_gib(p['params_bytes_per_device'])}",
+      f"    rollout KV cache         {p['kv_bytes_per_device']:>16,d}  {_gib(p['kv_bytes_per_device'])}"
+      f"   (all devices: {p['kv_bytes']:,d} B)",
+      f"    eval KV cache            {p['eval_kv_bytes_per_device']:>16,d}  {_gib(p['eval_kv_bytes_per_device'])}",
+      f"    activations (estimate)   {p['per_device']['activations']:>16,d}  {_gib(p['per_device']['activations'])}"
+      f"   (train step {p['activations']['train_rows_per_device']} rows/device: "
+      f"{p['activations']['train'] / GiB:.2f} GiB; reference pass {p['activations']['reference_rows_per_device']} "
+      f"rows/device: {p['activations']['reference'] / GiB:.2f} GiB)",
+      f"    total                    {p['total_per_device']:>16,d}  {_gib(p['total_per_device'])}",
+  ]
+  if info:
+    fits = p["total_per_device"] <= info["hbm_bytes"]
+    lines.append(f"    HBM per chip             {info['hbm_bytes']:>16,d}  {_gib(info['hbm_bytes'])}   "
+                 f"{'fits' if fits else 'DOES NOT FIT'} ({p['total_per_device'] / info['hbm_bytes']:.0%})")
+  f = p["flops"]
+  lines += [
+      "",
+      "  FLOPs per RL iteration (worst case: every response at max length)",
+      *[f"    {k:<24} {f[k]:12.3e}" for k in ("decode", "prefill", "reference", "training", "total")],
+      f"    per device               {p['flops_per_device']:12.3e}" +
+      (f"   >= {p['flops_per_device'] / info['peak_flops']:.1f} s per iteration at 100% of peak" if info else ""),
+  ]
+  lines += ["", "  sharding: every dimension splits as the rules ask" if not p["problems"] else
+            "  sharding problems:"] + [f"    - {q}" for q in p["problems"]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  info = slice_of(config, _ACCELERATOR.value)
+  sizes = resolve_mesh(config, parse_mesh(_MESH.value) if _MESH.value else None, info, _DEVICES.value)
+  p = plan(config, sizes, info, _PROMPT_LEN.value)
+  print(format_plan(p, config_flags.get_config_filename(flags.FLAGS["config"])))
+  if _TRACE.value:
+    loss, chunk = abstract_trace(config, sizes, _PROMPT_LEN.value)
+    print(f"\n  abstract trace at full size: train step loss {loss.shape} {loss.dtype}, decode chunk tokens "
+          f"{chunk.tokens_BxC.shape} - ok")
+  return 1 if p["problems"] else 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `launch` beside `experiments`
+  app.run(lambda argv: sys.exit(main(argv)))
