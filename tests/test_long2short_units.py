@@ -103,6 +103,10 @@ def test_shortest_correct_and_sft_set():
     rejection.shortest_correct([[1, 2]], [[1, 0, 1]])
 
 
+_init = jax.jit(models.init_params, static_argnums=0)  # one compiled init instead of op-by-op dispatch
+_seq_logp = jax.jit(dpo.sequence_logp, static_argnums=0)
+
+
 def _tiny_trainer():
   cfg = models.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
   return Trainer(cfg, sharding.make_mesh({"data": -1}))
@@ -110,12 +114,12 @@ def _tiny_trainer():
 
 def test_sequence_logp_sums_the_masked_tokens():
   trainer = _tiny_trainer()
-  params = models.init_params(trainer.cfg, jax.random.PRNGKey(0))
+  params = _init(trainer.cfg, jax.random.PRNGKey(0))
   tokens, mask = batching.pack([[3, 4], [5]], [[6, 7, 8], [9, 10]], 8, pad_id=0)
   token_logp = np.asarray(models.token_logprobs(trainer.cfg, params, jnp.asarray(tokens)))
   # Row 0 scores tokens 6, 7, 8 at positions 2..4, i.e. logp columns 1..3; row 1 tokens 9, 10 -> columns 0..1.
   by_hand = [token_logp[0, 1:4].sum(), token_logp[1, 0:2].sum()]
-  np.testing.assert_allclose(dpo.sequence_logp(trainer.cfg, params, tokens, mask), by_hand, rtol=1e-5)
+  np.testing.assert_allclose(_seq_logp(trainer.cfg, params, tokens, mask), by_hand, rtol=1e-5)
 
 
 def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
@@ -127,7 +131,7 @@ def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
   chosen = [[8, 1], [9, 1], [10, 1], [8, 1]]
   rejected = [[11, 12, 13, 1], [12, 11, 1], [13, 13, 13, 1], [11, 1]]
   logger = MetricsLogger(str(tmp_path), "dpo")
-  new = dpo.dpo_train(trainer, params, ref, prompts, chosen, rejected, steps=12, batch_size=4, learning_rate=3e-3,
+  new = dpo.dpo_train(trainer, params, ref, prompts, chosen, rejected, steps=8, batch_size=4, learning_rate=3e-3,
                       warmup_steps=1, beta=0.5, pad_id=0, seed=0, logger=logger, log_every=1)
   logger.close()
   rows = metrics_lib.read_jsonl(str(tmp_path / "dpo.jsonl"))
@@ -138,7 +142,7 @@ def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
   seq_len = 8
   tc, mc = batching.pack(prompts, chosen, seq_len, 0)
   tr, mr = batching.pack(prompts, rejected, seq_len, 0)
-  lp = lambda p, t, m: np.asarray(dpo.sequence_logp(trainer.cfg, p, t, m))
+  lp = lambda p, t, m: np.asarray(_seq_logp(trainer.cfg, p, t, m))
   margin = (lp(new, tc, mc) - lp(ref_host, tc, mc)) - (lp(new, tr, mr) - lp(ref_host, tr, mr))
   assert np.all(margin > 0), margin
   # The reference was not donated or changed.
@@ -152,7 +156,7 @@ def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
 def test_merge_checkpoints_on_disk(tmp_path):
   cfg = models.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,
                            qkv_bias=True)
-  a, b = models.init_params(cfg, jax.random.PRNGKey(0)), models.init_params(cfg, jax.random.PRNGKey(1))
+  a, b = _init(cfg, jax.random.PRNGKey(0)), _init(cfg, jax.random.PRNGKey(1))
   models.save_hf(str(tmp_path / "a"), cfg, a)
   models.save_hf(str(tmp_path / "b"), cfg, b)
   merge.merge_checkpoints(str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m"), (0.3, 0.7))
@@ -161,7 +165,7 @@ def test_merge_checkpoints_on_disk(tmp_path):
   for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(m)):
     np.testing.assert_allclose(z, 0.3 * np.asarray(x) + 0.7 * np.asarray(y), rtol=1e-6, atol=1e-7)
   wide = dataclasses.replace(cfg, d_ff=48)
-  models.save_hf(str(tmp_path / "wide"), wide, models.init_params(wide, jax.random.PRNGKey(2)))
+  models.save_hf(str(tmp_path / "wide"), wide, _init(wide, jax.random.PRNGKey(2)))
   with pytest.raises(ValueError, match=r"different architectures.*'d_ff': \(32, 48\)"):
     merge.merge_checkpoints(str(tmp_path / "a"), str(tmp_path / "wide"), str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists()
@@ -201,12 +205,14 @@ def test_config_checks_name_the_field():
     return c
 
   l2s_pipeline.check_config(base)
+  assert [l2s_pipeline.rl_start(v) for v in ("rl_long", "rl_merge_rs", "rl_x", "merge")] == [
+      "long", "merge_rs", None, None]
   cases = [
       (dict(long2short__variants=("long", "fast")), r"variants: unknown \['fast'\]"),
+      (dict(long2short__variants=("long", "rl_rl_long")), r"variants: unknown \['rl_rl_long'\]"),
       (dict(long2short__variants=("long", "merge")), r"'merge' is built from \['short'\]"),
       (dict(long2short__variants=("short", "merge")), "must include 'long'"),
-      (dict(long2short__variants=("long", "rl"), long2short__rl__init="dpo"), r"'rl' is built from \['dpo'\]"),
-      (dict(long2short__rl__init="rl"), "rl.init='rl'"),
+      (dict(long2short__variants=("long", "rl_dpo", "dpo")), r"'rl_dpo' is built from \['dpo'\]"),
       (dict(long2short__short__init="base"), "short.init='base'"),
       (dict(long2short__merge_weights=(0.5, 0.6)), "sum to 1"),
       (dict(long2short__samples_per_prompt=1), "samples_per_prompt must be >= 2"),
@@ -225,8 +231,7 @@ def test_rl_config_replaces_only_the_listed_fields():
   base = l2s_config.get_config()
   derived = l2s_pipeline.rl_config(base)
   for k, v in base.long2short.rl.items():
-    if k != "init":
-      assert derived.rl[k] == v, k
+    assert derived.rl[k] == v, k
   assert derived.rl.length_penalty_warmup == 0 and derived.eval.every == 0
   assert derived.rl.max_response_len < base.rl.max_response_len  # much smaller than the main job's
   untouched = [k for k in base.rl if k not in base.long2short.rl]

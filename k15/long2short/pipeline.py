@@ -2,8 +2,9 @@
 
 Variants (config.long2short.variants, in order): long (the main job's final/ model), short (SFT on the
 step-results-only traces), merge (weighted average of long and short), merge_rs (the merge fine-tuned on its own
-shortest correct response of n), dpo (DPO from long, long as the frozen reference), rl (long2short RL: the RL loop
-from a chosen variant with the length penalty on from the start and a much smaller maximum response length).
+shortest correct response of n), dpo (DPO from long, long as the frozen reference), rl_<start> (long2short RL: the
+RL loop from the variant <start>, e.g. rl_long, with the length penalty on from the start and a much smaller
+maximum response length).
 Every variant is evaluated on the same held-out prompts with the same sampling settings (config.eval).
 
 Reads the main job's workdir (data/, warmup/, final/) and never writes there. Writes under its own workdir:
@@ -11,7 +12,7 @@ Reads the main job's workdir (data/, warmup/, final/) and never writes there. Wr
   models/<variant>/          each variant as a Hugging Face checkpoint (long: a copy of final/)
   samples/<variant>.json     n sampled responses per prompt (merge: for rejection sampling, long: for DPO)
   eval/<variant>.json        held-out accuracy, mean tokens, tokens per correct answer, per-level accuracy
-  rl/                        the long2short RL run (checkpoints, rl.jsonl, rl_curves.png); it resumes
+  rl_<start>/                a long2short RL run (checkpoints, rl.jsonl, rl_curves.png); it resumes
   short.jsonl, merge_rs.jsonl, dpo.jsonl   training metrics (and tensorboard/)
   long2short.md / .csv / .png, summary.json   the table, the scatter plot, all results
 A stage whose output exists is skipped. To redo one, delete models/<variant> (and those built on it).
@@ -33,33 +34,40 @@ from k15.rl import pipeline as main_pipeline
 from k15.rl.metrics import MetricsLogger, plot_rl_curves
 from k15.rl.trainer import Trainer
 
-# Each variant and the variants it is built from (which must run before it).
-DEPENDS = {"long": (), "short": (), "merge": ("long", "short"), "merge_rs": ("merge",), "dpo": ("long",),
-           "rl": ()}  # rl's start is config.long2short.rl.init
+# Each variant and the variants it is built from (which must run before it). Besides these, "rl_<start>" is
+# long2short RL from the variant <start> (one of these).
+DEPENDS = {"long": (), "short": (), "merge": ("long", "short"), "merge_rs": ("merge",), "dpo": ("long",)}
 SHORT_INITS = ("long", "warmup", "scratch")
+
+
+def rl_start(variant: str):
+  """The variant an "rl_<start>" variant starts from; None for the other variants."""
+  return variant[3:] if variant.startswith("rl_") and variant[3:] in DEPENDS else None
+
+
+def _needs(variant: str) -> tuple:
+  start = rl_start(variant)
+  return (start,) if start else DEPENDS[variant]
 
 
 def check_config(config):
   """Clear errors for a config this pipeline cannot run, naming the field."""
   l = config.long2short
   variants = tuple(l.variants)
-  unknown = [v for v in variants if v not in DEPENDS]
+  unknown = [v for v in variants if v not in DEPENDS and not rl_start(v)]
   if unknown:
-    raise ValueError(f"config.long2short.variants: unknown {unknown}; valid: {list(DEPENDS)}")
+    raise ValueError(f"config.long2short.variants: unknown {unknown}; valid: {list(DEPENDS)} and rl_<one of them>")
   if "long" not in variants:
     raise ValueError("config.long2short.variants must include 'long': every variant is compared with it")
   if len(set(variants)) != len(variants):
     raise ValueError(f"config.long2short.variants repeats a name: {variants}")
   if l.short.init not in SHORT_INITS:
     raise ValueError(f"config.long2short.short.init={l.short.init!r}; valid: {list(SHORT_INITS)}")
-  if l.rl.init == "rl" or l.rl.init not in DEPENDS:
-    raise ValueError(f"config.long2short.rl.init={l.rl.init!r}; valid: {[v for v in DEPENDS if v != 'rl']}")
   for i, v in enumerate(variants):
-    needs = DEPENDS[v] + ((l.rl.init,) if v == "rl" else ())
-    missing = [d for d in needs if d not in variants[:i]]
+    missing = [d for d in _needs(v) if d not in variants[:i]]
     if missing:
       raise ValueError(f"config.long2short.variants: {v!r} is built from {missing}, which must come before it")
-  extra = sorted(k for k in l.rl if k != "init" and k not in config.rl)
+  extra = sorted(k for k in l.rl if k not in config.rl)
   if extra:
     raise ValueError(f"config.long2short.rl: {extra} are not fields of config.rl, which they would replace")
   if l.samples_per_prompt < 2:
@@ -73,8 +81,7 @@ def rl_config(config):
   c = config.copy_and_resolve_references()
   with c.unlocked():
     for k, v in config.long2short.rl.items():
-      if k != "init":
-        c.rl[k] = v
+      c.rl[k] = v
     c.eval.every = 0  # run_rl evaluates only when asked; every variant is evaluated the same way afterwards
   return c
 
@@ -271,14 +278,14 @@ class Long2Short:
     logger.close()
     self.save("dpo", params)
 
-  def stage_rl(self):
-    rl_dir = os.path.join(self.workdir, "rl")
-    params = loop.run_rl(rl_config(self.config), rl_dir, self.trainer, self.load_variant(self.l.rl.init),
+  def stage_rl(self, variant):
+    rl_dir = os.path.join(self.workdir, variant)
+    params = loop.run_rl(rl_config(self.config), rl_dir, self.trainer, self.load_variant(rl_start(variant)),
                          self.tokenizer, self.train, self.eval)
     if jax.process_index() == 0 and os.path.exists(os.path.join(rl_dir, "rl.jsonl")):
       plot_rl_curves(os.path.join(rl_dir, "rl.jsonl"), os.path.join(rl_dir, "rl_curves.png"),
-                     title="long2short RL")
-    self.save("rl", params)
+                     title=f"long2short RL from {rl_start(variant)}")
+    self.save(variant, params)
 
   def evaluate(self, variant):
     path = os.path.join(self.workdir, "eval", f"{variant}.json")
@@ -295,17 +302,18 @@ class Long2Short:
   def descriptions(self):
     l = self.l
     rl_cfg = rl_config(self.config).rl
-    return {
+    rl_how = (f"{rl_cfg.iterations} iterations, max {rl_cfg.max_response_len} tokens, length penalty "
+              f"{rl_cfg.length_penalty_weight:g} " + ("from the start" if not rl_cfg.length_penalty_warmup
+                                                       else f"after {rl_cfg.length_penalty_warmup} iterations"))
+    out = {
         "long": "the main job's RL model",
         "short": f"SFT on short traces from {l.short.init}, {l.short.steps} steps",
         "merge": f"{l.merge_weights[0]:g} long + {l.merge_weights[1]:g} short",
         "merge_rs": f"merge + SFT on its shortest correct of {l.samples_per_prompt}",
         "dpo": f"DPO from long, beta {l.dpo.beta:g}, {l.dpo.steps} steps",
-        "rl": (f"RL from {l.rl.init}, {rl_cfg.iterations} iterations, max {rl_cfg.max_response_len} tokens, "
-               f"length penalty {rl_cfg.length_penalty_weight:g} "
-               + ("from the start" if not rl_cfg.length_penalty_warmup
-                  else f"after {rl_cfg.length_penalty_warmup} iterations")),
     }
+    out.update({v: f"RL from {rl_start(v)}, {rl_how}" for v in l.variants if rl_start(v)})
+    return out
 
   def run(self) -> dict:
     """Every configured variant (skipping those whose model exists), each evaluated; the table and the plot."""
@@ -320,7 +328,7 @@ class Long2Short:
         self.log(f"stage {i}/{len(variants)} {v}: model found, skipped")
       else:
         self.log(f"stage {i}/{len(variants)} {v}: training")
-        getattr(self, f"stage_{v}")()
+        self.stage_rl(v) if rl_start(v) else getattr(self, f"stage_{v}")()
       results[v] = self.evaluate(v)
       self.log(f"stage {i}/{len(variants)} {v}: accuracy {results[v]['accuracy']:.1%}, mean tokens "
                f"{results[v]['mean_tokens']:.1f} ({time.time() - t0:.0f}s)")
@@ -339,10 +347,10 @@ class Long2Short:
       with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n" + table, flush=True)
-    if "rl" in results:
-      rl = next(r for r in rows if r["variant"] == "rl")
-      print(f"\nlong2short RL against long: {rl['token_change']:+.1%} mean tokens, {rl['accuracy_change_points']:+.1f} "
-            f"accuracy points", flush=True)
+    for r in rows:
+      if rl_start(r["variant"]):
+        print(f"{r['variant']} against long: {r['token_change']:+.1%} mean tokens, "
+              f"{r['accuracy_change_points']:+.1f} accuracy points", flush=True)
     print(f"wall time {summary['wall_time_s']:.0f}s; {os.path.join(workdir, 'long2short.md')}, .csv, .png", flush=True)
     return summary
 
