@@ -303,12 +303,12 @@ def format_plan(p: dict, name: str = "") -> str:
       "",
       "  memory per device                   bytes            ",
       f"    params                   {p['params_bytes_per_device']:>16,d}  {_gib(p['params_bytes_per_device'])}"
-      f"   (all devices: {p['params_bytes']:,d} B)",
+      f"   (one copy: {p['params_bytes']:,d} B)",
       f"    optimizer state          {p['opt_bytes_per_device']:>16,d}  {_gib(p['opt_bytes_per_device'])}"
-      f"   (all devices: {p['opt_bytes']:,d} B)",
+      f"   (one copy: {p['opt_bytes']:,d} B)",
       f"    gradients                {p['params_bytes_per_device']:>16,d}  {_gib(p['params_bytes_per_device'])}",
       f"    rollout KV cache         {p['kv_bytes_per_device']:>16,d}  {_gib(p['kv_bytes_per_device'])}"
-      f"   (all devices: {p['kv_bytes']:,d} B)",
+      f"   (one copy: {p['kv_bytes']:,d} B)",
       f"    eval KV cache            {p['eval_kv_bytes_per_device']:>16,d}  {_gib(p['eval_kv_bytes_per_device'])}",
       f"    activations (estimate)   {p['per_device']['activations']:>16,d}  {_gib(p['per_device']['activations'])}"
       f"   (train step {p['activations']['train_rows_per_device']} rows/device: "

@@ -135,7 +135,7 @@ def test_plan_command_prints_those_bytes(name):
   assert printed("optimizer state") == p["opt_bytes_per_device"]
   assert printed("gradients") == p["params_bytes_per_device"]
   assert printed("rollout KV cache") == p["kv_bytes_per_device"]
-  assert f"(all devices: {p['params_bytes']:,d} B)" in out.stdout
+  assert f"(one copy: {p['params_bytes']:,d} B)" in out.stdout
   assert "fits" in out.stdout and "every dimension splits as the rules ask" in out.stdout
 
 
