@@ -69,9 +69,16 @@ def test_two_processes_match_one_process(tmp_path):
     assert os.path.exists(os.path.join(two_dir, name)), name
 
 
-def test_params_placed_from_one_process_and_gathered_back():
-  """Trainer.place_params from process-local arrays and sharding.to_host / make_eval across two processes."""
-  proc = _launch(2, 4, None, [sys.executable, os.path.join("tests", "helpers", "place_worker.py")])
+def test_params_placed_from_one_process_and_gathered_back(tmp_path):
+  """Trainer.place_params from process-local arrays and from a HF checkpoint (config.model.hf_path), and
+  sharding.to_host / make_eval across two processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from k15 import models  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "tests", "helpers"))
+  import place_worker  # pylint: disable=g-import-not-at-top
+  models.save_hf(str(tmp_path / "hf"), place_worker.CFG, models.init_params(place_worker.CFG, jax.random.PRNGKey(3)))
+  proc = _launch(2, 4, None, [sys.executable, os.path.join("tests", "helpers", "place_worker.py"),
+                              str(tmp_path / "hf")])
   log = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, log[-4000:]
   assert "[0] process 0: placed and gathered OK" in log and "[1] process 1: placed and gathered OK" in log

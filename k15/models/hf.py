@@ -254,7 +254,7 @@ def load_hf_matching(path: str, cfg: ModelConfig):
   Tensors are read into host (CPU) memory: one accelerator could not hold a 7B model's float32 copy.
   """
   import jax
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own CPU
     hf_cfg, params = load_hf(path, dtype=cfg.param_dtype)
   diff = [f"config.model.{f}={getattr(cfg, f)!r} but {path}/config.json has {getattr(hf_cfg, f)!r}"
           for f in _ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(hf_cfg, f)]
