@@ -16,7 +16,6 @@ capacity for a decode step. One RL iteration: decode of every response token, pr
 partial-rollout resume (its prefix re-encoded), one reference pass, and training (backward = 2x forward; remat adds
 one more forward).
 """
-import math
 import os
 import sys
 

@@ -127,7 +127,8 @@ def test_run_script_fails_when_training_fails(tmp_path):
   _fake_bin(tmp_path, "python3", "exit 3")
   (tmp_path / "k15").mkdir()
   env = dict(os.environ, HOME=str(tmp_path), PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
-  rc = subprocess.run(["bash", "-c", tpu.run_script("gs://bkt/x", 2, ["--config=c.py"])], env=env, timeout=30).returncode
+  script = tpu.run_script("gs://bkt/x", 2, ["--config=c.py"])
+  rc = subprocess.run(["bash", "-c", script], env=env, timeout=30).returncode
   assert rc == 3  # pipefail: the exit code survives the tee
 
 
