@@ -281,6 +281,10 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   return loss, chunk
 
 
+def _count(n):
+  return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def _gib(n):
   return f"{n / GiB:8.2f} GiB"
 
@@ -293,7 +297,7 @@ def format_plan(p: dict, name: str = "") -> str:
           if info else "no accelerator given")
   lines = [
       f"plan {name}".rstrip(),
-      f"  model   {p['num_params'] / 1e9:.3f}B params: {cfg.n_layers} layers, d_model {cfg.d_model}, heads "
+      f"  model   {_count(p['num_params'])} params: {cfg.n_layers} layers, d_model {cfg.d_model}, heads "
       f"{cfg.n_heads}/{cfg.n_kv_heads} kv, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; params {cfg.param_dtype}, "
       f"compute {cfg.dtype}, remat {'on' if cfg.remat else 'off'}",
       f"  mesh    {mesh} = {p['devices']} devices ({chip})",
@@ -336,8 +340,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  info = slice_of(config, _ACCELERATOR.value)
-  sizes = resolve_mesh(config, parse_mesh(_MESH.value) if _MESH.value else None, info, _DEVICES.value)
+  try:
+    info = slice_of(config, _ACCELERATOR.value)
+    sizes = resolve_mesh(config, parse_mesh(_MESH.value) if _MESH.value else None, info, _DEVICES.value)
+  except Exception as e:  # a flag or mesh that does not describe a slice: say which, without a traceback
+    raise app.UsageError(str(e)) from e
   p = plan(config, sizes, info, _PROMPT_LEN.value)
   print(format_plan(p, config_flags.get_config_filename(flags.FLAGS["config"])))
   if _TRACE.value:
