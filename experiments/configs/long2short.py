@@ -1,4 +1,4 @@
-"""Long2short (RECIPE.md section 5) on the main job's output: six variants, one table and one plot.
+"""Long2short (RECIPE.md section 5) on the main job's output: every variant, one table and one plot.
 
   python -m experiments.long2short --config=experiments/configs/long2short.py \
       --config.main_workdir=/tmp/k15_arith --workdir=/tmp/k15_l2s

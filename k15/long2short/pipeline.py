@@ -101,9 +101,10 @@ def _weights_hash(model_dir):
   return hashlib.sha256("".join(_sha256(os.path.join(model_dir, f)) for f in files).encode()).hexdigest()
 
 
-def check_main_workdir(main_workdir):
+def check_main_workdir(main_workdir, need_warmup=False):
   """The files this pipeline reads; a missing one is an error naming it."""
   need = ["data/train.jsonl", "data/eval.jsonl", "data/spm.model", "final/config.json"]
+  need += ["warmup/config.json"] if need_warmup else []  # config.long2short.short.init="warmup"
   missing = [p for p in need if not os.path.exists(os.path.join(main_workdir, p))]
   if missing:
     raise FileNotFoundError(f"config.main_workdir={main_workdir!r} is not a finished main job's workdir: missing "
@@ -114,17 +115,17 @@ class Long2Short:
   """The state shared by the stages: trainer, task and paths."""
 
   def __init__(self, config, workdir):
+    self.start = time.time()
     check_config(config)
     self.config, self.l, self.workdir = config, config.long2short, workdir
     self.main = os.path.abspath(config.main_workdir)
-    check_main_workdir(self.main)
+    check_main_workdir(self.main, need_warmup=self.l.short.init == "warmup")
     os.makedirs(workdir, exist_ok=True)
     self._check_source()
     cfg, _ = models.load_hf(os.path.join(self.main, "final"), dtype=config.model.param_dtype)
     self.cfg = dataclasses.replace(cfg, dtype=config.model.dtype, remat=config.model.remat)
     self.trainer = Trainer(self.cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
     self.tokenizer, self.train, self.eval = main_pipeline.load_task(config, self.main)
-    self.start = time.time()
     self.notes = {}  # variant -> what its training used this run (counts), for the summary
 
   def _check_source(self):

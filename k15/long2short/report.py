@@ -47,12 +47,13 @@ def plot(path: str, rows: list[dict], title: str = "long2short: accuracy vs mean
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  for r in rows:
-    ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=40)
-    ax.annotate(r["variant"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 4))
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  markers = "os^Dv<>Pp*X"
+  for i, r in enumerate(rows):  # a legend, not labels at the points: variants that change little overlap
+    ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=50, marker=markers[i % len(markers)], label=r["variant"])
   ax.set(xlabel="mean response tokens (held-out)", ylabel="held-out accuracy (%)", title=title)
   ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
