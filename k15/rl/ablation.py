@@ -114,7 +114,7 @@ def prepare(config, workdir: str) -> Setup:
   """Generates the task and trains the warm-up once (both reused if already in workdir), evaluates it."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  model_cfg = models.ModelConfig.from_dict(config.model)
+  model_cfg, _ = models.split_hf_path(config.model)  # a config may name HF start weights (the warm-up loads them)
   trainer = Trainer(model_cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
   tokenizer, train, eval_ = pipeline.load_task(config, workdir)
   # pylint: disable-next=protected-access
