@@ -45,7 +45,7 @@ def _config(main_workdir, variants=VARIANTS):
   return c
 
 
-def _write_samples(p, variant):
+def _write_samples(p, variant, seed):
   """The sample cache of `variant` for the pipeline's sample prompts, built from the task's traces."""
   by_id = {ex["id"]: ex for ex in arith.read_jsonl(os.path.join(p.main, "data", "train.jsonl"))}
   examples = p.sample_prompts()
@@ -63,8 +63,8 @@ def _write_samples(p, variant):
   assert all(c == [1.0, 1.0, 0.0, 0.0] for c in correct)  # the verifier agrees with how they were built
   os.makedirs(os.path.join(p.workdir, "samples"), exist_ok=True)
   with open(os.path.join(p.workdir, "samples", f"{variant}.json"), "w") as f:
-    json.dump({"ids": [ex["id"] for ex in examples], "responses": responses, "lengths": lengths,
-               "correct": correct}, f)
+    json.dump({"ids": [ex["id"] for ex in examples], "n": p.l.samples_per_prompt, "max_len": p.l.sample_max_len,
+               "seed": seed, "responses": responses, "lengths": lengths, "correct": correct}, f)
   return examples, responses, np.array(lengths), np.array(correct)
 
 
@@ -82,7 +82,7 @@ def run(tmp_path_factory):
   # First the variants the cached samples come from, then everything (those three are skipped).
   l2s.Long2Short(_config(main, ("long", "short", "merge")), workdir).run()
   p = l2s.Long2Short(_config(main), workdir)
-  samples = {v: _write_samples(p, v) for v in ("long", "merge")}
+  samples = {v: _write_samples(p, v, p.config.seed + l2s.SAMPLE_SEED_OFFSET[v]) for v in ("long", "merge")}
   summary = p.run()
   return p, samples, summary
 

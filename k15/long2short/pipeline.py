@@ -38,6 +38,7 @@ from k15.rl.trainer import Trainer
 # long2short RL from the variant <start> (one of these).
 DEPENDS = {"long": (), "short": (), "merge": ("long", "short"), "merge_rs": ("merge",), "dpo": ("long",)}
 SHORT_INITS = ("long", "warmup", "scratch")
+SAMPLE_SEED_OFFSET = {"merge": 1, "long": 2}  # sampling seed = config.seed + this (merge for merge_rs, long for dpo)
 
 
 def rl_start(variant: str):
@@ -215,13 +216,15 @@ class Long2Short:
     return [self.train[i] for i in order[:self.l.sample_prompts]]
 
   def samples(self, variant, seed):
-    """n responses per sampled prompt from `variant` (cached in samples/<variant>.json)."""
+    """n responses per sampled prompt from `variant` (cached in samples/<variant>.json with its settings)."""
     path = os.path.join(self.workdir, "samples", f"{variant}.json")
     examples = self.sample_prompts()
+    key = {"ids": [ex["id"] for ex in examples], "n": self.l.samples_per_prompt, "max_len": self.l.sample_max_len,
+           "seed": seed}
     if os.path.exists(path):
       with open(path) as f:
         d = json.load(f)
-      if d["ids"] == [ex["id"] for ex in examples]:
+      if all(d.get(k) == v for k, v in key.items()):  # the same prompts and sampling settings
         return examples, d["responses"], np.asarray(d["lengths"]), np.asarray(d["correct"])
     responses, lengths, correct = rejection.sample_groups(
         self.trainer, self.load_variant(variant), self.tokenizer, examples, self.config,
@@ -231,13 +234,12 @@ class Long2Short:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, "w") as f:
-        json.dump({"ids": [ex["id"] for ex in examples], "responses": responses, "lengths": lengths.tolist(),
-                   "correct": correct.tolist()}, f)
+        json.dump(dict(key, responses=responses, lengths=lengths.tolist(), correct=correct.tolist()), f)
     return examples, responses, lengths, correct
 
   def stage_merge_rs(self):
     r = self.l.rs
-    examples, responses, lengths, correct = self.samples("merge", seed=self.config.seed + 1)
+    examples, responses, lengths, correct = self.samples("merge", self.config.seed + SAMPLE_SEED_OFFSET["merge"])
     prompts, targets = rejection.rejection_sft_set(examples, responses, lengths, correct, self.tokenizer.eos_id)
     self.notes["merge_rs"] = f"{len(prompts)} SFT examples"
     if not prompts:  # a tiny or broken model: say so loudly, keep the variant so the table stays complete
@@ -256,7 +258,7 @@ class Long2Short:
 
   def stage_dpo(self):
     d = self.l.dpo
-    examples, responses, lengths, correct = self.samples("long", seed=self.config.seed + 2)
+    examples, responses, lengths, correct = self.samples("long", self.config.seed + SAMPLE_SEED_OFFSET["long"])
     eos = self.tokenizer.eos_id
     prompts, chosen, rejected = [], [], []
     for ex, group, len_G, cor_G in zip(examples, responses, lengths, correct):
