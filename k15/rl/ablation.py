@@ -118,7 +118,7 @@ def prepare(config, workdir: str) -> Setup:
   trainer = Trainer(model_cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
   tokenizer, train, eval_ = pipeline.load_task(config, workdir)
   # pylint: disable-next=protected-access
-  params = pipeline._load_or_train_warmup(config, workdir, trainer, tokenizer, train)
+  params = pipeline.load_or_train_warmup(config, workdir, trainer, tokenizer, train)
   path = os.path.join(workdir, "warmup_eval.json")
   if os.path.exists(path):
     with open(path) as f:

@@ -56,7 +56,8 @@ def _load_arith_task(config, workdir):
   return tokenizer, train, eval_
 
 
-def _load_or_train_warmup(config, workdir, trainer, tokenizer, train):
+def load_or_train_warmup(config, workdir, trainer, tokenizer, train):
+  """The warm-up params: workdir/warmup if it exists, else long-CoT SFT (config.sft; 0 steps: initial params)."""
   path = os.path.join(workdir, "warmup")
   if os.path.exists(os.path.join(path, "config.json")):
     logging.info("warm-up checkpoint found at %s", path)
@@ -115,7 +116,7 @@ def run(config, workdir: str):
   tokenizer, train, eval_ = load_task(config, workdir)
   print(f"task: {len(train)} train / {len(eval_)} held-out problems, vocab {tokenizer.vocab_size}", flush=True)
 
-  params = _load_or_train_warmup(config, workdir, trainer, tokenizer, train)
+  params = load_or_train_warmup(config, workdir, trainer, tokenizer, train)
   with verifiers.make_verifier(config) as verifier:
     summary = _rl_and_report(config, workdir, trainer, params, tokenizer, train, eval_, verifier)
   summary["wall_time_s"] = time.time() - start
