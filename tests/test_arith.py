@@ -36,6 +36,10 @@ def test_hand_worked_traces():
                             "Check: 21/3=7, -16+21=5.\nAgain: 7*3=21, 5-21=-16.\nAnswer: -16")
   assert ex["cot_short"] == "7*3=21, 5-21=-16\nAnswer: -16"
   assert arith.make_example([4, 9], ["-"], 1, False)["cot_long"].startswith("Plan: 1 step, left")
+  assert ex["warmup"] == ex["cot_long"]
+  direct = arith.make_example([5, 7, 3], ["-", "*"], difficulty=5, recheck=True, direct=True)
+  assert direct["warmup"] == "Answer: -16"
+  assert {k: v for k, v in direct.items() if k != "warmup"} == {k: v for k, v in ex.items() if k != "warmup"}
 
 
 def test_generate_is_deterministic_and_seeded(examples):
@@ -84,6 +88,18 @@ def test_recheck_fraction(examples):
   frac = sum("Again:" in ex["cot_long"] for ex in examples) / len(examples)
   assert 0.3 <= frac <= 0.5
   assert not any("Again:" in ex["cot_long"] for ex in arith.generate(50, seed=0, recheck_prob=0.0))
+
+
+def test_direct_fraction_leaves_the_questions_alone(examples):
+  mixed = arith.generate(600, seed=0, direct_prob=0.5)
+  assert [ex["question"] for ex in mixed] == [ex["question"] for ex in examples]
+  direct = [ex for ex in mixed if ex["warmup"] != ex["cot_long"]]
+  assert 0.4 <= len(direct) / len(mixed) <= 0.6
+  assert all(ex["warmup"] == f"Answer: {ex['answer']}" for ex in direct)
+  assert all(ex["warmup"] == ex["cot_long"] for ex in examples)  # direct_prob 0: every target reasons
+  assert all(ex["warmup"] != ex["cot_long"] for ex in arith.generate(50, seed=0, direct_prob=1.0))
+  with pytest.raises(ValueError, match="direct_prob"):
+    arith.generate(5, seed=0, direct_prob=1.5)
 
 
 def _running_results(operands, ops):
@@ -146,7 +162,7 @@ def test_jsonl_round_trip_and_errors(examples, tmp_path):
     arith.read_jsonl(bad)
   with open(bad, "w") as f:
     f.write(lines[0] + "\n\n" + '{"id": "x", "question": "Compute 1+1.", "difficulty": 1}\n')
-  with pytest.raises(ValueError, match=r"bad\.jsonl:3: missing field\(s\) \['answer', 'cot_long', 'cot_short'\]"):
+  with pytest.raises(ValueError, match=r"bad\.jsonl:3: missing field\(s\) \['answer', 'cot_long', 'cot_short', 'warmup'\]"):
     arith.read_jsonl(bad)
 
 

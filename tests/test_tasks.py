@@ -12,7 +12,8 @@ from k15.data import tokenizer as tok_lib
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("arith"))
-  paths = arith.prepare_arith_data(out_dir, n_train=12, n_eval=5, seed=0, levels=(1, 3, 5), vocab_size=128)
+  paths = arith.prepare_arith_data(out_dir, n_train=12, n_eval=5, seed=0, levels=(1, 3, 5), vocab_size=128,
+                                   direct_prob=0.5)
   names = tasks.register_arith_tasks(out_dir, paths["spm"], name_prefix="test_arith")
   return out_dir, paths, names
 
@@ -28,9 +29,10 @@ def test_examples_survive_the_pipeline(data):
     for g, r in zip(got, records):
       assert (g["answer"], g["difficulty"]) == (r["answer"], r["difficulty"])
       assert g["inputs_text"] == arith.prompt_text(r["question"])
-      assert g["targets_text"] == r["cot_long"]
+      assert g["targets_text"] == r["warmup"]  # the long trace, or the bare answer for direct examples
       assert g["inputs_ids"] == tok.encode(g["inputs_text"])  # seqio's tokenizer and ours agree
-      assert g["targets_ids"] == tok.encode(r["cot_long"]) + [tok.eos_id]
+      assert g["targets_ids"] == tok.encode(r["warmup"]) + [tok.eos_id]
+  assert {g["targets_text"].startswith("Plan:") for g in tasks.load_examples(names["train"])} == {True, False}
 
 
 def test_eval_task_uses_the_validation_split(data):
@@ -43,9 +45,10 @@ def test_eval_task_uses_the_validation_split(data):
 def test_reregistering_replaces_the_task(data):
   out_dir, paths, _ = data
   tasks.register_arith_tasks(out_dir, paths["spm"], name_prefix="test_arith_again")
-  tasks.register_arith_tasks(out_dir, paths["spm"], name_prefix="test_arith_again", target_field="cot_short")
-  got = tasks.load_examples("test_arith_again_eval")
-  assert [g["targets_text"] for g in got] == [r["cot_short"] for r in arith.read_jsonl(paths["eval"])]
+  for field in ("cot_short", "cot_long"):
+    tasks.register_arith_tasks(out_dir, paths["spm"], name_prefix="test_arith_again", target_field=field)
+    got = tasks.load_examples("test_arith_again_eval")
+    assert [g["targets_text"] for g in got] == [r[field] for r in arith.read_jsonl(paths["eval"])]
 
 
 def test_malformed_line_and_missing_file(data, tmp_path):

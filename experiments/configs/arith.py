@@ -47,9 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.n_eval = 32 if smoke else 200  # held-out problems
   c.data.levels = (1, 2, 3, 4)  # difficulty levels of the synthetic task
   c.data.tokenizer_vocab_size = 128  # SentencePiece vocab trained on the generated corpus
+  c.data.direct_prob = 0.6  # share of warm-up targets that answer at once, without reasoning: RL's headroom
 
   c.sft = ml_collections.ConfigDict()  # long-CoT warm-up
-  c.sft.steps = 30 if smoke else 200
+  c.sft.steps = 30 if smoke else 400
   c.sft.batch_size = 16 if smoke else 32
   c.sft.learning_rate = 3e-3
   c.sft.warmup_steps = 5 if smoke else 100

@@ -3,11 +3,14 @@
 Sized for a tiny transformer on a CPU: chains of up to five one-digit operands whose running result stays a
 single digit ("Compute 7+2-5-3."; ~110 distinct step facts, so warm-up is fast and longer chains are harder only
 through their length), then two-digit operands and '*' ("Compute 37+8*3.") at the top levels.
-Each example carries two warm-up traces that end in "Answer: <int>":
+Each example carries traces that end in "Answer: <int>":
 
   cot_long   a plan, one line per step, a check of every step by its inverse operation and, in a seeded fraction
              of examples, a redundant re-computation (length that long2short can remove later);
-  cot_short  the step results only.
+  cot_short  the step results only;
+  warmup     the warm-up's SFT target: cot_long, or in a seeded fraction of examples (`direct_prob`) the bare
+             "Answer: <int>" with no reasoning. Like a base model, the warm-up model then sometimes answers
+             without thinking, which fails on long chains; RL has to learn from rewards that reasoning pays.
 
 Multiplication binds tighter than + and -; it is done first, then the rest left to right.
 """
@@ -22,7 +25,7 @@ import numpy as np
 from k15.data import tokenizer as tokenizer_lib
 
 PROMPT_TEMPLATE = "{question}\nThink step by step.\n"
-FIELDS = ("id", "question", "answer", "difficulty", "cot_long", "cot_short")
+FIELDS = ("id", "question", "answer", "difficulty", "cot_long", "cot_short", "warmup")
 # Forced single pieces of the arithmetic tokenizer, so every number is spelled digit by digit.
 SYMBOLS = ["\n", "+", "-", "*", "/", "="] + [str(d) for d in range(10)]
 
@@ -149,8 +152,10 @@ def _solve(operands: Sequence[int], ops: Sequence[str]) -> tuple[list[tuple[int,
   return steps, rewritten
 
 
-def make_example(operands: Sequence[int], ops: Sequence[str], difficulty: int, recheck: bool) -> dict:
-  """One example from an expression; `recheck` adds the redundant re-computation to the long trace."""
+def make_example(operands: Sequence[int], ops: Sequence[str], difficulty: int, recheck: bool,
+                 direct: bool = False) -> dict:
+  """One example from an expression; `recheck` adds the redundant re-computation to the long trace, `direct`
+  makes the warm-up target the bare answer."""
   question = f"Compute {_expr(operands, ops)}."
   steps, rewritten = _solve(operands, ops)
   answer = str(steps[-1][3])
@@ -164,9 +169,11 @@ def make_example(operands: Sequence[int], ops: Sequence[str], difficulty: int, r
   if recheck:
     long_lines.append("Again: " + ", ".join(lines) + ".")
   long_lines.append(f"Answer: {answer}")
+  cot_long = "\n".join(long_lines)
   return dict(
       id=example_id(question), question=question, answer=answer, difficulty=int(difficulty),
-      cot_long="\n".join(long_lines), cot_short=", ".join(lines) + f"\nAnswer: {answer}")
+      cot_long=cot_long, cot_short=", ".join(lines) + f"\nAnswer: {answer}",
+      warmup=f"Answer: {answer}" if direct else cot_long)
 
 
 def _allocate(n: int, levels: Sequence[int]) -> dict[int, int]:
@@ -186,16 +193,19 @@ def _allocate(n: int, levels: Sequence[int]) -> dict[int, int]:
 
 
 def generate(n: int, seed: int, levels: Sequence[int] = tuple(LEVELS),
-             recheck_prob: float = RECHECK_PROB) -> list[dict]:
+             recheck_prob: float = RECHECK_PROB, direct_prob: float = 0.0) -> list[dict]:
   """n examples with distinct questions, spread evenly over `levels` (capped by each level's size), shuffled.
 
-  Deterministic in (n, seed, levels, recheck_prob).
+  Deterministic in (n, seed, levels, recheck_prob, direct_prob); the questions do not depend on direct_prob.
   """
+  if not 0.0 <= direct_prob <= 1.0:
+    raise ValueError(f"direct_prob must be in [0, 1], got {direct_prob}")
   unknown = sorted(set(levels) - set(LEVELS))
   if unknown:
     raise ValueError(f"unknown level(s) {unknown}; known levels: {sorted(LEVELS)}")
   levels = sorted(set(levels))
   rng = np.random.default_rng(seed)
+  direct = np.random.default_rng([seed, 1]).random(n) < direct_prob  # its own stream: same questions for any prob
   examples = []
   for level, count in _allocate(n, levels).items():
     seen = set()
@@ -204,7 +214,8 @@ def generate(n: int, seed: int, levels: Sequence[int] = tuple(LEVELS),
       key = _expr(operands, ops)
       if key not in seen:
         seen.add(key)
-        examples.append(make_example(operands, ops, level, recheck=bool(rng.random() < recheck_prob)))
+        examples.append(make_example(operands, ops, level, recheck=bool(rng.random() < recheck_prob),
+                                     direct=bool(direct[len(examples)])))
   return [examples[i] for i in rng.permutation(len(examples))]
 
 
@@ -270,12 +281,13 @@ def build_corpus(examples: Iterable[dict]) -> list[str]:
 
 
 def prepare_arith_data(out_dir: str, n_train: int, n_eval: int, seed: int,
-                       levels: Sequence[int] = tuple(LEVELS), vocab_size: int = 256) -> dict[str, str]:
+                       levels: Sequence[int] = tuple(LEVELS), vocab_size: int = 256,
+                       direct_prob: float = 0.0) -> dict[str, str]:
   """Writes train.jsonl, eval.jsonl (disjoint questions) and spm.model (trained on the train corpus).
 
   Returns {"train": path, "eval": path, "spm": path}.
   """
-  train, eval_ = split_train_eval(generate(n_train + n_eval, seed, levels), n_eval)
+  train, eval_ = split_train_eval(generate(n_train + n_eval, seed, levels, direct_prob=direct_prob), n_eval)
   paths = {k: os.path.join(out_dir, f) for k, f in
            (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("spm", "spm.model"))}
   write_jsonl(paths["train"], train)

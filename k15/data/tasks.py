@@ -34,6 +34,7 @@ def _jsonl_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = Non
       "difficulty": tf.constant([ex["difficulty"] for ex in examples], tf.int32),
       "cot_long": [ex["cot_long"] for ex in examples],
       "cot_short": [ex["cot_short"] for ex in examples],
+      "warmup": [ex["warmup"] for ex in examples],
   })
 
 
@@ -49,13 +50,14 @@ def _to_features(dataset: tf.data.Dataset, target_field: str) -> tf.data.Dataset
 
 
 def register_arith_tasks(data_dir: str, spm_path: str, name_prefix: str = "arith",
-                         target_field: str = "cot_long") -> dict[str, str]:
+                         target_field: str = "warmup") -> dict[str, str]:
   """Registers `<prefix>_train` (split "train") and `<prefix>_eval` (split "validation"); returns their names.
 
-  Re-registering a name replaces the earlier task. `target_field="cot_short"` gives the short-CoT variant.
+  Re-registering a name replaces the earlier task. targets are the warm-up traces; `target_field="cot_short"`
+  gives the short-CoT variant, "cot_long" the long traces only.
   """
-  if target_field not in ("cot_long", "cot_short"):
-    raise ValueError(f"target_field must be 'cot_long' or 'cot_short', got {target_field!r}")
+  if target_field not in ("warmup", "cot_long", "cot_short"):
+    raise ValueError(f"target_field must be 'warmup', 'cot_long' or 'cot_short', got {target_field!r}")
   # seqio pads with id 0 and stops decoding at the model's eos; a model trained otherwise would be misread.
   if tokenizer_lib.SentencePieceTokenizer(spm_path).pad_id != 0:
     raise ValueError(f"{spm_path}: seqio needs pad_id 0")

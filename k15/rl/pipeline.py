@@ -45,7 +45,8 @@ def _load_arith_task(config, workdir):
   if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, "spm.model")):
     os.makedirs(data_dir, exist_ok=True)
     arith.prepare_arith_data(data_dir, config.data.n_train, config.data.n_eval, config.seed,
-                             tuple(config.data.levels), config.data.tokenizer_vocab_size)
+                             tuple(config.data.levels), config.data.tokenizer_vocab_size,
+                             config.data.direct_prob)
   sharding.sync_processes("k15_arith_data")  # the other processes read what process 0 wrote
   from k15.data import tasks  # seqio (TensorFlow) only here, not at `import k15`
   prefix = f"k15_arith_{hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8]}"
