@@ -59,9 +59,8 @@ def _perturbed(params, seed=1, scale=0.3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-def test_decode_step_matches_forward_with_cache(hf_model):
-  """The sampler's decode step (K-major per-layer cache) against the model's own cached forward."""
-  _, cfg, params = hf_model
+def _check_decode_step(cfg, params):
+  """The sampler's decode step (fused weights, K-major per-layer cache) against the model's own cached forward."""
   B, T, S = 3, 12, 16
   tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
   offsets = jnp.array([0, 2, 4])  # each row sits at its own length
@@ -76,6 +75,17 @@ def test_decode_step_matches_forward_with_cache(hf_model):
     np.testing.assert_allclose(logits, ref_logits[:, 0], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(np.stack(cache_k), np.transpose(np.asarray(ref_cache.k), (0, 1, 3, 4, 2)), atol=1e-5)
   np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=1e-5)
+
+
+def test_decode_step_matches_forward_with_cache(hf_model):
+  _, cfg, params = hf_model  # Qwen2: qkv bias, tied embeddings
+  _check_decode_step(cfg, params)
+
+
+def test_decode_step_matches_forward_llama_style():
+  """No qkv bias and a separate output head: the other branches of the fused decode weights."""
+  cfg = models.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
+  _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1))
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):

@@ -18,7 +18,7 @@ from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
 from k15.sampling.config import SamplingConfig
 from k15.sampling.repeat import newest_ngram_count
 from k15.sampling.select import select_tokens
-from k15.sampling.step import LayerCaches, decode_step, keys_from_model, split_layers, values_from_model
+from k15.sampling.step import LayerCaches, decode_step, decode_weights, keys_from_model, values_from_model
 
 # Why a slot stopped; 0 while it runs.
 RUNNING, EOS, REPEAT, LIMIT = 0, 1, 2, 3
@@ -141,7 +141,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state
   hist_BxA = state.hist_BxS[:, :A]
   b_idx = jnp.arange(B)
   keys_B = jax.random.wrap_key_data(state.keys_B)
-  layers = split_layers(params)  # loop-invariant: sliced once per chunk, not once per step
+  weights = decode_weights(cfg, params)  # loop-invariant: built once per chunk, not once per step
 
   def cond(carry):
     i, active_B = carry[0], carry[7]
@@ -151,7 +151,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
     write_B = jnp.where(active_B, positions_B, A)  # inactive slots write nothing
-    logits_BxV, cache_k, cache_v = decode_step(cfg, params, cache_k, cache_v, tokens_B, write_B, layers)
+    logits_BxV, cache_k, cache_v = decode_step(cfg, params, cache_k, cache_v, tokens_B, write_B, weights)
     new_pos_B = positions_B + 1
     step_keys = jax.vmap(jax.random.fold_in)(keys_B, new_pos_B)
     new_B = select_tokens(logits_BxV, step_keys, scfg)
