@@ -67,7 +67,7 @@ def main(_):
     batch["ref_logp"] = np.asarray(ref_fn(params, {"tokens": batch["tokens"]}))
     gap = max(np.abs(batch["ref_logp"][b, len(t.prompt_tokens) - 1:][:len(t.logprobs)] - t.logprobs).max()
               for b, t in enumerate(t for g in groups for t in g))
-    for mb in loop._minibatches(batch, len(groups), rl.minibatches, G, rng):  # pylint: disable=protected-access
+    for mb in loop.iter_minibatches(batch, len(groups), rl.minibatches, G, rng):
       params, opt_state, _ = step_fn(params, opt_state, mb)
     print(f"iteration {it + 1}: train-prompt accuracy (T=1) {correct.mean():.3f}, "
           f"sampler vs trainer log-prob gap {gap:.1e}", flush=True)

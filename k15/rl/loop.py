@@ -167,7 +167,9 @@ def _reference_logp(ref_fn, params, tokens, rows):
   return np.concatenate(out)
 
 
-def _minibatches(batch, n_groups, minibatches, G, rng):
+def iter_minibatches(batch, n_groups, minibatches, G, rng):
+  """The iteration's batch split into `minibatches` parts of whole groups in a random order, each padded to one
+  shape (_minibatch_rows)."""
   order = rng.permutation(n_groups)
   per = -(-n_groups // minibatches)
   size = _minibatch_rows(n_groups, minibatches, G) // G
@@ -249,7 +251,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=N
       if rl.reset_optimizer:
         opt_state = trainer.init_opt_state(optimizer, params)
       step_metrics = []
-      for mb in _minibatches(batch, len(groups), rl.minibatches, G, state.rng):
+      for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
         params, opt_state, m = step_fn(params, opt_state, mb)
         step_metrics.append(jax.device_get(m))
       metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
