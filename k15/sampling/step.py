@@ -41,8 +41,7 @@ def decode_weights(cfg: ModelConfig, params):
   kernel (and bias), o as DxNH, gate/up as one 2FxD kernel, down as DxF; the output head as VxD.
 
   With one row per slot, each step streams every weight from memory: an [out, in] weight is read in
-  contiguous rows (a 32x1024x8192 matmul from DRAM ran 2x faster so on CPU; this model's step, a few
-  percent), and the fused matmuls halve the step's matmul dispatches. Build once outside a decode loop:
+  contiguous rows, and the fused matmuls cut the step's matmul dispatches (24 -> 17 at 4 layers). Build once outside a decode loop:
   slicing and transposing inside it would copy every weight each step.
   """
   D, N, H = cfg.d_model, cfg.n_heads, cfg.head_dim
