@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from k15 import models, sampling
+from k15.sampling import step as decode
 
 
 def parse_args():
@@ -63,13 +64,63 @@ def matmul_flops(repeats=5):
   return 2 * 2048 ** 3 / best_time(lambda: f(x).block_until_ready(), repeats)
 
 
+def stream_bandwidth(repeats=5):
+  """Bytes/s of a streaming read (row sums of a 256 MB float32 array): the rate a decode step can read its KV cache."""
+  x = jnp.ones((64 * 1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: jnp.sum(a, axis=1))
+  f(x).block_until_ready()
+  return x.nbytes / best_time(lambda: f(x).block_until_ready(), repeats)
+
+
 def useful_flops(cfg: models.ModelConfig, batch, prompt, new):
   """Matmul and (causal) attention FLOPs of prefilling `prompt` tokens and decoding `new`, per batch."""
-  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-  per_token = 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
+  N, H, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
+  per_token = matmul_flops_per_token(cfg)
   attn = lambda ctx: 4 * ctx * N * H * L  # q.k and p.v over ctx keys
   tokens = prompt + new - 1  # every token but the last is fed once
   return batch * (tokens * per_token + sum(attn(c + 1) for c in range(tokens)))
+
+
+def matmul_flops_per_token(cfg: models.ModelConfig):
+  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  return 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
+
+
+def step_breakdown(cfg, params, batch, context, steps=64, repeats=5):
+  """Seconds per decode step at `context` cached positions: the whole step (`decode_step`), and its
+  matmuls alone (the same fused weights, no attention, norms or cache writes). The second bounds what
+  any decode built from XLA's CPU matmuls at these shapes can reach."""
+  weights = decode.decode_weights(cfg, params)
+  K, H = cfg.n_kv_heads, cfg.head_dim
+  cache_k = tuple(jnp.zeros((batch, K, H, context), cfg.jnp_dtype) for _ in range(cfg.n_layers))
+  cache_v = tuple(jnp.zeros((batch, K, context, H), cfg.jnp_dtype) for _ in range(cfg.n_layers))
+
+  @jax.jit
+  def whole(weights, cache_k, cache_v):
+    def body(i, carry):
+      cache_k, cache_v, tokens_B = carry
+      positions_B = jnp.full((batch,), context - steps, jnp.int32) + i
+      logits_BxV, cache_k, cache_v = decode.decode_step(cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
+      return cache_k, cache_v, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((batch,), jnp.int32)))
+
+  @jax.jit
+  def matmuls(weights):
+    D, F = cfg.d_model, cfg.d_ff
+    linear = lambda x, w: jnp.einsum("bi,oi->bo", x, w)
+    def body(i, x_BxD):
+      for p in weights["layers"]:
+        qkv_BxE = linear(x_BxD, p["qkv_ExD"])
+        x_BxD = x_BxD + linear(qkv_BxE[:, :p["o_DxNH"].shape[1]], p["o_DxNH"])
+        gate_up_Bx2F = linear(x_BxD, p["gate_up_2FxD"])
+        x_BxD = x_BxD + linear(gate_up_Bx2F[:, :F] * gate_up_Bx2F[:, F:], p["down_DxF"])
+      return x_BxD + 1e-3 * linear(x_BxD, weights["head_VxD"])[:, :D]  # the head's result feeds the next step
+    return jax.lax.fori_loop(0, steps, body, jnp.ones((batch, D), cfg.jnp_dtype))
+
+  run_whole = lambda: jax.block_until_ready(whole(weights, cache_k, cache_v))
+  run_matmuls = lambda: jax.block_until_ready(matmuls(weights))
+  run_whole(), run_matmuls()
+  return best_time(run_whole, repeats) / steps, best_time(run_matmuls, repeats) / steps
 
 
 def bench_k15(cfg, params, prompts, args):
@@ -206,7 +257,9 @@ def main():
     if not args.skip_tunix:
       tunix_s, tunix_tokens = bench_tunix(path, cfg, prompts, args)
       rows.append(("tunix", tunix_s, tunix_tokens))
-    mm = matmul_flops()
+    mm, bandwidth = matmul_flops(), stream_bandwidth()
+    context = args.prompt + args.new // 2  # the mean cache length of the decode
+    step_s, matmuls_s = step_breakdown(cfg, params, args.batch, context, steps=min(64, args.new))
 
   print("\n== decode throughput (new tokens / s, best of runs, prefill included) ==")
   for name, seconds, tokens in rows:
@@ -218,6 +271,20 @@ def main():
   flops = useful_flops(cfg, args.batch, args.prompt, args.new)
   print(f"k15 achieved {flops / k15_s / 1e9:.1f} GFLOP/s = {flops / k15_s / mm:.0%} of a 2048^2 float32 matmul "
         f"({mm / 1e9:.1f} GFLOP/s)")
+
+  mm_flops = args.batch * matmul_flops_per_token(cfg)
+  print(f"\n== one decode step (batch {args.batch}, {context} cached positions) ==\n"
+        f"whole step {step_s * 1e3:.2f} ms; its matmuls alone {matmuls_s * 1e3:.2f} ms "
+        f"({mm_flops / matmuls_s / 1e9:.1f} GFLOP/s = {mm_flops / matmuls_s / mm:.0%} of the 2048^2 matmul); "
+        f"attention, norms, cache writes and token choice {(step_s - matmuls_s) * 1e3:.2f} ms")
+  cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * jnp.dtype(cfg.jnp_dtype).itemsize
+  read_s = cache_bytes / bandwidth
+  for what, seconds in [("these matmuls and nothing else", matmuls_s),
+                        (f"them + one read of the {cache_bytes / 1e6:.1f} MB KV cache at {bandwidth / 1e9:.1f} GB/s "
+                         f"({read_s * 1e3:.2f} ms)", matmuls_s + read_s)]:
+    bound = args.batch / seconds
+    print(f"bound of a decode step of {what}: {bound:.0f} tok/s = " + ", ".join(
+        f"{bound * t / n_tokens:.2f}x {name}" for name, t, _ in rows[1:]))
 
   if args.skip_long_tail:
     return
