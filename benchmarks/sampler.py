@@ -106,15 +106,14 @@ def step_breakdown(cfg, params, batch, context, steps=64, repeats=5):
 
   @jax.jit
   def matmuls(weights):
-    D, F = cfg.d_model, cfg.d_ff
-    linear = lambda x, w: jnp.einsum("bi,oi->bo", x, w)
+    D, F, linear = cfg.d_model, cfg.d_ff, decode.linear
     def body(i, x_BxD):
       for p in weights["layers"]:
-        qkv_BxE = linear(x_BxD, p["qkv_ExD"])
-        x_BxD = x_BxD + linear(qkv_BxE[:, :p["o_DxNH"].shape[1]], p["o_DxNH"])
-        gate_up_Bx2F = linear(x_BxD, p["gate_up_2FxD"])
-        x_BxD = x_BxD + linear(gate_up_Bx2F[:, :F] * gate_up_Bx2F[:, F:], p["down_DxF"])
-      return x_BxD + 1e-3 * linear(x_BxD, weights["head_VxD"])[:, :D]  # the head's result feeds the next step
+        qkv_BxE = linear(x_BxD, p["qkv_DxE"])
+        x_BxD = x_BxD + linear(qkv_BxE[:, :p["o_NHxD"].shape[0]], p["o_NHxD"])
+        gate_up_Bx2F = linear(x_BxD, p["gate_up_Dx2F"])
+        x_BxD = x_BxD + linear(gate_up_Bx2F[:, :F] * gate_up_Bx2F[:, F:], p["down_FxD"])
+      return x_BxD + 1e-3 * linear(x_BxD, weights["head_DxV"])[:, :D]  # the head's result feeds the next step
     return jax.lax.fori_loop(0, steps, body, jnp.ones((batch, D), cfg.jnp_dtype))
 
   run_whole = lambda: jax.block_until_ready(whole(weights, cache_k, cache_v))

@@ -37,12 +37,13 @@ def _attend(cfg: ModelConfig, q_BxNxH, k_BxKxHxS, v_BxKxSxH, positions_B):
 
 
 def decode_weights(cfg: ModelConfig, params):
-  """The weights a decode step reads, fused and laid out [out, in]: per layer q/k/v as one (NH+2KH)xD
-  kernel (and bias), o as DxNH, gate/up as one 2FxD kernel, down as DxF; the output head as VxD.
+  """The weights a decode step reads, fused and laid out [in, out]: per layer q/k/v as one Dx(NH+2KH)
+  kernel (and bias), o as NHxD, gate/up as one Dx2F kernel, down as FxD; the output head as DxV.
 
-  With one row per slot, each step streams every weight from memory: an [out, in] weight is read in
-  contiguous rows, and the fused matmuls cut the step's matmul dispatches (24 -> 17 at 4 layers). Build once outside a decode loop:
-  slicing and transposing inside it would copy every weight each step.
+  The fused matmuls cut a step's matmul dispatches (24 -> 17 at 4 layers). [in, out] is the model's own
+  layout; on the CPUs measured (benchmarks/sampler.py) XLA runs the one-row-per-slot matmuls faster in it
+  than in [out, in] on one machine and slower on another. Build once outside a decode loop: slicing and
+  concatenating inside it would copy every weight each step.
   """
   D, N, H = cfg.d_model, cfg.n_heads, cfg.head_dim
   dtype = cfg.jnp_dtype
@@ -52,20 +53,20 @@ def decode_weights(cfg: ModelConfig, params):
     attn, mlp = p["attn"], p["mlp"]
     layer = {
         "attn_norm": p["attn_norm"]["scale"], "mlp_norm": p["mlp_norm"]["scale"],
-        "qkv_ExD": jnp.concatenate([attn[f"{n}_kernel"].reshape(D, -1) for n in "qkv"], axis=1).T,
-        "o_DxNH": attn["o_kernel"].reshape(N * H, D).T,
-        "gate_up_2FxD": jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1).T,
-        "down_DxF": mlp["down"]["kernel"].T,
+        "qkv_DxE": jnp.concatenate([attn[f"{n}_kernel"].reshape(D, -1) for n in "qkv"], axis=1),
+        "o_NHxD": attn["o_kernel"].reshape(N * H, D),
+        "gate_up_Dx2F": jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1),
+        "down_FxD": mlp["down"]["kernel"],
     }
     if cfg.qkv_bias:
       layer["qkv_bias_E"] = jnp.concatenate([attn[f"{n}_bias"].reshape(-1) for n in "qkv"])
     layers.append(layer)
-  head = params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
-  return {"layers": layers, "head_VxD": head.astype(dtype)}
+  head = params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+  return {"layers": layers, "head_DxV": head.astype(dtype)}
 
 
-def _linear(x_BxI, w_OxI):
-  return jnp.einsum("bi,oi->bo", x_BxI, w_OxI)
+def linear(x_BxI, w_IxO):
+  return x_BxI @ w_IxO
 
 
 def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCaches, tokens_B, positions_B,
@@ -85,7 +86,7 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
   cache_k, cache_v = list(cache_k), list(cache_v)
   for l, p in enumerate(weights["layers"]):  # unrolled: each layer's cache stays a separate buffer, updated in place
     h_BxD = _norm(cfg, p["attn_norm"], x_BxD)
-    qkv_BxE = _linear(h_BxD, p["qkv_ExD"])
+    qkv_BxE = linear(h_BxD, p["qkv_DxE"])
     if cfg.qkv_bias:
       qkv_BxE = qkv_BxE + p["qkv_bias_E"]
     q_BxNxH = qkv_BxE[:, :N * H].reshape(B, N, H)
@@ -96,12 +97,12 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
     cache_k[l] = cache_k[l].at[b_idx, :, :, positions_B].set(k.astype(cache_k[l].dtype), mode="drop")
     cache_v[l] = cache_v[l].at[b_idx, :, positions_B].set(v_BxKxH.astype(cache_v[l].dtype), mode="drop")
     out_BxNxH = _attend(cfg, q, cache_k[l].astype(dtype), cache_v[l].astype(dtype), positions_B)
-    x_BxD = x_BxD + _linear(out_BxNxH.reshape(B, N * H), p["o_DxNH"])
+    x_BxD = x_BxD + linear(out_BxNxH.reshape(B, N * H), p["o_NHxD"])
     h_BxD = _norm(cfg, p["mlp_norm"], x_BxD)
-    gate_up_Bx2F = _linear(h_BxD, p["gate_up_2FxD"])
-    x_BxD = x_BxD + _linear(jax.nn.silu(gate_up_Bx2F[:, :F]) * gate_up_Bx2F[:, F:], p["down_DxF"])
+    gate_up_Bx2F = linear(h_BxD, p["gate_up_Dx2F"])
+    x_BxD = x_BxD + linear(jax.nn.silu(gate_up_Bx2F[:, :F]) * gate_up_Bx2F[:, F:], p["down_FxD"])
   x_BxD = _norm(cfg, params["final_norm"]["scale"], x_BxD)
-  logits_BxV = _linear(x_BxD, weights["head_VxD"])
+  logits_BxV = linear(x_BxD, weights["head_DxV"])
   return logits_BxV.astype(jnp.float32), tuple(cache_k), tuple(cache_v)
 
 
