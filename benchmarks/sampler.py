@@ -28,19 +28,26 @@ def parse_args():
   p.add_argument("--prompt", type=int, default=64)
   p.add_argument("--new", type=int, default=256)
   p.add_argument("--chunk", type=int, default=64, help="k15 decode steps per dispatch")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed rounds; each round runs every system once (interleaved), the best per system is kept")
   p.add_argument("--skip_tunix", action="store_true")
   p.add_argument("--skip_long_tail", action="store_true")
   return p.parse_args()
 
 
-def best_time(fn, repeats):
-  times = []
+def interleaved_best(runs, repeats):
+  """Best seconds of each named callable over `repeats` rounds, each round running every callable once.
+
+  Interleaving puts a change in the machine's speed (a shared or throttled CPU) on all of them alike, so
+  the ratios between them hold even when the absolute times drift during the run.
+  """
+  best = {name: math.inf for name in runs}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+    for name, fn in runs.items():
+      start = time.perf_counter()
+      fn()
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best
 
 
 def hf_model(path, quick):
@@ -57,19 +64,28 @@ def hf_model(path, quick):
   return model
 
 
-def matmul_flops(repeats=5):
+MATMUL_FLOPS = 2 * 2048 ** 3
+
+
+def matmul_run():
+  """A 2048-square float32 matmul (MATMUL_FLOPS): the machine's practical FLOP/s."""
   x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
   f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  return 2 * 2048 ** 3 / best_time(lambda: f(x).block_until_ready(), repeats)
+  run = lambda: f(x).block_until_ready()
+  run()
+  return run
 
 
-def stream_bandwidth(repeats=5):
-  """Bytes/s of a streaming read (row sums of a 256 MB float32 array): the rate a decode step can read its KV cache."""
+STREAM_BYTES = 64 * 1024 * 1024 * 4
+
+
+def stream_run():
+  """A streaming read of STREAM_BYTES (row sums of a float32 array): the rate a decode step can read its KV cache."""
   x = jnp.ones((64 * 1024, 1024), jnp.float32)
   f = jax.jit(lambda a: jnp.sum(a, axis=1))
-  f(x).block_until_ready()
-  return x.nbytes / best_time(lambda: f(x).block_until_ready(), repeats)
+  run = lambda: f(x).block_until_ready()
+  run()
+  return run
 
 
 def useful_flops(cfg: models.ModelConfig, batch, prompt, new):
@@ -86,8 +102,8 @@ def matmul_flops_per_token(cfg: models.ModelConfig):
   return 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
 
 
-def step_breakdown(cfg, params, batch, context, steps=64, repeats=5):
-  """Seconds per decode step at `context` cached positions: the whole step (`decode_step`), and its
+def step_runs(cfg, params, batch, context, steps):
+  """Runs of `steps` decode steps at `context` cached positions: the whole step (`decode_step`), and its
   matmuls alone (the same fused weights, no attention, norms or cache writes). The second bounds what
   any decode built from XLA's CPU matmuls at these shapes can reach."""
   weights = decode.decode_weights(cfg, params)
@@ -119,15 +135,15 @@ def step_breakdown(cfg, params, batch, context, steps=64, repeats=5):
   run_whole = lambda: jax.block_until_ready(whole(weights, cache_k, cache_v))
   run_matmuls = lambda: jax.block_until_ready(matmuls(weights))
   run_whole(), run_matmuls()
-  return best_time(run_whole, repeats) / steps, best_time(run_matmuls, repeats) / steps
+  return run_whole, run_matmuls
 
 
 def bench_k15(cfg, params, prompts, args):
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
                                  max_length=args.prompt + args.new)
-  out = sampling.generate(cfg, params, prompts, scfg, jax.random.key(0))  # compiles every shape it meets
-  seconds = best_time(lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0)), args.repeats)
-  return seconds, np.stack([t.response_tokens for t in out])
+  run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0))
+  out = run()  # compiles every shape it meets
+  return run, np.stack([t.response_tokens for t in out])
 
 
 def bench_hf(model, prompts, args):
@@ -135,10 +151,10 @@ def bench_hf(model, prompts, args):
   ids = torch.tensor(prompts)
   kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new,
                 min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
-  with torch.no_grad():
-    out = model.generate(ids, **kwargs)
-    seconds = best_time(lambda: model.generate(ids, **kwargs), max(1, args.repeats - 1))
-  return seconds, out[:, len(prompts[0]):].numpy()
+  def run():
+    with torch.no_grad():
+      return model.generate(ids, **kwargs)
+  return run, run()[:, len(prompts[0]):].numpy()
 
 
 class _IdTokenizer:
@@ -184,11 +200,11 @@ def bench_tunix(path, cfg, prompts, args):
   texts = [tok.decode(p) for p in prompts]
   call = lambda: sampler(texts, max_generation_steps=args.new, max_prompt_length=args.prompt, temperature=0.0,
                          eos_tokens=[-1], pad_output=True)
-  with jax.set_mesh(mesh):
-    out = call()
-    seconds = best_time(lambda: jax.block_until_ready(call().tokens), args.repeats)
-  tokens = np.stack([np.asarray(t)[:args.new] for t in out.tokens])
-  return seconds, tokens
+  def run():
+    with jax.set_mesh(mesh):
+      return jax.block_until_ready(call().tokens)
+  tokens = np.stack([np.asarray(t)[:args.new] for t in run()])
+  return run, tokens
 
 
 def long_tail(cfg, params, args):
@@ -250,17 +266,21 @@ def main():
           f"head_dim {cfg.head_dim}, MLP {cfg.d_ff}, vocab {cfg.vocab_size}; workload: batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy, no early stop")
 
-    k15_s, k15_tokens = bench_k15(cfg, params, prompts, args)
-    hf_s, hf_tokens = bench_hf(torch_model, prompts, args)
-    rows = [("k15", k15_s, k15_tokens), ("transformers", hf_s, hf_tokens)]
+    systems = {"k15": bench_k15(cfg, params, prompts, args), "transformers": bench_hf(torch_model, prompts, args)}
     if not args.skip_tunix:
-      tunix_s, tunix_tokens = bench_tunix(path, cfg, prompts, args)
-      rows.append(("tunix", tunix_s, tunix_tokens))
-    mm, bandwidth = matmul_flops(), stream_bandwidth()
+      systems["tunix"] = bench_tunix(path, cfg, prompts, args)
     context = args.prompt + args.new // 2  # the mean cache length of the decode
-    step_s, matmuls_s = step_breakdown(cfg, params, args.batch, context, steps=min(64, args.new))
+    steps = min(64, args.new)
+    run_step, run_step_matmuls = step_runs(cfg, params, args.batch, context, steps)
+    runs = {name: run for name, (run, _) in systems.items()}
+    runs.update(matmul=matmul_run(), stream=stream_run(), step=run_step, step_matmuls=run_step_matmuls)
+    best = interleaved_best(runs, args.repeats)
 
-  print("\n== decode throughput (new tokens / s, best of runs, prefill included) ==")
+  k15_s, k15_tokens = best["k15"], systems["k15"][1]
+  rows = [(name, best[name], tokens) for name, (_, tokens) in systems.items()]
+  mm, bandwidth = MATMUL_FLOPS / best["matmul"], STREAM_BYTES / best["stream"]
+  step_s, matmuls_s = best["step"] / steps, best["step_matmuls"] / steps
+  print(f"\n== decode throughput (new tokens / s, best of {args.repeats} interleaved rounds, prefill included) ==")
   for name, seconds, tokens in rows:
     agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
     print(f"{name:>14}: {n_tokens / seconds:9.0f} tok/s  ({seconds:.2f} s; first 16 tokens agree with k15: "
