@@ -6,6 +6,9 @@
 Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix), k15's achieved FLOP/s
 as a fraction of a 2048-square float32 matmul's, and on a long-tailed length workload, slot refill with
 partial rollouts against static batching (wall time, slot utilization).
+
+k15 runs twice: on one CPU device, and on a mesh of one fake CPU device per core, slots sharded and
+params replicated, where each device decodes its slots in a loop of its own (the cores work side by side).
 """
 import argparse
 import math
@@ -13,9 +16,16 @@ import os
 import tempfile
 import time
 
-import jax
+# One fake CPU device per core for k15's mesh run; set before JAX starts. The peers and the single-device
+# k15 run use one device (XLA's thread pool still spans every core).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k15 import models, sampling
 from k15.sampling import step as decode
@@ -138,10 +148,22 @@ def step_runs(cfg, params, batch, context, steps):
   return run_whole, run_matmuls
 
 
-def bench_k15(cfg, params, prompts, args):
+def device_mesh():
+  """All devices on one slot axis, or None when there is one device."""
+  if jax.device_count() == 1:
+    return None
+  return Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+
+
+def replicate(params, mesh):
+  return params if mesh is None else jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
+def bench_k15(cfg, params, prompts, args, mesh=None):
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
                                  max_length=args.prompt + args.new)
-  run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0))
+  params = replicate(params, mesh)
+  run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0), mesh=mesh)
   out = run()  # compiles every shape it meets
   return run, np.stack([t.response_tokens for t in out])
 
@@ -207,7 +229,7 @@ def bench_tunix(path, cfg, prompts, args):
   return run, tokens
 
 
-def long_tail(cfg, params, args):
+def long_tail(cfg, params, args, mesh=None):
   """RL-style iterations of new prompts whose response lengths follow a long-tailed (log-normal) law.
 
   Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
@@ -226,8 +248,10 @@ def long_tail(cfg, params, args):
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk, max_length=prompt_len + cap,
                                  attn_bucket=64)
 
+  params = replicate(params, mesh)
+
   def run(static, token_budget):
-    engine = sampling.RolloutEngine(cfg, scfg, slots, static_batching=static)
+    engine = sampling.RolloutEngine(cfg, scfg, slots, mesh=mesh, static_batching=static)
     buffer = sampling.ReplayBuffer() if token_budget else None
     per_iteration, done = [], 0
     start = time.perf_counter()
@@ -266,7 +290,12 @@ def main():
           f"head_dim {cfg.head_dim}, MLP {cfg.d_ff}, vocab {cfg.vocab_size}; workload: batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy, no early stop")
 
-    systems = {"k15": bench_k15(cfg, params, prompts, args), "transformers": bench_hf(torch_model, prompts, args)}
+    mesh = device_mesh()
+    k15_names = ["k15, 1 device"] + ([f"k15, {jax.device_count()} devices"] if mesh is not None else [])
+    systems = {k15_names[0]: bench_k15(cfg, params, prompts, args)}
+    if mesh is not None:
+      systems[k15_names[1]] = bench_k15(cfg, params, prompts, args, mesh)
+    systems["transformers"] = bench_hf(torch_model, prompts, args)
     if not args.skip_tunix:
       systems["tunix"] = bench_tunix(path, cfg, prompts, args)
     context = args.prompt + args.new // 2  # the mean cache length of the decode
@@ -276,23 +305,23 @@ def main():
     runs.update(matmul=matmul_run(), stream=stream_run(), step=run_step, step_matmuls=run_step_matmuls)
     best = interleaved_best(runs, args.repeats)
 
-  k15_s, k15_tokens = best["k15"], systems["k15"][1]
-  rows = [(name, best[name], tokens) for name, (_, tokens) in systems.items()]
+  k15_tokens = systems[k15_names[0]][1]
+  peers = [name for name in systems if name not in k15_names]
   mm, bandwidth = MATMUL_FLOPS / best["matmul"], STREAM_BYTES / best["stream"]
   step_s, matmuls_s = best["step"] / steps, best["step_matmuls"] / steps
   print(f"\n== decode throughput (new tokens / s, best of {args.repeats} interleaved rounds, prefill included) ==")
-  for name, seconds, tokens in rows:
+  for name, (_, tokens) in systems.items():
     agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
-    print(f"{name:>14}: {n_tokens / seconds:9.0f} tok/s  ({seconds:.2f} s; first 16 tokens agree with k15: "
+    print(f"{name:>16}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
           f"{agree:.0%})")
-  for name, seconds, _ in rows[1:]:
-    print(f"k15 / {name}: {seconds / k15_s:.2f}x")
   flops = useful_flops(cfg, args.batch, args.prompt, args.new)
-  print(f"k15 achieved {flops / k15_s / 1e9:.1f} GFLOP/s = {flops / k15_s / mm:.0%} of a 2048^2 float32 matmul "
-        f"({mm / 1e9:.1f} GFLOP/s)")
+  for k15 in k15_names:
+    print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer}" for peer in peers) +
+          f"; {flops / best[k15] / 1e9:.1f} GFLOP/s = {flops / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
+          f"({mm / 1e9:.1f} GFLOP/s)")
 
   mm_flops = args.batch * matmul_flops_per_token(cfg)
-  print(f"\n== one decode step (batch {args.batch}, {context} cached positions) ==\n"
+  print(f"\n== one decode step on one device (batch {args.batch}, {context} cached positions) ==\n"
         f"whole step {step_s * 1e3:.2f} ms; its matmuls alone {matmuls_s * 1e3:.2f} ms "
         f"({mm_flops / matmuls_s / 1e9:.1f} GFLOP/s = {mm_flops / matmuls_s / mm:.0%} of the 2048^2 matmul); "
         f"attention, norms, cache writes and token choice {(step_s - matmuls_s) * 1e3:.2f} ms")
@@ -302,13 +331,14 @@ def main():
                         (f"them + one read of the {cache_bytes / 1e6:.1f} MB KV cache at {bandwidth / 1e9:.1f} GB/s "
                          f"({read_s * 1e3:.2f} ms)", matmuls_s + read_s)]:
     bound = args.batch / seconds
-    print(f"bound of a decode step of {what}: {bound:.0f} tok/s = " + ", ".join(
-        f"{bound * t / n_tokens:.2f}x {name}" for name, t, _ in rows[1:]))
+    print(f"bound of a one-device decode step of {what}: {bound:.0f} tok/s = " + ", ".join(
+        f"{bound * best[peer] / n_tokens:.2f}x {peer}" for peer in peers))
 
   if args.skip_long_tail:
     return
-  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
-  print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
+  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, mesh)
+  print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
+        f"({jax.device_count()} device(s)); response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
         f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
   base = results["static batching"]

@@ -276,8 +276,8 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   state = with_sharding(state, jax.tree.map(lambda _: slot_shard, state))
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
     _, _, loss = jax.eval_shape(train_step, params, opt_state, batch)
-    _, chunk = jax.eval_shape(lambda p, s: slots.decode_chunk(model_cfg, scfg, slot_shard, p, s, jnp.int32(1)),
-                              params, state)
+    decode = lambda p, s: slots.decode_chunk(model_cfg, scfg, slot_shard, False, p, s, jnp.int32(1))  # sharded params
+    _, chunk = jax.eval_shape(decode, params, state)
   return loss, chunk
 
 

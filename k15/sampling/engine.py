@@ -91,7 +91,10 @@ class RolloutEngine:
 
   With a mesh, the slot dim of the cache and of every slot array is sharded over `slot_axes` (default:
   the mesh's 'data' and 'fsdp' axes, or all of its axes when it has neither); params are used with
-  whatever sharding they have (the training shardings: no copy).
+  whatever sharding they have (the training shardings: no copy). When the params are replicated over the
+  mesh, each slot shard decodes in a loop of its own, without a per-step agreement across devices; on a
+  CPU, a mesh of one device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>) then
+  decodes on all cores at once.
   """
 
   def __init__(self, cfg: ModelConfig, sampling_cfg: SamplingConfig, num_slots: int, mesh: Optional[Mesh] = None,
@@ -109,6 +112,7 @@ class RolloutEngine:
         raise ValueError(f"num_slots={num_slots} must be a multiple of the {shards} devices of slot axes "
                          f"{tuple(slot_axes)}")
       self.sharding = NamedSharding(mesh, PartitionSpec(tuple(slot_axes)))
+    self._shards = 1 if mesh is None else shards
     self._state = None
 
   def _limits(self, traj: Trajectory, token_budget: Optional[int]) -> int:
@@ -147,6 +151,9 @@ class RolloutEngine:
     queue.reverse()  # pop() from the end keeps the priority order
 
     live: List[Optional[_Live]] = [None] * B
+    # Params replicated over the mesh: each slot shard decodes in a loop of its own (see decode_chunk).
+    local_loops = self.sharding is not None and all(
+        getattr(leaf, "sharding", None) is None or leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
 
     def fit_capacity(longest: int):
       """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: attention reads
@@ -182,7 +189,9 @@ class RolloutEngine:
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
         live[slot] = _Live(traj, [], [], n)
       fit_capacity(max(item.length for item in live if item is not None))
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, params, tokens, lengths_P)
+      # With local decode loops (replicated params) the devices also split the prefill's rows.
+      rows = self.sharding if local_loops and P % self._shards == 0 else None
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows, params, tokens, lengths_P)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1
@@ -213,10 +222,11 @@ class RolloutEngine:
       fit_capacity(max(live[i].length for i in busy))
       waiting = len(queue) if not self.static_batching else 0
       stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
-      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, params, self._state, stop_when_free)
+      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, local_loops, params, self._state,
+                                                stop_when_free)
       tokens_BxC, logp_BxC, reasons_B, steps = sharding_lib.to_host(out)  # gathered across processes
       stats.chunks += 1
-      stats.decode_steps += int(steps)
+      stats.decode_steps += int(np.max(steps))  # the loops of the slot shards run side by side
       for i in busy:
         item = live[i]
         n = int(np.sum(tokens_BxC[i] >= 0))

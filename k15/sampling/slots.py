@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
 from k15.sampling.config import SamplingConfig
@@ -44,7 +44,7 @@ class ChunkOutput(NamedTuple):
   tokens_BxC: jax.Array  # int32 sampled tokens; -1 where the slot was not active
   logprobs_BxC: jax.Array  # float32 log softmax(raw logits) at the sampled token
   reasons_B: jax.Array  # int32 RUNNING / EOS / REPEAT / LIMIT after the chunk
-  steps: jax.Array  # int32 decode steps run (the loop stops early once no slot is active)
+  steps: jax.Array  # int32 decode steps run, one entry per decode loop (the loop stops early once no slot is active)
 
 
 def _constrain(tree, sharding: Optional[NamedSharding]):
@@ -68,12 +68,15 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
   return state if sharding is None else jax.device_put(state, sharding)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def encode_prefixes(cfg: ModelConfig, params, tokens_PxT, lengths_P):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT, lengths_P):
   """K/V (per layer PxKxTxH) of each left-aligned sequence but its last token, which decode feeds.
 
   Separate from `load_slots` so this heavy compile depends only on (P, T), not on the cache capacity.
+  `rows`: a sharding that splits the P sequences over devices (each encodes its share), or None.
   """
+  if rows is not None:
+    tokens_PxT, lengths_P = _constrain((tokens_PxT, lengths_P), rows)
   P, T = tokens_PxT.shape
   t_T = jnp.arange(T, dtype=jnp.int32)
   # Position T is past this cache: those tokens (the last one and the padding) are not written.
@@ -127,14 +130,32 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
   return hit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state: SlotState, stop_when_free):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: bool, params, state: SlotState,
+                 stop_when_free):
   """Up to chunk_size decode steps in one while_loop, attending over the caches' whole capacity A.
 
   The loop also ends once `stop_when_free` (int32) slots are idle, so waiting work gets their slots
   without idling until the chunk's end. A must exceed every active slot's position + chunk_size (the
   engine resizes the caches to that, bucketed).
+
+  With `local_loops` (params replicated over the mesh), each shard of slots runs a loop of its own
+  (shard_map), ending on its own slots' state: no cross-device agreement per step, so the devices decode
+  concurrently (on a CPU with one device per core, the cores work in parallel). Otherwise one loop runs
+  over all slots (SPMD), whatever the params' sharding; its condition is reduced across devices each step.
   """
+  if sharding is None or not local_loops:
+    state, out = _decode_loop(cfg, scfg, params, state, stop_when_free)
+    return _constrain(state, sharding), out
+  slots = PartitionSpec(*sharding.spec)
+  loop = jax.shard_map(functools.partial(_decode_loop, cfg, scfg), mesh=sharding.mesh,
+                       in_specs=(PartitionSpec(), slots, PartitionSpec()), out_specs=(slots, slots),
+                       check_vma=False)  # the loop carries mix per-shard and replicated values
+  return loop(params, state, stop_when_free)
+
+
+def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotState, stop_when_free):
+  """decode_chunk's loop over the slots of `state`."""
   B, S = state.hist_BxS.shape
   A, C = capacity(state), scfg.chunk_size
   cache_k, cache_v = state.cache_k, state.cache_v
@@ -180,4 +201,4 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, params, state
   hist_BxS = jax.lax.dynamic_update_slice(state.hist_BxS, hist_BxA, (0, 0)) if A < S else hist_BxA
   state = SlotState(cache_k, cache_v, hist_BxS, tokens_B, positions_B, state.starts_B, remaining_B, active_B,
                     state.keys_B)
-  return _constrain(state, sharding), ChunkOutput(out_tok, out_logp, reasons_B, steps)
+  return state, ChunkOutput(out_tok, out_logp, reasons_B, steps[None])
