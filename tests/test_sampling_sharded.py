@@ -68,3 +68,32 @@ def test_sharded_sampling_equals_single_device(params, single_device, layout, co
   assert {s.data.shape[0] for s in cache.addressable_shards} == {1} and len(cache.addressable_shards) == 8
   if layout == "fsdp":  # the params kept their (training) sharding
     assert sharded_params["layers"]["mlp"]["gate"]["kernel"].sharding.spec == P(None, "fsdp")
+
+
+def test_local_loops_match_one_loop(params):
+  """Replicated params: each slot shard decodes in its own loop (the shards agree on stopping every
+  SHARD_SYNC_STEPS steps); the same tokens and log-probs as one loop over all slots, here with slot i (alone
+  on device i) allowed i + 1 tokens, so the shards' slots finish at different steps."""
+  from k15.sampling import slots  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  replicated = jax.device_put(params, NamedSharding(mesh, P()))
+  tokens = np.array([[(3 * i + j) % 64 for j in range(4)] for i in range(8)], np.int32)
+  lengths = np.full((8,), 4, np.int32)
+
+  def chunk(local_loops):
+    state = slots.init_state(CFG, 8, 32, 32, sharding)
+    k, v = slots.encode_prefixes(CFG, None, replicated, tokens, lengths)
+    state = slots.load_slots(sharding, state, k, v, tokens, lengths, np.full((8,), 4, np.int32),
+                             np.arange(1, 9, dtype=np.int32), np.arange(8, dtype=np.int32),
+                             np.zeros((8, 2), np.uint32), jax.random.key(0))
+    _, out = slots.decode_chunk(CFG, CONFIGS["greedy"], sharding, local_loops, replicated, state, np.int32(9))
+    return jax.device_get(out)
+
+  local, one = chunk(True), chunk(False)
+  assert slots.SHARD_SYNC_STEPS == CONFIGS["greedy"].chunk_size  # one agreement, at the chunk's end
+  np.testing.assert_array_equal(local.steps, [8] * 8)
+  np.testing.assert_array_equal(one.steps, [8])
+  np.testing.assert_array_equal(local.tokens_BxC, one.tokens_BxC)
+  np.testing.assert_array_equal((local.tokens_BxC >= 0).sum(axis=1), np.arange(1, 9))
+  np.testing.assert_allclose(local.logprobs_BxC, one.logprobs_BxC, atol=1e-6)

@@ -139,23 +139,31 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
   without idling until the chunk's end. A must exceed every active slot's position + chunk_size (the
   engine resizes the caches to that, bucketed).
 
-  With `local_loops` (params replicated over the mesh), each shard of slots runs a loop of its own
-  (shard_map), ending on its own slots' state: no cross-device agreement per step, so the devices decode
-  concurrently (on a CPU with one device per core, the cores work in parallel). Otherwise one loop runs
-  over all slots (SPMD), whatever the params' sharding; its condition is reduced across devices each step.
+  With `local_loops` (params replicated over the mesh), each shard of slots runs the loop on its own
+  device (shard_map), and the shards agree on whether to go on (a sum of idle slots across devices) only
+  every SHARD_SYNC_STEPS steps: in between they decode independently and concurrently (on a CPU with one
+  device per core, the cores work in parallel). Otherwise one loop runs over all slots (SPMD), whatever
+  the params' sharding; its condition is reduced across devices every step.
   """
   if sharding is None or not local_loops:
     state, out = _decode_loop(cfg, scfg, params, state, stop_when_free)
     return _constrain(state, sharding), out
   slots = PartitionSpec(*sharding.spec)
-  loop = jax.shard_map(functools.partial(_decode_loop, cfg, scfg), mesh=sharding.mesh,
+  loop = jax.shard_map(functools.partial(_decode_loop, cfg, scfg, slot_axes=sharding.spec[0]), mesh=sharding.mesh,
                        in_specs=(PartitionSpec(), slots, PartitionSpec()), out_specs=(slots, slots),
                        check_vma=False)  # the loop carries mix per-shard and replicated values
   return loop(params, state, stop_when_free)
 
 
-def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotState, stop_when_free):
-  """decode_chunk's loop over the slots of `state`."""
+# With one loop per slot shard: steps between the shards' agreements on stopping. A cross-device sum per
+# step would make the devices wait on each other at every step; per 8 steps it costs little, and a
+# finished slot idles at most 7 steps longer than with a per-step check.
+SHARD_SYNC_STEPS = 8
+
+
+def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotState, stop_when_free, slot_axes=None):
+  """decode_chunk's loop over the slots of `state`; inside shard_map when `slot_axes` (mesh axis names)
+  is given, the local shard's loop."""
   B, S = state.hist_BxS.shape
   A, C = capacity(state), scfg.chunk_size
   cache_k, cache_v = state.cache_k, state.cache_v
@@ -166,8 +174,10 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
 
   def cond(carry):
     i, active_B = carry[0], carry[7]
-    idle = jnp.sum(~active_B, dtype=jnp.int32)
-    return (i < C) & (idle < B) & (idle < stop_when_free)
+    idle, slots = jnp.sum(~active_B, dtype=jnp.int32), B
+    if slot_axes is not None:  # over every shard
+      idle, slots = jax.lax.psum(idle, slot_axes), B * jax.lax.psum(1, slot_axes)
+    return (i < C) & (idle < slots) & (idle < stop_when_free)
 
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
@@ -192,6 +202,13 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
     active_B = active_B & (reason_B == RUNNING)
     return (i + 1, cache_k, cache_v, hist_BxA, tokens_B, positions_B, jnp.where(active_B, remaining_B, 0),
             active_B, reasons_B, out_tok, out_logp)
+
+  if slot_axes is not None:
+    step = body
+
+    def body(carry):  # SHARD_SYNC_STEPS steps (fewer at the chunk's end) between agreements
+      stop = jnp.minimum(carry[0] + SHARD_SYNC_STEPS, C)
+      return jax.lax.while_loop(lambda c: c[0] < stop, step, carry)
 
   carry = (jnp.int32(0), cache_k, cache_v, hist_BxA, state.tokens_B, state.positions_B, state.remaining_B,
            state.active_B, jnp.zeros((B,), jnp.int32), jnp.full((B, C), -1, jnp.int32), jnp.zeros((B, C), jnp.float32))
