@@ -70,10 +70,12 @@ def test_sharded_sampling_equals_single_device(params, single_device, layout, co
     assert sharded_params["layers"]["mlp"]["gate"]["kernel"].sharding.spec == P(None, "fsdp")
 
 
-def test_local_loops_match_one_loop(params):
-  """Replicated params: each slot shard decodes in its own loop (the shards agree on stopping every
-  SHARD_SYNC_STEPS steps); the same tokens and log-probs as one loop over all slots, here with slot i (alone
-  on device i) allowed i + 1 tokens, so the shards' slots finish at different steps."""
+@pytest.mark.parametrize("stop_when_free", [9, 2])
+def test_local_loops_match_one_loop(params, stop_when_free):
+  """Replicated params: each slot shard decodes in its own loop, and the shards agree on stopping every few
+  steps. Slot i (alone on device i) may generate i + 1 tokens. With no work waiting (9 > 8 slots) both run
+  to the chunk's end; with work waiting for 2 free slots, one loop stops at step 2, the local loops at their
+  next agreement (step SYNC_STEPS_WORK_WAITING). Tokens and log-probs agree where both ran."""
   from k15.sampling import slots  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
   sharding = NamedSharding(mesh, P("data"))
@@ -87,13 +89,15 @@ def test_local_loops_match_one_loop(params):
     state = slots.load_slots(sharding, state, k, v, tokens, lengths, np.full((8,), 4, np.int32),
                              np.arange(1, 9, dtype=np.int32), np.arange(8, dtype=np.int32),
                              np.zeros((8, 2), np.uint32), jax.random.key(0))
-    _, out = slots.decode_chunk(CFG, CONFIGS["greedy"], sharding, local_loops, replicated, state, np.int32(9))
+    _, out = slots.decode_chunk(CFG, CONFIGS["greedy"], sharding, local_loops, replicated, state,
+                                np.int32(stop_when_free))
     return jax.device_get(out)
 
   local, one = chunk(True), chunk(False)
-  assert slots.SHARD_SYNC_STEPS == CONFIGS["greedy"].chunk_size  # one agreement, at the chunk's end
-  np.testing.assert_array_equal(local.steps, [8] * 8)
-  np.testing.assert_array_equal(one.steps, [8])
-  np.testing.assert_array_equal(local.tokens_BxC, one.tokens_BxC)
-  np.testing.assert_array_equal((local.tokens_BxC >= 0).sum(axis=1), np.arange(1, 9))
-  np.testing.assert_allclose(local.logprobs_BxC, one.logprobs_BxC, atol=1e-6)
+  steps = 8 if stop_when_free == 9 else slots.SYNC_STEPS_WORK_WAITING
+  np.testing.assert_array_equal(local.steps, [steps] * 8)
+  np.testing.assert_array_equal(one.steps, [8 if stop_when_free == 9 else 2])
+  n = int(one.steps[0])
+  np.testing.assert_array_equal(local.tokens_BxC[:, :n], one.tokens_BxC[:, :n])
+  np.testing.assert_allclose(local.logprobs_BxC[:, :n], one.logprobs_BxC[:, :n], atol=1e-6)
+  np.testing.assert_array_equal((local.tokens_BxC >= 0).sum(axis=1), np.minimum(np.arange(1, 9), steps))

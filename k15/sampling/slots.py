@@ -141,7 +141,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
 
   With `local_loops` (params replicated over the mesh), each shard of slots runs the loop on its own
   device (shard_map), and the shards agree on whether to go on (a sum of idle slots across devices) only
-  every SHARD_SYNC_STEPS steps: in between they decode independently and concurrently (on a CPU with one
+  every few steps (SYNC_STEPS_*): in between they decode independently and concurrently (on a CPU with one
   device per core, the cores work in parallel). Otherwise one loop runs over all slots (SPMD), whatever
   the params' sharding; its condition is reduced across devices every step.
   """
@@ -156,9 +156,11 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
 
 
 # With one loop per slot shard: steps between the shards' agreements on stopping. A cross-device sum per
-# step would make the devices wait on each other at every step; per 8 steps it costs little, and a
-# finished slot idles at most 7 steps longer than with a per-step check.
-SHARD_SYNC_STEPS = 8
+# step would make the devices wait on each other at every step. While work waits for free slots, they
+# agree every 4 steps (a finished slot idles at most 3 steps longer than with a per-step check: refill
+# keeps its pace); otherwise only the chunk's end or every slot finishing can stop the loop: every 16.
+SYNC_STEPS_WORK_WAITING = 4
+SYNC_STEPS_NONE_WAITING = 16
 
 
 def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotState, stop_when_free, slot_axes=None):
@@ -206,8 +208,11 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
   if slot_axes is not None:
     step = body
 
-    def body(carry):  # SHARD_SYNC_STEPS steps (fewer at the chunk's end) between agreements
-      stop = jnp.minimum(carry[0] + SHARD_SYNC_STEPS, C)
+    sync_steps = jnp.where(stop_when_free <= B * jax.lax.psum(1, slot_axes), SYNC_STEPS_WORK_WAITING,
+                           SYNC_STEPS_NONE_WAITING)
+
+    def body(carry):  # sync_steps steps (fewer at the chunk's end) between agreements
+      stop = jnp.minimum(carry[0] + sync_steps, C)
       return jax.lax.while_loop(lambda c: c[0] < stop, step, carry)
 
   carry = (jnp.int32(0), cache_k, cache_v, hist_BxA, state.tokens_B, state.positions_B, state.remaining_B,
