@@ -152,8 +152,8 @@ class RolloutEngine:
 
     live: List[Optional[_Live]] = [None] * B
     # Params replicated over the mesh: each slot shard decodes in a loop of its own (see decode_chunk).
-    local_loops = self._shards > 1 and all(
-        getattr(leaf, "sharding", None) is None or leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
+    local_loops = self._shards > 1 and all(getattr(leaf, "sharding", None) is None or leaf.sharding.is_fully_replicated
+                                           for leaf in jax.tree.leaves(params))
 
     def fit_capacity(longest: int):
       """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: attention reads

@@ -44,7 +44,7 @@ class ChunkOutput(NamedTuple):
   tokens_BxC: jax.Array  # int32 sampled tokens; -1 where the slot was not active
   logprobs_BxC: jax.Array  # float32 log softmax(raw logits) at the sampled token
   reasons_B: jax.Array  # int32 RUNNING / EOS / REPEAT / LIMIT after the chunk
-  steps: jax.Array  # int32 decode steps run, one entry per decode loop (the loop stops early once no slot is active)
+  steps: jax.Array  # int32 decode steps run, one per decode loop (a loop stops early once no slot is active)
 
 
 def _constrain(tree, sharding: Optional[NamedSharding]):
@@ -149,9 +149,9 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
     state, out = _decode_loop(cfg, scfg, params, state, stop_when_free)
     return _constrain(state, sharding), out
   slots = PartitionSpec(*sharding.spec)
-  loop = jax.shard_map(functools.partial(_decode_loop, cfg, scfg, slot_axes=sharding.spec[0]), mesh=sharding.mesh,
-                       in_specs=(PartitionSpec(), slots, PartitionSpec()), out_specs=(slots, slots),
-                       check_vma=False)  # the loop carries mix per-shard and replicated values
+  local_loop = functools.partial(_decode_loop, cfg, scfg, slot_axes=sharding.spec[0])
+  loop = jax.shard_map(local_loop, mesh=sharding.mesh, in_specs=(PartitionSpec(), slots, PartitionSpec()),
+                       out_specs=(slots, slots), check_vma=False)  # the loop carries mix per-shard and replicated values
   return loop(params, state, stop_when_free)
 
 
@@ -207,9 +207,8 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
 
   if slot_axes is not None:
     step = body
-
-    sync_steps = jnp.where(stop_when_free <= B * jax.lax.psum(1, slot_axes), SYNC_STEPS_WORK_WAITING,
-                           SYNC_STEPS_NONE_WAITING)
+    work_waiting = stop_when_free <= B * jax.lax.psum(1, slot_axes)
+    sync_steps = jnp.where(work_waiting, SYNC_STEPS_WORK_WAITING, SYNC_STEPS_NONE_WAITING)
 
     def body(carry):  # sync_steps steps (fewer at the chunk's end) between agreements
       stop = jnp.minimum(carry[0] + sync_steps, C)

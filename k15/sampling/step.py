@@ -41,9 +41,8 @@ def decode_weights(cfg: ModelConfig, params):
   kernel (and bias), o as NHxD, gate/up as one Dx2F kernel, down as FxD; the output head as DxV.
 
   The fused matmuls cut a step's matmul dispatches (24 -> 17 at 4 layers). [in, out] is the model's own
-  layout; on the CPUs measured (benchmarks/sampler.py) XLA runs the one-row-per-slot matmuls faster in it
-  than in [out, in] on one machine and slower on another. Build once outside a decode loop: slicing and
-  concatenating inside it would copy every weight each step.
+  layout (on the current CPU, XLA's one-row-per-slot matmuls also ran faster in it than in [out, in]).
+  Build once outside a decode loop: slicing and concatenating inside it would copy every weight each step.
   """
   D, N, H = cfg.d_model, cfg.n_heads, cfg.head_dim
   dtype = cfg.jnp_dtype
