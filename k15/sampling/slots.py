@@ -173,13 +173,14 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
   b_idx = jnp.arange(B)
   keys_B = jax.random.wrap_key_data(state.keys_B)
   weights = decode_weights(cfg, params)  # loop-invariant: built once per chunk, not once per step
+  all_slots = B if slot_axes is None else B * jax.lax.axis_size(slot_axes)
 
   def cond(carry):
     i, active_B = carry[0], carry[7]
-    idle, slots = jnp.sum(~active_B, dtype=jnp.int32), B
+    idle = jnp.sum(~active_B, dtype=jnp.int32)
     if slot_axes is not None:  # over every shard
-      idle, slots = jax.lax.psum(idle, slot_axes), B * jax.lax.psum(1, slot_axes)
-    return (i < C) & (idle < slots) & (idle < stop_when_free)
+      idle = jax.lax.psum(idle, slot_axes)
+    return (i < C) & (idle < all_slots) & (idle < stop_when_free)
 
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
@@ -207,7 +208,7 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
 
   if slot_axes is not None:
     step = body
-    work_waiting = stop_when_free <= B * jax.lax.psum(1, slot_axes)
+    work_waiting = stop_when_free <= all_slots
     sync_steps = jnp.where(work_waiting, SYNC_STEPS_WORK_WAITING, SYNC_STEPS_NONE_WAITING)
 
     def body(carry):  # sync_steps steps (fewer at the chunk's end) between agreements
