@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from k15 import sampling
+from k15.sampling.select import first_argmax
 
 LOGITS_V = np.random.RandomState(0).randn(12).astype(np.float32) * 1.5
 DRAWS = 40_000
@@ -76,3 +77,11 @@ def test_greedy_is_argmax_and_draws_depend_on_the_key():
   greedy = sampling.select_tokens(logits, keys, sampling.SamplingConfig(greedy=True))
   np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
   assert not np.array_equal(draw(sampling.SamplingConfig(), 64, seed=0), draw(sampling.SamplingConfig(), 64, seed=1))
+
+
+def test_first_argmax_is_numpys_argmax():
+  """The two-reduction argmax the sampler uses: numpy's index, ties (the first wins) and an all -inf row included."""
+  x = np.random.RandomState(1).randn(64, 1000).astype(np.float32)
+  x[3, [700, 9, 500]] = x[3].max() + 1
+  x[5] = -np.inf
+  np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))

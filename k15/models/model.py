@@ -57,9 +57,15 @@ def forward_with_cache(cfg: ModelConfig, params, tokens_BxT, positions_BxT, cach
 
 
 def logprobs_of(logits_BxTxV, targets_BxT):
-  """log softmax(logits)[target], float32."""
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+  """log softmax(logits)[target], float32.
+
+  jax.nn.log_softmax's arithmetic (shift by the max, subtract the log-sum-exp), taken at the target
+  only: no full-size log-softmax array is written (on CPU that write cost as much as the reductions).
+  """
+  logits = logits_BxTxV.astype(jnp.float32)
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_sum_exp = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  return jnp.take_along_axis(shifted, targets_BxT[..., None], axis=-1)[..., 0] - log_sum_exp
 
 
 def token_logprobs(cfg: ModelConfig, params, tokens_BxT, positions_BxT: Optional[jax.Array] = None):

@@ -9,15 +9,32 @@ import jax.numpy as jnp
 from k15.sampling.config import SamplingConfig
 
 
+def first_argmax(x_BxV):
+  """jnp.argmax over the last axis (the first index of each row's maximum; V - 1 for a row with NaN).
+
+  Two plain reductions (max, then the least index holding it): XLA's CPU argmax is a variadic
+  (value, index) reduce that does not vectorize, about 8x slower at 16 rows of 1024.
+  """
+  V = x_BxV.shape[-1]
+  is_max_BxV = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
+  first_B = jnp.min(jnp.where(is_max_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  return jnp.minimum(first_B, V - 1)
+
+
+def _categorical(key, logits_V):
+  """jax.random.categorical(key, logits_V): the same Gumbel draws, and first_argmax for its argmax."""
+  return first_argmax(jax.random.gumbel(key, logits_V.shape, logits_V.dtype) + logits_V)
+
+
 def select_tokens(logits_BxV, keys_B, scfg: SamplingConfig):
   """Next token per row (int32). keys_B: one PRNG key per row (typed key array); unused when greedy."""
   if scfg.greedy:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return first_argmax(logits_BxV)
   logits_BxV = logits_BxV.astype(jnp.float32) / scfg.temperature
   V = logits_BxV.shape[-1]
   use_top_k = 0 < scfg.top_k < V
   if not use_top_k and scfg.top_p >= 1.0:
-    return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+    return jax.vmap(_categorical)(keys_B, logits_BxV)
   # Candidates in descending order: the top k, or the whole vocabulary when only top-p is on.
   vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, scfg.top_k if use_top_k else V)
   if scfg.top_p < 1.0:
@@ -25,5 +42,5 @@ def select_tokens(logits_BxV, keys_B, scfg: SamplingConfig):
     mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
     # Keep a token while the mass before it is short of top_p: the smallest set reaching top_p.
     vals_BxC = jnp.where(mass_before_BxC < scfg.top_p, vals_BxC, -jnp.inf)
-  choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BxC)
+  choice_B = jax.vmap(_categorical)(keys_B, vals_BxC)
   return jnp.take_along_axis(idx_BxC, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
