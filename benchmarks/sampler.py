@@ -29,6 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k15 import models, sampling
 from k15.sampling import step as decode
+from k15.sampling.select import first_argmax
 
 
 def parse_args():
@@ -89,9 +90,12 @@ def matmul_run():
 STREAM_BYTES = 64 * 1024 * 1024 * 4
 
 
-def stream_run():
-  """A streaming read of STREAM_BYTES (row sums of a float32 array): the rate a decode step can read its KV cache."""
+def stream_run(mesh=None):
+  """A streaming read of STREAM_BYTES (row sums of a float32 array; on a mesh each device sums its share of the
+  rows): the rate a decode step can read its KV cache."""
   x = jnp.ones((64 * 1024, 1024), jnp.float32)
+  if mesh is not None:
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
   f = jax.jit(lambda a: jnp.sum(a, axis=1))
   run = lambda: f(x).block_until_ready()
   run()
@@ -100,11 +104,13 @@ def stream_run():
 
 def useful_flops(cfg: models.ModelConfig, batch, prompt, new):
   """Matmul and (causal) attention FLOPs of prefilling `prompt` tokens and decoding `new`, per batch."""
-  N, H, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
-  per_token = matmul_flops_per_token(cfg)
-  attn = lambda ctx: 4 * ctx * N * H * L  # q.k and p.v over ctx keys
   tokens = prompt + new - 1  # every token but the last is fed once
-  return batch * (tokens * per_token + sum(attn(c + 1) for c in range(tokens)))
+  return batch * sum(token_flops(cfg, c + 1) for c in range(tokens))
+
+
+def token_flops(cfg: models.ModelConfig, context):
+  """Matmul and attention FLOPs of one token attending over `context` positions."""
+  return matmul_flops_per_token(cfg) + 4 * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # q.k and p.v
 
 
 def matmul_flops_per_token(cfg: models.ModelConfig):
@@ -112,27 +118,28 @@ def matmul_flops_per_token(cfg: models.ModelConfig):
   return 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
 
 
-def step_runs(cfg, params, batch, context, steps):
+def step_runs(cfg, params, batch, context, steps, mesh=None):
   """Runs of `steps` decode steps at `context` cached positions: the whole step (`decode_step`), and its
   matmuls alone (the same fused weights, no attention, norms or cache writes). The second bounds what
-  any decode built from XLA's CPU matmuls at these shapes can reach."""
+  any decode built from XLA's CPU matmuls at these shapes can reach. On a mesh each device steps its share
+  of the slots on its own (shard_map, params replicated), as k15's decode loop does there."""
   weights = decode.decode_weights(cfg, params)
-  K, H = cfg.n_kv_heads, cfg.head_dim
+  K, H, D, F = cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.d_ff
   cache_k = tuple(jnp.zeros((batch, K, H, context), cfg.jnp_dtype) for _ in range(cfg.n_layers))
   cache_v = tuple(jnp.zeros((batch, K, context, H), cfg.jnp_dtype) for _ in range(cfg.n_layers))
+  x_BxD = jnp.ones((batch, D), cfg.jnp_dtype)
 
-  @jax.jit
-  def whole(weights, cache_k, cache_v):
+  def whole(params, weights, cache_k, cache_v):
+    slots = cache_v[0].shape[0]
     def body(i, carry):
       cache_k, cache_v, tokens_B = carry
-      positions_B = jnp.full((batch,), context - steps, jnp.int32) + i
+      positions_B = jnp.full((slots,), context - steps, jnp.int32) + i
       logits_BxV, cache_k, cache_v = decode.decode_step(cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
-      return cache_k, cache_v, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((batch,), jnp.int32)))
+      return cache_k, cache_v, first_argmax(logits_BxV)
+    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((slots,), jnp.int32)))
 
-  @jax.jit
-  def matmuls(weights):
-    D, F, linear = cfg.d_model, cfg.d_ff, decode.linear
+  def matmuls(weights, x_BxD):
+    linear = decode.linear
     def body(i, x_BxD):
       for p in weights["layers"]:
         qkv_BxE = linear(x_BxD, p["qkv_DxE"])
@@ -140,10 +147,17 @@ def step_runs(cfg, params, batch, context, steps):
         gate_up_Bx2F = linear(x_BxD, p["gate_up_Dx2F"])
         x_BxD = x_BxD + linear(gate_up_Bx2F[:, :F] * gate_up_Bx2F[:, F:], p["down_FxD"])
       return x_BxD + 1e-3 * linear(x_BxD, weights["head_DxV"])[:, :D]  # the head's result feeds the next step
-    return jax.lax.fori_loop(0, steps, body, jnp.ones((batch, D), cfg.jnp_dtype))
+    return jax.lax.fori_loop(0, steps, body, x_BxD)
 
-  run_whole = lambda: jax.block_until_ready(whole(weights, cache_k, cache_v))
-  run_matmuls = lambda: jax.block_until_ready(matmuls(weights))
+  if mesh is not None:
+    rows, same = PartitionSpec("data"), PartitionSpec()
+    whole = jax.shard_map(whole, mesh=mesh, in_specs=(same, same, rows, rows), out_specs=rows, check_vma=False)
+    matmuls = jax.shard_map(matmuls, mesh=mesh, in_specs=(same, rows), out_specs=rows)
+    params, weights = replicate(params, mesh), replicate(weights, mesh)
+    cache_k, cache_v, x_BxD = jax.device_put((cache_k, cache_v, x_BxD), NamedSharding(mesh, rows))
+  whole, matmuls = jax.jit(whole), jax.jit(matmuls)
+  run_whole = lambda: jax.block_until_ready(whole(params, weights, cache_k, cache_v))
+  run_matmuls = lambda: jax.block_until_ready(matmuls(weights, x_BxD))
   run_whole(), run_matmuls()
   return run_whole, run_matmuls
 
@@ -300,15 +314,16 @@ def main():
       systems["tunix"] = bench_tunix(path, cfg, prompts, args)
     context = args.prompt + args.new // 2  # the mean cache length of the decode
     steps = min(64, args.new)
-    run_step, run_step_matmuls = step_runs(cfg, params, args.batch, context, steps)
     runs = {name: run for name, (run, _) in systems.items()}
-    runs.update(matmul=matmul_run(), stream=stream_run(), step=run_step, step_matmuls=run_step_matmuls)
+    runs["matmul"] = matmul_run()
+    for k15, k15_mesh in zip(k15_names, [None, mesh]):
+      runs[(k15, "step")], runs[(k15, "matmuls")] = step_runs(cfg, params, args.batch, context, steps, k15_mesh)
+      runs[(k15, "stream")] = stream_run(k15_mesh)
     best = interleaved_best(runs, args.repeats)
 
   k15_tokens = systems[k15_names[0]][1]
   peers = [name for name in systems if name not in k15_names]
-  mm, bandwidth = MATMUL_FLOPS / best["matmul"], STREAM_BYTES / best["stream"]
-  step_s, matmuls_s = best["step"] / steps, best["step_matmuls"] / steps
+  mm = MATMUL_FLOPS / best["matmul"]
   print(f"\n== decode throughput (new tokens / s, best of {args.repeats} interleaved rounds, prefill included) ==")
   for name, (_, tokens) in systems.items():
     agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
@@ -320,19 +335,24 @@ def main():
           f"; {flops / best[k15] / 1e9:.1f} GFLOP/s = {flops / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
 
+  print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean), and upper bounds "
+        f"on k15's throughput and FLOP/s from its parts (prefill counted as free) ==")
   mm_flops = args.batch * matmul_flops_per_token(cfg)
-  print(f"\n== one decode step on one device (batch {args.batch}, {context} cached positions) ==\n"
-        f"whole step {step_s * 1e3:.2f} ms; its matmuls alone {matmuls_s * 1e3:.2f} ms "
-        f"({mm_flops / matmuls_s / 1e9:.1f} GFLOP/s = {mm_flops / matmuls_s / mm:.0%} of the 2048^2 matmul); "
-        f"attention, norms, cache writes and token choice {(step_s - matmuls_s) * 1e3:.2f} ms")
   cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * jnp.dtype(cfg.jnp_dtype).itemsize
-  read_s = cache_bytes / bandwidth
-  for what, seconds in [("these matmuls and nothing else", matmuls_s),
-                        (f"them + one read of the {cache_bytes / 1e6:.1f} MB KV cache at {bandwidth / 1e9:.1f} GB/s "
-                         f"({read_s * 1e3:.2f} ms)", matmuls_s + read_s)]:
-    bound = args.batch / seconds
-    print(f"bound of a one-device decode step of {what}: {bound:.0f} tok/s = " + ", ".join(
-        f"{bound * best[peer] / n_tokens:.2f}x {peer}" for peer in peers))
+  for k15 in k15_names:
+    step_s, matmuls_s = best[(k15, "step")] / steps, best[(k15, "matmuls")] / steps
+    bandwidth = STREAM_BYTES / best[(k15, "stream")]
+    read_s = cache_bytes / bandwidth
+    print(f"{k15}: whole step {step_s * 1e3:.2f} ms; its matmuls alone {matmuls_s * 1e3:.2f} ms "
+          f"({mm_flops / matmuls_s / 1e9:.1f} GFLOP/s = {mm_flops / matmuls_s / mm:.0%} of the 2048^2 matmul); "
+          f"attention, norms, cache writes and token choice {(step_s - matmuls_s) * 1e3:.2f} ms; one read of the "
+          f"{cache_bytes / 1e6:.1f} MB float32 KV cache at {bandwidth / 1e9:.1f} GB/s (a streaming read on the same "
+          f"device(s)) {read_s * 1e3:.2f} ms")
+    for what, seconds in [("only its matmuls", matmuls_s), ("its matmuls + one read of the KV cache", matmuls_s + read_s),
+                          ("the whole step", step_s)]:
+      decode_s = args.new * seconds
+      print(f"  a decode of {what}: {n_tokens / decode_s:.0f} tok/s = " +
+            ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {flops / decode_s / mm:.0%} of the matmul")
 
   if args.skip_long_tail:
     return
