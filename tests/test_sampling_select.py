@@ -85,3 +85,11 @@ def test_first_argmax_is_numpys_argmax():
   x[3, [700, 9, 500]] = x[3].max() + 1
   x[5] = -np.inf
   np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_plain_temperature_draws_are_jax_categoricals():
+  """Temperature sampling takes jax.random.categorical's own Gumbel draws: the same tokens for the same keys."""
+  keys = jax.random.split(jax.random.key(3), 256)
+  logits = jax.random.normal(jax.random.key(4), (256, 300)) * 3
+  tokens = sampling.select_tokens(logits, keys, sampling.SamplingConfig(temperature=1.0))
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
