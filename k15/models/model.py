@@ -60,7 +60,7 @@ def logprobs_of(logits_BxTxV, targets_BxT):
   """log softmax(logits)[target], float32.
 
   jax.nn.log_softmax's arithmetic (shift by the max, subtract the log-sum-exp), taken at the target
-  only: no full-size log-softmax array is written (on CPU that write cost as much as the reductions).
+  only: no full-size log-softmax array is written.
   """
   logits = logits_BxTxV.astype(jnp.float32)
   shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
