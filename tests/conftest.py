@@ -9,6 +9,7 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_SCRATCH, "tfds"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("K15_NATIVE_CACHE", os.path.join(_SCRATCH, "native"))  # the native decode step's build
 
 import pytest  # noqa: E402
 

@@ -1,5 +1,7 @@
 """The sampling loop against peers: transformers' greedy generate, the model's full forward, an uninterrupted run."""
 import dataclasses
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from k15 import models, sampling  # noqa: E402
-from k15.sampling import slots, step  # noqa: E402
+from k15.sampling import native, slots, step  # noqa: E402
 
 PROMPTS = [[5, 17, 3], [60, 2, 44, 9, 31, 70, 12], [8], [90, 91, 92, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 NEW = 32
@@ -35,10 +37,27 @@ def hf_model(tmp_path_factory):
   return model, cfg, params
 
 
+@pytest.fixture(scope="module", params=["native", "xla"])
+def kernel(request):
+  """The decode step under test: the C++ CPU step, or XLA's."""
+  if request.param == "native":
+    require_compiler()
+  return request.param
+
+
+def require_compiler():
+  if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no C++ compiler for the native decode step")
+
+
 @pytest.fixture(scope="module")
-def greedy_run(hf_model):
+def greedy_run(hf_model, kernel):
   _, cfg, params = hf_model
-  return sampling.generate(cfg, params, PROMPTS, GREEDY, jax.random.key(0), num_slots=2)
+  return sampling.generate(cfg, params, PROMPTS, _with(GREEDY, kernel), jax.random.key(0), num_slots=2)
+
+
+def _with(scfg, kernel):
+  return dataclasses.replace(scfg, decode_kernel=kernel)
 
 
 _token_logprobs = jax.jit(models.token_logprobs, static_argnums=0)
@@ -59,14 +78,18 @@ def _perturbed(params, seed=1, scale=0.3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-def _check_decode_step(cfg, params):
+def _check_decode_step(cfg, params, kernel):
   """The sampler's decode step (fused weights, K-major per-layer cache) against the model's own cached forward."""
   B, T, S = 3, 12, 16
   tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
   offsets = jnp.array([0, 2, 4])  # each row sits at its own length
   ref_cache = models.KVCache.zeros(cfg, B, S)
   cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
-  step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
+  if kernel == "native":
+    weights = native.decode_weights(cfg, params)
+    step_fn = jax.jit(lambda ck, cv, tok, pos: native.decode_step(cfg, weights, ck, cv, tok, pos))
+  else:
+    step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
   ref_fn = jax.jit(lambda tok, pos, cache: models.forward_with_cache(cfg, params, tok, pos, cache))
   for t in range(T - 4):
     positions = offsets + t
@@ -77,15 +100,22 @@ def _check_decode_step(cfg, params):
   np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=1e-5)
 
 
-def test_decode_step_matches_forward_with_cache(hf_model):
+def test_decode_step_matches_forward_with_cache(hf_model, kernel):
   _, cfg, params = hf_model  # Qwen2: qkv bias, tied embeddings
-  _check_decode_step(cfg, params)
+  _check_decode_step(cfg, params, kernel)
 
 
-def test_decode_step_matches_forward_llama_style():
-  """No qkv bias and a separate output head: the other branches of the fused decode weights."""
-  cfg = models.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
-  _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1))
+@pytest.mark.parametrize("kernel_", ["native", "xla"])
+def test_decode_step_matches_forward_llama_style(kernel_):
+  """No qkv bias and a separate output head: the other branches of the fused decode weights. Sizes that are
+  not multiples of the native step's 16-float vectors or 32-column panels (head_dim 8 and 40, vocab 100,
+  d_ff 72) take its remainder paths."""
+  if kernel_ == "native":
+    require_compiler()
+  for head_dim in (8, 40):
+    cfg = models.ModelConfig(vocab_size=100, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=head_dim,
+                             d_ff=72)
+    _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):
@@ -102,10 +132,10 @@ def test_greedy_matches_transformers(hf_model, greedy_run):
     np.testing.assert_array_equal(traj.prompt_tokens, prompt)
 
 
-def test_logprobs_match_full_forward(hf_model, greedy_run):
+def test_logprobs_match_full_forward(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   sampled_cfg = sampling.SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=NEW, chunk_size=7,
-                                        max_length=64, attn_bucket=32)
+                                        max_length=64, attn_bucket=32, decode_kernel=kernel)
   sampled = sampling.generate(cfg, params, PROMPTS, sampled_cfg, jax.random.key(1), num_slots=2)
   for run in (greedy_run, sampled):
     for traj, expected in zip(run, full_logprobs(cfg, params, run)):
@@ -114,16 +144,18 @@ def test_logprobs_match_full_forward(hf_model, greedy_run):
   assert any((t.logprobs < np.log(0.5)).any() for t in sampled)  # really sampled, not argmax
 
 
-def test_chunk_size_and_slot_count_do_not_change_results(hf_model, greedy_run):
+def test_chunk_size_and_slot_count_do_not_change_results(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   for chunk, num_slots in [(1, 2), (64, 1)]:
-    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=chunk, max_length=64, attn_bucket=32)
+    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=chunk, max_length=64, attn_bucket=32,
+                                   decode_kernel=kernel)
     run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(0), num_slots=num_slots)
     for a, b in zip(run, greedy_run):
       np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
       np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
   # Sampled runs too: each trajectory's randomness is keyed by (prompt id, sample index, position).
-  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, chunk_size=5, max_length=64, attn_bucket=32)
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, chunk_size=5, max_length=64, attn_bucket=32,
+                                 decode_kernel=kernel)
   a = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(7), num_slots=2)
   b = sampling.generate(cfg, params, PROMPTS, dataclasses.replace(scfg, chunk_size=3), jax.random.key(7), num_slots=1)
   c = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(8), num_slots=2)
@@ -144,9 +176,9 @@ def _run_iterations(engine, params_per_iteration, requests, budget):
   return finished, all_stats
 
 
-def test_partial_rollouts_resume_equals_uninterrupted(hf_model, greedy_run):
+def test_partial_rollouts_resume_equals_uninterrupted(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
-  engine = sampling.RolloutEngine(cfg, GREEDY, num_slots=2)
+  engine = sampling.RolloutEngine(cfg, _with(GREEDY, kernel), num_slots=2)
   requests = [sampling.Request(i, p, num_samples=2) for i, p in enumerate(PROMPTS)]
   finished, stats = _run_iterations(engine, [params] * 5, requests, budget=10)
   assert len(finished) == 2 * len(PROMPTS)
@@ -162,15 +194,15 @@ def test_partial_rollouts_resume_equals_uninterrupted(hf_model, greedy_run):
     assert s.slot_utilization == pytest.approx(s.useful_tokens / (2 * s.decode_steps))
 
 
-def test_resumed_tokens_come_from_the_new_params(hf_model, greedy_run):
+def test_resumed_tokens_come_from_the_new_params(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   new_params = _perturbed(params)
-  engine = sampling.RolloutEngine(cfg, GREEDY, num_slots=2)
+  engine = sampling.RolloutEngine(cfg, _with(GREEDY, kernel), num_slots=2)
   requests = [sampling.Request(i, p) for i, p in enumerate(PROMPTS)]
   finished, _ = _run_iterations(engine, [params] + [new_params] * 3, requests, budget=10)
   # The new params' greedy continuation of prompt + the old params' first 10 tokens.
   prefixes = [list(p) + greedy_run[i].response_tokens[:10].tolist() for i, p in enumerate(PROMPTS)]
-  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10)
+  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10, decode_kernel=kernel)
   expected = sampling.generate(cfg, new_params, prefixes, cont_cfg, jax.random.key(0), num_slots=2)
   trajs = [finished[(i, 0)] for i in range(len(PROMPTS))]
   old_lps, new_lps = full_logprobs(cfg, params, trajs), full_logprobs(cfg, new_params, trajs)

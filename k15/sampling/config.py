@@ -22,6 +22,9 @@ class SamplingConfig:
   repeat_count: int = 4  # stop once the newest n-gram has occurred this many times in the response
   max_length: int = 1024  # KV-cache length: prompt + response tokens of one trajectory
   attn_bucket: int = 64  # a chunk attends over the cache prefix rounded up to this (one compile per size)
+  # The decode step: "native" (k15.sampling.native: C++ for CPU, float32), "xla" (k15.sampling.step: any
+  # backend), or "auto" (native where it can run: CPU, float32, a C++ compiler; else xla).
+  decode_kernel: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -35,5 +38,7 @@ class SamplingConfig:
     for name in ("max_new_tokens", "chunk_size", "max_length", "attn_bucket", "repeat_count"):
       if getattr(self, name) <= 0:
         raise ValueError(f"SamplingConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.decode_kernel not in ("auto", "native", "xla"):
+      raise ValueError(f"SamplingConfig.decode_kernel must be 'auto', 'native' or 'xla', got {self.decode_kernel!r}")
     if self.max_length < 2:
       raise ValueError(f"SamplingConfig.max_length must be >= 2, got {self.max_length}")

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k15 import sharding as sharding_lib
 from k15.models import ModelConfig
+from k15.sampling import native
 from k15.sampling import slots as slots_lib
 from k15.sampling.config import SamplingConfig
 from k15.sampling.replay import ReplayBuffer, Trajectory
@@ -115,6 +116,17 @@ class RolloutEngine:
     self._shards = 1 if mesh is None else shards
     self._state = None
 
+  def _decode_kernel(self, local_loops: bool) -> str:
+    """"native" or "xla" (SamplingConfig.decode_kernel). The native step is a custom call XLA cannot split
+    over a mesh: with one, it needs the params replicated (each device then decodes its slots itself)."""
+    devices = jax.devices() if self.sharding is None else list(self.sharding.mesh.devices.flat)
+    if self.sharding is not None and self._shards > 1 and not local_loops:
+      if self.scfg.decode_kernel == "native":
+        raise ValueError("SamplingConfig.decode_kernel='native' needs params replicated over the mesh; these are "
+                         "sharded (use decode_kernel='xla' or 'auto')")
+      return "xla"
+    return native.choose(self.scfg.decode_kernel, self.cfg, devices)
+
   def _limits(self, traj: Trajectory, token_budget: Optional[int]) -> int:
     cap = self.scfg.max_new_tokens if traj.max_new_tokens is None else traj.max_new_tokens
     n_resp = len(traj.response_tokens)
@@ -154,6 +166,8 @@ class RolloutEngine:
     # Params replicated over the mesh: each slot shard decodes in a loop of its own (see decode_chunk).
     local_loops = self._shards > 1 and all(getattr(leaf, "sharding", None) is None or leaf.sharding.is_fully_replicated
                                            for leaf in jax.tree.leaves(params))
+    kernel = self._decode_kernel(local_loops)
+    weights = slots_lib.decode_weights(kernel, cfg, params)
 
     def fit_capacity(longest: int):
       """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: attention reads
@@ -222,8 +236,8 @@ class RolloutEngine:
       fit_capacity(max(live[i].length for i in busy))
       waiting = len(queue) if not self.static_batching else 0
       stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
-      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, local_loops, params, self._state,
-                                                stop_when_free)
+      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, local_loops, kernel, params, weights,
+                                                self._state, stop_when_free)
       tokens_BxC, logp_BxC, reasons_B, steps = sharding_lib.to_host(out)  # gathered across processes
       stats.chunks += 1
       stats.decode_steps += int(np.max(steps))  # the loops of the slot shards run side by side

@@ -8,6 +8,7 @@ samples. Stale cache entries past a slot's position are never attended (the mask
 a refilled slot needs no clearing.
 """
 import functools
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import jax
@@ -15,10 +16,12 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
+from k15.sampling import native
 from k15.sampling.config import SamplingConfig
 from k15.sampling.repeat import newest_ngram_count
 from k15.sampling.select import select_tokens
-from k15.sampling.step import LayerCaches, decode_step, decode_weights, keys_from_model, values_from_model
+from k15.sampling.step import LayerCaches, decode_step, keys_from_model, values_from_model
+from k15.sampling.step import decode_weights as decode_weights_xla
 
 # Why a slot stopped; 0 while it runs.
 RUNNING, EOS, REPEAT, LIMIT = 0, 1, 2, 3
@@ -130,10 +133,19 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
   return hit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: bool, params, state: SlotState,
-                 stop_when_free):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def decode_weights(kernel: str, cfg: ModelConfig, params):
+  """The weights the decode step of `kernel` ("native" or "xla") reads, in its layout; built once per rollout
+  run (a copy of every weight), then passed to each `decode_chunk`."""
+  return native.decode_weights(cfg, params) if kernel == "native" else decode_weights_xla(cfg, params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))
+def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: bool, kernel: str, params, weights,
+                 state: SlotState, stop_when_free):
   """Up to chunk_size decode steps in one while_loop, attending over the caches' whole capacity A.
+
+  `kernel` ("native" or "xla") picks the decode step; `weights` are its `decode_weights`.
 
   The loop also ends once `stop_when_free` (int32) slots are idle, so waiting work gets their slots
   without idling until the chunk's end. A must exceed every active slot's position + chunk_size (the
@@ -146,13 +158,24 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
   the params' sharding; its condition is reduced across devices every step.
   """
   if sharding is None or not local_loops:
-    state, out = _decode_loop(cfg, scfg, params, state, stop_when_free)
+    state, out = _decode_loop(cfg, scfg, _step_fn(kernel, cfg, 0), params, weights, state, stop_when_free)
     return _constrain(state, sharding), out
   slots = PartitionSpec(*sharding.spec)
-  local_loop = functools.partial(_decode_loop, cfg, scfg, slot_axes=sharding.spec[0])
-  loop = jax.shard_map(local_loop, mesh=sharding.mesh, in_specs=(PartitionSpec(), slots, PartitionSpec()),
+  # The devices of this process step side by side: each native step gets its share of the cores.
+  threads = max(1, len(os.sched_getaffinity(0)) // len(sharding.mesh.local_devices))
+  local_loop = functools.partial(_decode_loop, cfg, scfg, _step_fn(kernel, cfg, threads), slot_axes=sharding.spec[0])
+  same = PartitionSpec()
+  loop = jax.shard_map(local_loop, mesh=sharding.mesh, in_specs=(same, same, slots, same),
                        out_specs=(slots, slots), check_vma=False)  # the loop carries mix per-shard and replicated values
-  return loop(params, state, stop_when_free)
+  return loop(params, weights, state, stop_when_free)
+
+
+def _step_fn(kernel: str, cfg: ModelConfig, threads: int):
+  """(params, weights, cache_k, cache_v, tokens_B, positions_B) -> (logits_BxV, cache_k, cache_v)."""
+  if kernel == "native":
+    return lambda params, weights, *rest: native.decode_step(cfg, weights, *rest, threads=threads)
+  return lambda params, weights, cache_k, cache_v, tokens_B, positions_B: decode_step(
+      cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
 
 
 # With one loop per slot shard: steps between the shards' agreements on stopping. A cross-device sum per
@@ -163,7 +186,8 @@ SYNC_STEPS_WORK_WAITING = 4
 SYNC_STEPS_NONE_WAITING = 16
 
 
-def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotState, stop_when_free, slot_axes=None):
+def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, step_fn, params, weights, state: SlotState, stop_when_free,
+                 slot_axes=None):
   """decode_chunk's loop over the slots of `state`; inside shard_map when `slot_axes` (mesh axis names)
   is given, the local shard's loop."""
   B, S = state.hist_BxS.shape
@@ -172,7 +196,6 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
   hist_BxA = state.hist_BxS[:, :A]
   b_idx = jnp.arange(B)
   keys_B = jax.random.wrap_key_data(state.keys_B)
-  weights = decode_weights(cfg, params)  # loop-invariant: built once per chunk, not once per step
   all_slots = B if slot_axes is None else B * jax.lax.axis_size(slot_axes)
 
   def cond(carry):
@@ -185,7 +208,7 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, params, state: SlotStat
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
     write_B = jnp.where(active_B, positions_B, A)  # inactive slots write nothing
-    logits_BxV, cache_k, cache_v = decode_step(cfg, params, cache_k, cache_v, tokens_B, write_B, weights)
+    logits_BxV, cache_k, cache_v = step_fn(params, weights, cache_k, cache_v, tokens_B, write_B)
     new_pos_B = positions_B + 1
     step_keys = jax.vmap(jax.random.fold_in)(keys_B, new_pos_B)
     new_B = select_tokens(logits_BxV, step_keys, scfg)

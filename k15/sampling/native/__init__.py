@@ -1,0 +1,172 @@
+"""A hand-written CPU decode step for float32 models (C++ through XLA's FFI): the sampler's fast path on CPU.
+
+On a CPU, XLA runs a small model's decode step as dozens of separate kernels, and its matmuls with one row
+per slot reach about half of the machine's matmul rate. `decode_step.cc` does the whole step in one call:
+register-blocked matmuls over weights packed for them, attention that reads each slot's cache only up to
+its own position, the caches written in place, the slots split over XLA's CPU thread pool. It computes
+what `k15.sampling.step.decode_step` computes (the tests hold them to each other and to transformers).
+
+It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
+library is cached in $K15_NATIVE_CACHE (default ~/.cache/k15/native), keyed by the source, the flags, the
+compiler, jaxlib and the CPU. `SamplingConfig.decode_kernel` chooses: "auto" takes it whenever `unusable`
+finds nothing against it, "native" requires it, "xla" never uses it.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from k15.models import ModelConfig
+from k15.sampling import step as xla_step
+
+SOURCE = pathlib.Path(__file__).with_name("decode_step.cc")
+TARGET = "k15_decode_step_f32"
+PANEL = 32  # columns per panel of a packed weight (decode_step.cc's matmul reads 32-column slabs)
+_FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-return-type")
+
+
+class NativeWeights(NamedTuple):
+  """What the native step reads: norms as they are, matmul weights packed (`pack`) and stacked over layers."""
+  embed_VxD: jax.Array
+  attn_norm_LxD: jax.Array
+  qkv: jax.Array  # packed Dx(N+2K)H per layer
+  qkv_bias_LxE: jax.Array  # zeros for a model without qkv bias
+  o: jax.Array  # packed NHxD
+  mlp_norm_LxD: jax.Array
+  gate_up: jax.Array  # packed Dx2F
+  down: jax.Array  # packed FxD
+  final_norm_D: jax.Array
+  head: jax.Array  # packed DxV
+
+
+def pack(w_KxN):
+  """...xKxN -> ...xPxKx32: the N columns in P = ceil(N/32) contiguous Kx32 panels, the last zero-padded, so a
+  matmul streams each panel once from start to end."""
+  *lead, K, N = w_KxN.shape
+  P = -(-N // PANEL)
+  w = jnp.pad(w_KxN, [(0, 0)] * len(lead) + [(0, 0), (0, P * PANEL - N)])
+  return jnp.moveaxis(w.reshape(*lead, K, P, PANEL), -2, -3)
+
+
+def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
+  """The model's weights in the native step's layout (float32); build once per sampling run, not per step."""
+  fused = xla_step.decode_weights(cfg, params)
+  stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
+  E = fused["layers"][0]["qkv_DxE"].shape[1]
+  bias = stack("qkv_bias_E") if cfg.qkv_bias else jnp.zeros((cfg.n_layers, E), jnp.float32)
+  f32 = lambda a: a.astype(jnp.float32)
+  return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), pack(stack("qkv_DxE")), bias,
+                       pack(stack("o_NHxD")), stack("mlp_norm"), pack(stack("gate_up_Dx2F")),
+                       pack(stack("down_FxD")), f32(params["final_norm"]["scale"]), pack(f32(fused["head_DxV"])))
+
+
+def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, tokens_B, positions_B, threads: int = 0):
+  """Logits (float32 BxV) and the caches with each slot's k/v written at its position: `step.decode_step`'s
+  contract (a position outside the cache writes nothing and gets garbage logits).
+
+  `threads`: at most this many threads work on the call (0: XLA's whole CPU thread pool); a mesh of several
+  CPU devices stepping side by side gives each its share of the cores.
+  """
+  L = cfg.n_layers
+  caches = tuple(cache_k) + tuple(cache_v)
+  results = [jax.ShapeDtypeStruct((tokens_B.shape[0], cfg.vocab_size), jnp.float32)]
+  results += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+  call = jax.ffi.ffi_call(TARGET, results, input_output_aliases={12 + i: 1 + i for i in range(2 * L)})
+  out = call(tokens_B.astype(jnp.int32), positions_B.astype(jnp.int32), *weights, *caches,
+             eps=np.float32(cfg.rms_norm_eps), theta=np.float32(cfg.rope_theta), n_heads=np.int64(cfg.n_heads),
+             n_kv_heads=np.int64(cfg.n_kv_heads), threads=np.int64(threads))
+  return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])
+
+
+class BuildError(RuntimeError):
+  pass
+
+
+def _cpu_signature() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    return ""
+
+
+def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
+  """The compiled library, from the cache or freshly built (written under a temporary name, then renamed, so
+  concurrent processes never load a half-written file)."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version, jax.__version__,
+                                  _cpu_signature()]).encode()).hexdigest()[:16]
+  lib = cache_dir / f"k15_decode_step_{key}.so"
+  if lib.exists():
+    return lib
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+  os.close(fd)
+  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if done.returncode:
+    os.unlink(tmp)
+    raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+  os.replace(tmp, lib)
+  return lib
+
+
+@functools.cache
+def _load() -> Optional[str]:
+  """Builds and registers the FFI target once per process; None on success, else why it is unavailable."""
+  compiler = os.environ.get("CXX", "g++")
+  if shutil.which(compiler) is None:
+    return f"no C++ compiler ({compiler!r} not found; set $CXX)"
+  cache_dir = pathlib.Path(os.environ.get("K15_NATIVE_CACHE", pathlib.Path.home() / ".cache" / "k15" / "native"))
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build(compiler, cache_dir)))
+  except (BuildError, OSError) as e:
+    return str(e)
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.K15DecodeStepF32), platform="cpu")
+  _LIBRARIES.append(lib)  # keep it loaded
+  return None
+
+
+_LIBRARIES = []
+
+
+def unusable(cfg: ModelConfig, devices) -> Optional[str]:
+  """Why the native step cannot decode `cfg` on `devices`, or None when it can (building it if needed)."""
+  platforms = {d.platform for d in devices}
+  if platforms != {"cpu"}:
+    return f"it runs on CPU devices only, not {sorted(platforms)}"
+  if cfg.jnp_dtype != jnp.float32:
+    return f"it computes in float32 only, not ModelConfig.dtype={cfg.dtype!r}"
+  return _load()
+
+
+def choose(kernel: str, cfg: ModelConfig, devices) -> str:
+  """The decode kernel that SamplingConfig.decode_kernel `kernel` means here: "native" or "xla".
+
+  "auto" falls back to XLA quietly off CPU or below float32 (expected there), with a warning when a CPU
+  float32 model could have used the native step but it failed to build."""
+  if kernel == "xla":
+    return "xla"
+  reason = unusable(cfg, devices)
+  if reason is None:
+    return "native"
+  if kernel == "native":
+    raise ValueError(f"SamplingConfig.decode_kernel='native' is unavailable: {reason}")
+  if {d.platform for d in devices} == {"cpu"} and cfg.jnp_dtype == jnp.float32:
+    _warn_once(f"k15: decoding with XLA's step; the native CPU step is unavailable: {reason}")
+  return "xla"
+
+
+@functools.cache
+def _warn_once(message: str):
+  logging.warning(message)

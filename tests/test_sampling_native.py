@@ -1,0 +1,45 @@
+"""The native CPU decode step's choice and its errors (its numbers are tested beside XLA's in test_sampling.py)."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from k15 import models, sampling
+from k15.sampling import native
+
+CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
+
+
+def test_auto_takes_the_native_step_on_cpu_in_float32():
+  assert native.choose("auto", CFG, jax.devices()) == "native"
+  assert native.choose("xla", CFG, jax.devices()) == "xla"
+
+
+def test_auto_falls_back_to_xla_below_float32_and_native_says_why():
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+  assert native.choose("auto", bf16, jax.devices()) == "xla"
+  with pytest.raises(ValueError, match="decode_kernel='native'.*float32"):
+    native.choose("native", bf16, jax.devices())
+
+
+def test_unknown_decode_kernel_is_rejected():
+  with pytest.raises(ValueError, match="decode_kernel"):
+    sampling.SamplingConfig(decode_kernel="cuda")
+
+
+def test_a_failed_build_names_the_command(tmp_path):
+  with pytest.raises(native.BuildError, match="compiling decode_step.cc failed.*false"):
+    native._build("false", tmp_path)  # pylint: disable=protected-access
+  assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+def test_native_with_sharded_params_is_an_error():
+  mesh = Mesh(np.array(jax.devices()), ("fsdp",), axis_types=(AxisType.Auto,))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(CFG))
+  params["embed"]["embedding"] = jax.device_put(params["embed"]["embedding"], NamedSharding(mesh, P(None, "fsdp")))
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=4, max_length=16, decode_kernel="native")
+  engine = sampling.RolloutEngine(CFG, scfg, num_slots=len(jax.devices()), mesh=mesh)
+  with pytest.raises(ValueError, match="needs params replicated"):
+    engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
