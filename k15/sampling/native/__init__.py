@@ -77,6 +77,9 @@ def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, toke
   `threads`: at most this many threads work on the call (0: XLA's whole CPU thread pool); a mesh of several
   CPU devices stepping side by side gives each its share of the cores.
   """
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"the native decode step is unavailable: {reason}")
   L = cfg.n_layers
   caches = tuple(cache_k) + tuple(cache_v)
   results = [jax.ShapeDtypeStruct((tokens_B.shape[0], cfg.vocab_size), jnp.float32)]

@@ -69,7 +69,7 @@ float exp1(float x) {  // the same arithmetic for one value (loop tails)
 // Only the first `cols` columns are stored (the zero-padded last panel of a packed weight).
 template <int MR, int NV>
 void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K, bool add,
-           int64_t cols) {
+           int64_t cols, const float* next = nullptr) {
   v16 c[MR][NV];
   const bool full = cols == 16 * NV;
   for (int r = 0; r < MR; ++r)
@@ -82,6 +82,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
       }
     }
   for (int64_t k = 0; k < K; ++k) {
+    if (next) __builtin_prefetch(next + k * 16 * NV);  // one line per row: the slab after this one
     v16 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + 16 * j);
     for (int r = 0; r < MR; ++r) {
@@ -99,36 +100,39 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
     }
 }
 
-// One 32-column slab: all M rows, in blocks of 8.
+// One 32-column slab: all M rows, in blocks of 8. `next`: the packed slab read after this one, fetched into
+// the cache while the first block streams this one (the other blocks find this slab in the cache).
 void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc,
-          bool add, int64_t cols) {
+          bool add, int64_t cols, const float* next = nullptr) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) block<8, 2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols);
+  for (; m + 8 <= M; m += 8, next = nullptr) block<8, 2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols, next);
   const float* a = A + m * lda;
   float* c = C + m * ldc;
   switch (M - m) {
-    case 7: block<7, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 6: block<6, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 5: block<5, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 4: block<4, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 3: block<3, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 2: block<2, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
-    case 1: block<1, 2>(a, lda, B, ldb, c, ldc, K, add, cols); break;
+    case 7: block<7, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 6: block<6, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 5: block<5, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 4: block<4, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 3: block<3, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 2: block<2, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 1: block<1, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
   }
 }
 
 // C[MxN] (+)= A[MxK] W[KxN], W packed as ceil(N/32) contiguous Kx32 panels (zero-padded), A and C row-major.
 void matmul(const float* A, int64_t M, int64_t K, const float* W, int64_t N, float* C, bool add) {
-  for (int64_t n = 0; n < N; n += 32)
-    slab(A, K, M, K, W + (n / 32) * K * 32, 32, C + n, N, add, std::min<int64_t>(32, N - n));
+  for (int64_t n = 0; n < N; n += 32) {
+    const float* panel = W + (n / 32) * K * 32;
+    slab(A, K, M, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), n + 32 < N ? panel + K * 32 : nullptr);
+  }
 }
 
-// Columns [n, N) of C[MxN] = A[MxK] B[KxN] in slabs of 16 NV columns, as far as whole slabs of B (up to ldb)
-// reach; returns the first column not done.
+// Columns [n, N) of C[MxN] = A[MxK] B[KxN] in slabs of 16 NV columns, while whole slabs fit within `limit`
+// columns; returns the first column not done.
 template <int NV>
 int64_t slabs(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t n, int64_t N,
-              float* C, int64_t ldc) {
-  for (; n + 16 * NV <= ldb && n < N; n += 16 * NV) {
+              int64_t limit, float* C, int64_t ldc) {
+  for (; n < N && n + 16 * NV <= limit; n += 16 * NV) {
     const int64_t cols = std::min<int64_t>(16 * NV, N - n);
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) block<2, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols);
@@ -138,12 +142,13 @@ int64_t slabs(const float* A, int64_t lda, int64_t M, int64_t K, const float* B,
 }
 
 // C[MxN] = A[MxK] B[KxN] with row strides lda, ldb, ldc, for attention: A holds a few query heads (M is
-// small), B a slot's keys (HxS) or values (SxH) in the cache. B is read in wide slabs (long runs of each row).
+// small), B a slot's keys (HxS) or values (SxH) in the cache. Wide slabs read long runs of each row of B;
+// the last columns go 16 at a time (reading up to 15 columns past N when the row has them: never used).
 void matmul_strided(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t N,
                     float* C, int64_t ldc) {
-  int64_t n = slabs<8>(A, lda, M, K, B, ldb, 0, N, C, ldc);
-  n = slabs<1>(A, lda, M, K, B, ldb, n, N, C, ldc);
-  for (int64_t m = 0; m < M; ++m)  // the last columns of B: no whole vector left to read
+  int64_t n = slabs<8>(A, lda, M, K, B, ldb, 0, N, N, C, ldc);
+  n = slabs<1>(A, lda, M, K, B, ldb, n, N, ldb, C, ldc);
+  for (int64_t m = 0; m < M; ++m)  // columns without a whole vector left in the row
     for (int64_t j = n; j < N; ++j) {
       float s = 0.0f;
       for (int64_t k = 0; k < K; ++k) s += A[m * lda + k] * B[k * ldb + j];
