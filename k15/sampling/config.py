@@ -21,7 +21,7 @@ class SamplingConfig:
   repeat_ngram: int = 0  # n-gram size of repeat detection; 0 = off
   repeat_count: int = 4  # stop once the newest n-gram has occurred this many times in the response
   max_length: int = 1024  # KV-cache length: prompt + response tokens of one trajectory
-  attn_bucket: int = 64  # a chunk attends over the cache prefix rounded up to this (one compile per size)
+  attn_bucket: int = 64  # the cache holds the longest sequence + a chunk rounded up to this (one compile per size)
   # The decode step: "native" (k15.sampling.native: C++ for CPU, float32), "xla" (k15.sampling.step: any
   # backend), or "auto" (native where it can run: CPU, float32, a C++ compiler; else xla).
   decode_kernel: str = "auto"

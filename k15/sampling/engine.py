@@ -170,8 +170,9 @@ class RolloutEngine:
     weights = slots_lib.decode_weights(kernel, cfg, params)
 
     def fit_capacity(longest: int):
-      """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: attention reads
-      the whole capacity each step, and a resize (a copy) happens only when the bucket changes."""
+      """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: XLA's step attends
+      over the whole capacity (the native step reads each slot up to its position, but a dense cache is
+      faster for it too), and a resize (a copy) happens only when the bucket changes."""
       need = min(S, -(-(longest + scfg.chunk_size) // scfg.attn_bucket) * scfg.attn_bucket)
       if self._state is None:
         self._state = slots_lib.init_state(cfg, B, S, need, self.sharding)

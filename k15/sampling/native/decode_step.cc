@@ -29,10 +29,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats: one AVX-512 register (two AVX2 registers elsewhere). The unaligned type loads any address.
+// 16 floats: one AVX-512 register (two AVX2 registers elsewhere). v16u reads and writes any float address.
 typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
@@ -53,8 +53,8 @@ inline v16 vexp(v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 y = p * reinterpret_cast<v16&>(bits);
+  v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;  // 2^n
+  v16 y = p * __builtin_bit_cast(v16, bits);
   y = x > big ? splat(INFINITY) : y;
   return x < small ? splat(0.0f) : y;
 }
@@ -291,8 +291,10 @@ struct Split {
   std::atomic<int64_t> next{0}, done{0};
 
   void work() {
-    for (int64_t i; (i = next.fetch_add(1)) < parts; done.fetch_add(1))
+    for (int64_t i = next++; i < parts; i = next++) {
       run_slots(step, B * i / parts, B * (i + 1) / parts);
+      ++done;
+    }
   }
 };
 
