@@ -7,8 +7,9 @@ Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix)
 as a fraction of a 2048-square float32 matmul's, and on a long-tailed length workload, slot refill with
 partial rollouts against static batching (wall time, slot utilization).
 
-k15 runs twice: on one CPU device, and on a mesh of one fake CPU device per core, slots sharded and
-params replicated, where each device decodes its slots in a loop of its own (the cores work side by side).
+k15 runs twice: with its native CPU decode step (`decode_kernel="native"`, one device, the slots split
+over the cores), and with XLA's step in its fastest CPU setup (a mesh of one fake CPU device per core,
+slots sharded and params replicated, each device decoding its slots in a loop of its own).
 """
 import argparse
 import math
@@ -16,8 +17,8 @@ import os
 import tempfile
 import time
 
-# One fake CPU device per core for k15's mesh run; set before JAX starts. The peers and the single-device
-# k15 run use one device (XLA's thread pool still spans every core).
+# One fake CPU device per core for the run of XLA's step; set before JAX starts. The peers and the native
+# step use one device (XLA's thread pool still spans every core).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
@@ -28,7 +29,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k15 import models, sampling
-from k15.sampling import step as decode
+from k15.sampling import slots as slots_lib
 from k15.sampling.select import first_argmax
 
 
@@ -113,53 +114,46 @@ def token_flops(cfg: models.ModelConfig, context):
   return matmul_flops_per_token(cfg) + 4 * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # q.k and p.v
 
 
+def weights_bytes(cfg: models.ModelConfig):
+  """Float32 bytes of the weights every decode step reads: the matmul weights (output head included) and the
+  norms (the embedding rows of the slots' tokens are a few KB more)."""
+  return 4 * (matmul_flops_per_token(cfg) // 2 + (2 * cfg.n_layers + 1) * cfg.d_model)
+
+
 def matmul_flops_per_token(cfg: models.ModelConfig):
   D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
   return 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
 
 
-def step_runs(cfg, params, batch, context, steps, mesh=None):
-  """Runs of `steps` decode steps at `context` cached positions: the whole step (`decode_step`), and its
-  matmuls alone (the same fused weights, no attention, norms or cache writes). The second bounds what
-  any decode built from XLA's CPU matmuls at these shapes can reach. On a mesh each device steps its share
-  of the slots on its own (shard_map, params replicated), as k15's decode loop does there."""
-  weights = decode.decode_weights(cfg, params)
-  K, H, D, F = cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.d_ff
+def step_runs(cfg, params, batch, context, steps, kernel, mesh=None):
+  """A run of `steps` decode steps of `kernel` ("native" or "xla") at `context` cached positions, each step
+  feeding the greedy token to the next. On a mesh each device steps its share of the slots on its own
+  (shard_map, params replicated), as k15's decode loop does there."""
+  K, H = cfg.n_kv_heads, cfg.head_dim
   cache_k = tuple(jnp.zeros((batch, K, H, context), cfg.jnp_dtype) for _ in range(cfg.n_layers))
   cache_v = tuple(jnp.zeros((batch, K, context, H), cfg.jnp_dtype) for _ in range(cfg.n_layers))
-  x_BxD = jnp.ones((batch, D), cfg.jnp_dtype)
+  params = replicate(params, mesh)
+  weights = slots_lib.decode_weights(kernel, cfg, params)
+  step = slots_lib._step_fn(kernel, cfg, 0 if mesh is None else 1)  # pylint: disable=protected-access
 
-  def whole(params, weights, cache_k, cache_v):
-    slots = cache_v[0].shape[0]
+  def run_steps(params, weights, cache_k, cache_v):
+    B = cache_v[0].shape[0]
     def body(i, carry):
       cache_k, cache_v, tokens_B = carry
-      positions_B = jnp.full((slots,), context - steps, jnp.int32) + i
-      logits_BxV, cache_k, cache_v = decode.decode_step(cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
+      positions_B = jnp.full((B,), context - steps, jnp.int32) + i
+      logits_BxV, cache_k, cache_v = step(params, weights, cache_k, cache_v, tokens_B, positions_B)
       return cache_k, cache_v, first_argmax(logits_BxV)
-    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((slots,), jnp.int32)))
-
-  def matmuls(weights, x_BxD):
-    linear = decode.linear
-    def body(i, x_BxD):
-      for p in weights["layers"]:
-        qkv_BxE = linear(x_BxD, p["qkv_DxE"])
-        x_BxD = x_BxD + linear(qkv_BxE[:, :p["o_NHxD"].shape[0]], p["o_NHxD"])
-        gate_up_Bx2F = linear(x_BxD, p["gate_up_Dx2F"])
-        x_BxD = x_BxD + linear(gate_up_Bx2F[:, :F] * gate_up_Bx2F[:, F:], p["down_FxD"])
-      return x_BxD + 1e-3 * linear(x_BxD, weights["head_DxV"])[:, :D]  # the head's result feeds the next step
-    return jax.lax.fori_loop(0, steps, body, x_BxD)
+    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((B,), jnp.int32)))
 
   if mesh is not None:
     rows, same = PartitionSpec("data"), PartitionSpec()
-    whole = jax.shard_map(whole, mesh=mesh, in_specs=(same, same, rows, rows), out_specs=rows, check_vma=False)
-    matmuls = jax.shard_map(matmuls, mesh=mesh, in_specs=(same, rows), out_specs=rows)
-    params, weights = replicate(params, mesh), replicate(weights, mesh)
-    cache_k, cache_v, x_BxD = jax.device_put((cache_k, cache_v, x_BxD), NamedSharding(mesh, rows))
-  whole, matmuls = jax.jit(whole), jax.jit(matmuls)
-  run_whole = lambda: jax.block_until_ready(whole(params, weights, cache_k, cache_v))
-  run_matmuls = lambda: jax.block_until_ready(matmuls(weights, x_BxD))
-  run_whole(), run_matmuls()
-  return run_whole, run_matmuls
+    run_steps = jax.shard_map(run_steps, mesh=mesh, in_specs=(same, same, rows, rows), out_specs=rows,
+                              check_vma=False)
+    cache_k, cache_v = jax.device_put((cache_k, cache_v), NamedSharding(mesh, rows))
+  run_steps = jax.jit(run_steps)
+  run = lambda: jax.block_until_ready(run_steps(params, weights, cache_k, cache_v))
+  run()
+  return run
 
 
 def device_mesh():
@@ -173,9 +167,9 @@ def replicate(params, mesh):
   return params if mesh is None else jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
-def bench_k15(cfg, params, prompts, args, mesh=None):
+def bench_k15(cfg, params, prompts, args, kernel, mesh=None):
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
-                                 max_length=args.prompt + args.new)
+                                 max_length=args.prompt + args.new, decode_kernel=kernel)
   params = replicate(params, mesh)
   run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0), mesh=mesh)
   out = run()  # compiles every shape it meets
@@ -243,7 +237,7 @@ def bench_tunix(path, cfg, prompts, args):
   return run, tokens
 
 
-def long_tail(cfg, params, args, mesh=None):
+def long_tail(cfg, params, args):
   """RL-style iterations of new prompts whose response lengths follow a long-tailed (log-normal) law.
 
   Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
@@ -262,10 +256,8 @@ def long_tail(cfg, params, args, mesh=None):
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk, max_length=prompt_len + cap,
                                  attn_bucket=64)
 
-  params = replicate(params, mesh)
-
   def run(static, token_budget):
-    engine = sampling.RolloutEngine(cfg, scfg, slots, mesh=mesh, static_batching=static)
+    engine = sampling.RolloutEngine(cfg, scfg, slots, static_batching=static)
     buffer = sampling.ReplayBuffer() if token_budget else None
     per_iteration, done = [], 0
     start = time.perf_counter()
@@ -305,29 +297,29 @@ def main():
           f"prompt {args.prompt}, {args.new} new tokens, greedy, no early stop")
 
     mesh = device_mesh()
-    k15_names = ["k15, 1 device"] + ([f"k15, {jax.device_count()} devices"] if mesh is not None else [])
-    systems = {k15_names[0]: bench_k15(cfg, params, prompts, args)}
+    k15_setups = {"k15": ("native", None)}  # the default on CPU: the native step
     if mesh is not None:
-      systems[k15_names[1]] = bench_k15(cfg, params, prompts, args, mesh)
+      k15_setups[f"k15, XLA step, {jax.device_count()} devices"] = ("xla", mesh)
+    systems = {name: bench_k15(cfg, params, prompts, args, kernel, m) for name, (kernel, m) in k15_setups.items()}
     systems["transformers"] = bench_hf(torch_model, prompts, args)
     if not args.skip_tunix:
       systems["tunix"] = bench_tunix(path, cfg, prompts, args)
     context = args.prompt + args.new // 2  # the mean cache length of the decode
     steps = min(64, args.new)
     runs = {name: run for name, (run, _) in systems.items()}
-    runs["matmul"] = matmul_run()
-    for k15, k15_mesh in zip(k15_names, [None, mesh]):
-      runs[(k15, "step")], runs[(k15, "matmuls")] = step_runs(cfg, params, args.batch, context, steps, k15_mesh)
-      runs[(k15, "stream")] = stream_run(k15_mesh)
+    runs["matmul"], runs["stream"] = matmul_run(), stream_run()
+    for name, (kernel, m) in k15_setups.items():
+      runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, kernel, m)
     best = interleaved_best(runs, args.repeats)
 
-  k15_tokens = systems[k15_names[0]][1]
+  k15_names = list(k15_setups)
+  k15_tokens = systems["k15"][1]
   peers = [name for name in systems if name not in k15_names]
   mm = MATMUL_FLOPS / best["matmul"]
   print(f"\n== decode throughput (new tokens / s, best of {args.repeats} interleaved rounds, prefill included) ==")
   for name, (_, tokens) in systems.items():
     agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
-    print(f"{name:>16}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
+    print(f"{name:>26}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
           f"{agree:.0%})")
   flops = useful_flops(cfg, args.batch, args.prompt, args.new)
   for k15 in k15_names:
@@ -335,30 +327,30 @@ def main():
           f"; {flops / best[k15] / 1e9:.1f} GFLOP/s = {flops / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
 
-  print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean), and upper bounds "
-        f"on k15's throughput and FLOP/s from its parts (prefill counted as free) ==")
-  mm_flops = args.batch * matmul_flops_per_token(cfg)
-  cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * jnp.dtype(cfg.jnp_dtype).itemsize
+  print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean) against the "
+        f"machine's floors ==")
   for k15 in k15_names:
-    step_s, matmuls_s = best[(k15, "step")] / steps, best[(k15, "matmuls")] / steps
-    bandwidth = STREAM_BYTES / best[(k15, "stream")]
-    read_s = cache_bytes / bandwidth
-    print(f"{k15}: whole step {step_s * 1e3:.2f} ms; its matmuls alone {matmuls_s * 1e3:.2f} ms "
-          f"({mm_flops / matmuls_s / 1e9:.1f} GFLOP/s = {mm_flops / matmuls_s / mm:.0%} of the 2048^2 matmul); "
-          f"attention, norms, cache writes and token choice {(step_s - matmuls_s) * 1e3:.2f} ms; one read of the "
-          f"{cache_bytes / 1e6:.1f} MB float32 KV cache at {bandwidth / 1e9:.1f} GB/s (a streaming read on the same "
-          f"device(s)) {read_s * 1e3:.2f} ms")
-    for what, seconds in [("only its matmuls", matmuls_s), ("its matmuls + one read of the KV cache", matmuls_s + read_s),
-                          ("the whole step", step_s)]:
-      decode_s = args.new * seconds
-      print(f"  a decode of {what}: {n_tokens / decode_s:.0f} tok/s = " +
-            ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {flops / decode_s / mm:.0%} of the matmul")
+    print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms")
+  weight_bytes = weights_bytes(cfg)
+  cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * 4
+  bandwidth = STREAM_BYTES / best["stream"]
+  read_s = (weight_bytes + cache_bytes) / bandwidth
+  compute_s = args.batch * matmul_flops_per_token(cfg) / mm
+  print(f"a step reads the float32 weights ({weight_bytes / 1e6:.1f} MB) and KV cache ({cache_bytes / 1e6:.1f} MB), "
+        f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s, "
+        f"a row-sum of 256 MB); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 matmul's rate")
+  step_s = best[("k15", "step")] / steps
+  for what, seconds in [("k15's native step", step_s), ("reads and matmuls one after the other", read_s + compute_s),
+                        ("reads and matmuls fully overlapped", max(read_s, compute_s))]:
+    decode_s = args.new * seconds
+    print(f"  a decode at the pace of {what} (prefill free): {n_tokens / decode_s:.0f} tok/s = " +
+          ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {flops / decode_s / mm:.0%} of the matmul")
 
   if args.skip_long_tail:
     return
-  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, mesh)
+  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
   print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
-        f"({jax.device_count()} device(s)); response "
+        f"(k15's native step, 1 device); response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
         f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
   base = results["static batching"]
