@@ -276,7 +276,9 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   state = with_sharding(state, jax.tree.map(lambda _: slot_shard, state))
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
     _, _, loss = jax.eval_shape(train_step, params, opt_state, batch)
-    decode = lambda p, s: slots.decode_chunk(model_cfg, scfg, slot_shard, False, p, s, jnp.int32(1))  # sharded params
+    def decode(p, s):  # sharded params: XLA's step, one SPMD loop
+      return slots.decode_chunk(model_cfg, scfg, slot_shard, False, "xla", p, slots.decode_weights("xla", model_cfg, p),
+                                s, jnp.int32(1))
     _, chunk = jax.eval_shape(decode, params, state)
   return loss, chunk
 

@@ -1,7 +1,7 @@
 """A hand-written CPU decode step for float32 models (C++ through XLA's FFI): the sampler's fast path on CPU.
 
 On a CPU, XLA runs a small model's decode step as dozens of separate kernels, and its matmuls with one row
-per slot reach about half of the machine's matmul rate. `decode_step.cc` does the whole step in one call:
+per slot run well below the machine's matmul rate. `decode_step.cc` does the whole step in one call:
 register-blocked matmuls over weights packed for them, attention that reads each slot's cache only up to
 its own position, the caches written in place, the slots split over XLA's CPU thread pool. It computes
 what `k15.sampling.step.decode_step` computes (the tests hold them to each other and to transformers).

@@ -1,8 +1,8 @@
 // One decode step of the k15 transformer on CPU in float32, as an XLA FFI handler.
 //
 // XLA's CPU backend runs a decode step of a small model as dozens of separate kernels (each matmul, norm,
-// rotary, cache write and softmax its own dispatch) and its small-row matmuls reach about half of the
-// machine's matmul rate. This handler does the whole step in one call: register-blocked matmuls over the
+// rotary, cache write and softmax its own dispatch), and its matmuls with one row per slot run well below
+// the machine's matmul rate. This handler does the whole step in one call: register-blocked matmuls over the
 // fused weights, attention that reads each slot's cache only up to its own position, and the cache
 // written in place (the cache inputs alias the cache outputs). It computes the same function as
 // `k15.sampling.step.decode_step`; tests compare the two logit for logit.
