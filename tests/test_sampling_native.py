@@ -43,3 +43,27 @@ def test_native_with_sharded_params_is_an_error():
   engine = sampling.RolloutEngine(CFG, scfg, num_slots=len(jax.devices()), mesh=mesh)
   with pytest.raises(ValueError, match="needs params replicated"):
     engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
+
+
+def test_native_step_equals_xla_step_over_many_slots():
+  """16 slots (split over the CPU thread pool) at their own positions, two of them inactive (position >= the
+  cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched."""
+  from k15.sampling import step  # pylint: disable=g-import-not-at-top
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96,
+                           qkv_bias=True, tie_embeddings=True)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
+  B, S = 16, 40
+  cache_k = tuple(rng.normal(size=(B, 2, 16, S)).astype(np.float32) for _ in range(2))
+  cache_v = tuple(rng.normal(size=(B, 2, S, 16)).astype(np.float32) for _ in range(2))
+  tokens = rng.randint(0, 80, B).astype(np.int32)
+  positions = rng.randint(0, S, B).astype(np.int32)
+  positions[[3, 11]] = [S, S + 5]  # inactive
+  weights = native.decode_weights(cfg, params)
+  nat = jax.jit(lambda ck, cv: native.decode_step(cfg, weights, ck, cv, tokens, positions))(cache_k, cache_v)
+  ref = jax.jit(lambda ck, cv: step.decode_step(cfg, params, ck, cv, tokens, positions))(cache_k, cache_v)
+  active = positions < S
+  np.testing.assert_allclose(np.asarray(nat[0])[active], np.asarray(ref[0])[active], atol=2e-5, rtol=2e-5)
+  for got, want, orig in zip(nat[1] + nat[2], ref[1] + ref[2], cache_k + cache_v):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[~active], orig[~active])
