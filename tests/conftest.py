@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests, TensorFlow/TFDS kept out of $HOME."""
 import os
+import shutil
 import tempfile
 
 _SCRATCH = tempfile.mkdtemp(prefix="k15-tests-")
@@ -17,3 +18,10 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def scratch_dir():
   return _SCRATCH
+
+
+@pytest.fixture(scope="session")
+def needs_native_step():
+  """Skips a test of the native CPU decode step (k15.sampling.native) on a machine without a C++ compiler."""
+  if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no C++ compiler for the native decode step")

@@ -1,7 +1,5 @@
 """The sampling loop against peers: transformers' greedy generate, the model's full forward, an uninterrupted run."""
 import dataclasses
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +39,8 @@ def hf_model(tmp_path_factory):
 def kernel(request):
   """The decode step under test: the C++ CPU step, or XLA's."""
   if request.param == "native":
-    require_compiler()
+    request.getfixturevalue("needs_native_step")
   return request.param
-
-
-def require_compiler():
-  if shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("no C++ compiler for the native decode step")
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +99,12 @@ def test_decode_step_matches_forward_with_cache(hf_model, kernel):
 
 
 @pytest.mark.parametrize("kernel_", ["native", "xla"])
-def test_decode_step_matches_forward_llama_style(kernel_):
+def test_decode_step_matches_forward_llama_style(kernel_, request):
   """No qkv bias and a separate output head: the other branches of the fused decode weights. Sizes that are
   not multiples of the native step's 16-float vectors or 32-column panels (head_dim 8 and 40, vocab 100,
   d_ff 72) take its remainder paths."""
   if kernel_ == "native":
-    require_compiler()
+    request.getfixturevalue("needs_native_step")
   for head_dim in (8, 40):
     cfg = models.ModelConfig(vocab_size=100, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=head_dim,
                              d_ff=72)

@@ -12,7 +12,7 @@ from k15.sampling import native
 CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 
 
-def test_auto_takes_the_native_step_on_cpu_in_float32():
+def test_auto_takes_the_native_step_on_cpu_in_float32(needs_native_step):
   assert native.choose("auto", CFG, jax.devices()) == "native"
   assert native.choose("xla", CFG, jax.devices()) == "xla"
 
@@ -35,7 +35,7 @@ def test_a_failed_build_names_the_command(tmp_path):
   assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
 
 
-def test_native_with_sharded_params_is_an_error():
+def test_native_with_sharded_params_is_an_error(needs_native_step):
   mesh = Mesh(np.array(jax.devices()), ("fsdp",), axis_types=(AxisType.Auto,))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(CFG))
   params["embed"]["embedding"] = jax.device_put(params["embed"]["embedding"], NamedSharding(mesh, P(None, "fsdp")))
@@ -45,7 +45,7 @@ def test_native_with_sharded_params_is_an_error():
     engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
 
 
-def test_native_step_equals_xla_step_over_many_slots():
+def test_native_step_equals_xla_step_over_many_slots(needs_native_step):
   """16 slots (split over the CPU thread pool) at their own positions, two of them inactive (position >= the
   cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched."""
   from k15.sampling import step  # pylint: disable=g-import-not-at-top

@@ -72,13 +72,15 @@ def test_sharded_sampling_equals_single_device(params, single_device, layout, co
 
 @pytest.mark.parametrize("local_kernel", ["xla", "native"])
 @pytest.mark.parametrize("stop_when_free", [9, 2])
-def test_local_loops_match_one_loop(params, stop_when_free, local_kernel):
+def test_local_loops_match_one_loop(params, stop_when_free, local_kernel, request):
   """Replicated params: each slot shard decodes in its own loop (with XLA's or the native step), and the
   shards agree on stopping every few steps. Slot i (alone on device i) may generate i + 1 tokens. With no
   work waiting (9 > 8 slots) both run to the chunk's end; with work waiting for 2 free slots, one loop
   (SPMD, XLA's step) stops at step 2, the local loops at their next agreement (step SYNC_STEPS_WORK_WAITING).
   Tokens and log-probs agree where both ran."""
   from k15.sampling import slots  # pylint: disable=g-import-not-at-top
+  if local_kernel == "native":
+    request.getfixturevalue("needs_native_step")
   mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
   sharding = NamedSharding(mesh, P("data"))
   replicated = jax.device_put(params, NamedSharding(mesh, P()))
