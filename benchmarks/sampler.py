@@ -134,7 +134,7 @@ def step_runs(cfg, params, batch, context, steps, kernel, mesh=None):
   cache_v = tuple(jnp.zeros((batch, K, context, H), cfg.jnp_dtype) for _ in range(cfg.n_layers))
   params = replicate(params, mesh)
   weights = slots_lib.decode_weights(kernel, cfg, params)
-  step = slots_lib._step_fn(kernel, cfg, 0 if mesh is None else 1)  # pylint: disable=protected-access
+  step = slots_lib.step_fn(kernel, cfg, 0 if mesh is None else 1)
 
   def run_steps(params, weights, cache_k, cache_v):
     B = cache_v[0].shape[0]

@@ -93,9 +93,10 @@ class RolloutEngine:
   With a mesh, the slot dim of the cache and of every slot array is sharded over `slot_axes` (default:
   the mesh's 'data' and 'fsdp' axes, or all of its axes when it has neither); params are used with
   whatever sharding they have (the training shardings: no copy). When the params are replicated over the
-  mesh, each slot shard decodes in a loop of its own, without a per-step agreement across devices; on a
-  CPU, a mesh of one device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>) then
-  decodes on all cores at once.
+  mesh, each slot shard decodes in a loop of its own, without a per-step agreement across devices. The
+  decode step is SamplingConfig.decode_kernel's: on CPU the native step uses every core from one device;
+  XLA's step needs a mesh of one device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>)
+  to decode on all cores at once.
   """
 
   def __init__(self, cfg: ModelConfig, sampling_cfg: SamplingConfig, num_slots: int, mesh: Optional[Mesh] = None,

@@ -158,20 +158,21 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
   the params' sharding; its condition is reduced across devices every step.
   """
   if sharding is None or not local_loops:
-    state, out = _decode_loop(cfg, scfg, _step_fn(kernel, cfg, 0), params, weights, state, stop_when_free)
+    state, out = _decode_loop(cfg, scfg, step_fn(kernel, cfg, 0), params, weights, state, stop_when_free)
     return _constrain(state, sharding), out
   slots = PartitionSpec(*sharding.spec)
   # The devices of this process step side by side: each native step gets its share of the cores.
-  threads = max(1, len(os.sched_getaffinity(0)) // len(sharding.mesh.local_devices))
-  local_loop = functools.partial(_decode_loop, cfg, scfg, _step_fn(kernel, cfg, threads), slot_axes=sharding.spec[0])
+  threads = max(1, (os.cpu_count() or 1) // len(sharding.mesh.local_devices))
+  local_loop = functools.partial(_decode_loop, cfg, scfg, step_fn(kernel, cfg, threads), slot_axes=sharding.spec[0])
   same = PartitionSpec()
   loop = jax.shard_map(local_loop, mesh=sharding.mesh, in_specs=(same, same, slots, same),
                        out_specs=(slots, slots), check_vma=False)  # the loop carries mix per-shard and replicated values
   return loop(params, weights, state, stop_when_free)
 
 
-def _step_fn(kernel: str, cfg: ModelConfig, threads: int):
-  """(params, weights, cache_k, cache_v, tokens_B, positions_B) -> (logits_BxV, cache_k, cache_v)."""
+def step_fn(kernel: str, cfg: ModelConfig, threads: int):
+  """The decode step of `kernel`: (params, weights, cache_k, cache_v, tokens_B, positions_B) -> (logits_BxV,
+  cache_k, cache_v); `threads` bounds the native step's threads (0: no bound)."""
   if kernel == "native":
     return lambda params, weights, *rest: native.decode_step(cfg, weights, *rest, threads=threads)
   return lambda params, weights, cache_k, cache_v, tokens_B, positions_B: decode_step(

@@ -8,8 +8,8 @@ what `k15.sampling.step.decode_step` computes (the tests hold them to each other
 
 It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
 library is cached in $K15_NATIVE_CACHE (default ~/.cache/k15/native), keyed by the source, the flags, the
-compiler, jaxlib and the CPU. `SamplingConfig.decode_kernel` chooses: "auto" takes it whenever `unusable`
-finds nothing against it, "native" requires it, "xla" never uses it.
+compiler, jaxlib and the CPU. `SamplingConfig.decode_kernel` chooses (`choose`): "auto" takes it on CPU devices
+with a float32 model when it builds, "native" requires it, "xla" never uses it.
 """
 import ctypes
 import functools
@@ -143,29 +143,30 @@ def _load() -> Optional[str]:
 _LIBRARIES = []
 
 
-def unusable(cfg: ModelConfig, devices) -> Optional[str]:
-  """Why the native step cannot decode `cfg` on `devices`, or None when it can (building it if needed)."""
+def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:
+  """Why the native step does not apply to `cfg` on `devices` (not a CPU, not float32), or None."""
   platforms = {d.platform for d in devices}
   if platforms != {"cpu"}:
     return f"it runs on CPU devices only, not {sorted(platforms)}"
   if cfg.jnp_dtype != jnp.float32:
     return f"it computes in float32 only, not ModelConfig.dtype={cfg.dtype!r}"
-  return _load()
+  return None
 
 
 def choose(kernel: str, cfg: ModelConfig, devices) -> str:
   """The decode kernel that SamplingConfig.decode_kernel `kernel` means here: "native" or "xla".
 
-  "auto" falls back to XLA quietly off CPU or below float32 (expected there), with a warning when a CPU
-  float32 model could have used the native step but it failed to build."""
+  "auto" falls back to XLA quietly where the native step does not apply (off CPU, below float32), with a
+  warning where it applies but failed to build."""
   if kernel == "xla":
     return "xla"
-  reason = unusable(cfg, devices)
+  unsupported = _unsupported(cfg, devices)
+  reason = unsupported or _load()
   if reason is None:
     return "native"
   if kernel == "native":
     raise ValueError(f"SamplingConfig.decode_kernel='native' is unavailable: {reason}")
-  if {d.platform for d in devices} == {"cpu"} and cfg.jnp_dtype == jnp.float32:
+  if unsupported is None:
     _warn_once(f"k15: decoding with XLA's step; the native CPU step is unavailable: {reason}")
   return "xla"
 
