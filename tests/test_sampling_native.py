@@ -45,15 +45,17 @@ def test_native_with_sharded_params_is_an_error(needs_native_step):
     engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
 
 
-def test_native_step_equals_xla_step_over_many_slots(needs_native_step):
-  """16 slots (split over the CPU thread pool) at their own positions, two of them inactive (position >= the
-  cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched."""
+@pytest.mark.parametrize("d_ff,B", [(96, 16), (80, 13)])
+def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B):
+  """B slots (the work shared by the CPU threads) at their own positions, two of them inactive (position >= the
+  cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched.
+  d_ff 80 and vocab 80 end in part-filled weight panels; 13 slots end in a part-filled block of rows."""
   from k15.sampling import step  # pylint: disable=g-import-not-at-top
-  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96,
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=d_ff,
                            qkv_bias=True, tie_embeddings=True)
   rng = np.random.RandomState(0)
   params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
-  B, S = 16, 40
+  S = 40
   cache_k = tuple(rng.normal(size=(B, 2, 16, S)).astype(np.float32) for _ in range(2))
   cache_v = tuple(rng.normal(size=(B, 2, S, 16)).astype(np.float32) for _ in range(2))
   tokens = rng.randint(0, 80, B).astype(np.int32)

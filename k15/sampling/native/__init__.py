@@ -3,7 +3,7 @@
 On a CPU, XLA runs a small model's decode step as dozens of separate kernels, and its matmuls with one row
 per slot run well below the machine's matmul rate. `decode_step.cc` does the whole step in one call:
 register-blocked matmuls over weights packed for them, attention that reads each slot's cache only up to
-its own position, the caches written in place, the slots split over XLA's CPU thread pool. It computes
+its own position, the caches written in place, the work shared by XLA's CPU threads phase by phase. It computes
 what `k15.sampling.step.decode_step` computes (the tests hold them to each other and to transformers).
 
 It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
@@ -43,7 +43,7 @@ class NativeWeights(NamedTuple):
   qkv_bias_LxE: jax.Array  # zeros for a model without qkv bias
   o: jax.Array  # packed NHxD
   mlp_norm_LxD: jax.Array
-  gate_up: jax.Array  # packed Dx2F
+  gate_up: jax.Array  # gate and up packed each (DxF), the up panels after the gate panels
   down: jax.Array  # packed FxD
   final_norm_D: jax.Array
   head: jax.Array  # packed DxV
@@ -58,6 +58,13 @@ def pack(w_KxN):
   return jnp.moveaxis(w.reshape(*lead, K, P, PANEL), -2, -3)
 
 
+def pack_pairs(w_Kx2N):
+  """The two halves of ...xKx2N (gate and up) packed each and the panels concatenated: panel j of the gate and
+  panel j of the up projection cover the same columns, so one thread computes both (and silu(gate) * up)."""
+  N = w_Kx2N.shape[-1] // 2
+  return jnp.concatenate([pack(w_Kx2N[..., :N]), pack(w_Kx2N[..., N:])], axis=-3)
+
+
 def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
   """The model's weights in the native step's layout (float32); build once per sampling run, not per step."""
   fused = xla_step.decode_weights(cfg, params)
@@ -66,7 +73,7 @@ def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
   bias = stack("qkv_bias_E") if cfg.qkv_bias else jnp.zeros((cfg.n_layers, E), jnp.float32)
   f32 = lambda a: a.astype(jnp.float32)
   return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), pack(stack("qkv_DxE")), bias,
-                       pack(stack("o_NHxD")), stack("mlp_norm"), pack(stack("gate_up_Dx2F")),
+                       pack(stack("o_NHxD")), stack("mlp_norm"), pack_pairs(stack("gate_up_Dx2F")),
                        pack(stack("down_FxD")), f32(params["final_norm"]["scale"]), pack(f32(fused["head_DxV"])))
 
 

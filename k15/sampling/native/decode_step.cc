@@ -4,15 +4,16 @@
 // rotary, cache write and softmax its own dispatch), and its matmuls with one row per slot run well below
 // the machine's matmul rate. This handler does the whole step in one call: register-blocked matmuls over the
 // fused weights, attention that reads each slot's cache only up to its own position, and the cache
-// written in place (the cache inputs alias the cache outputs). It computes the same function as
+// written in place (the cache inputs alias the cache outputs). The threads of XLA's CPU pool share the work
+// phase by phase (`PhasedStep`): matmuls split by columns, attention by slots. It computes the same function as
 // `k15.sampling.step.decode_step`; tests compare the two logit for logit.
 //
-// Arguments, in order (float32 unless noted; "packed" is `matmul`'s layout of a KxN weight, ceil(N/32) Kx32
+// Arguments, in order (float32 unless noted; "packed" is `slab`'s layout of a KxN weight, ceil(N/32) Kx32
 // panels, stacked over layers as LxPxKx32):
 //   tokens_B (int32), positions_B (int32), embed_VxD, attn_norm_LxD, qkv (packed, N = E = (n_heads + 2
-//   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (packed,
-//   N = 2F), down (packed, K = F), final_norm_D, head (packed PxDx32, N = V),
-//   then L key caches BxKxHxS and L value caches BxKxSxH.
+//   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (gate
+//   and up packed each, N = F, the up panels after the gate panels), down (packed, K = F), final_norm_D, head
+//   (packed PxDx32, N = V), then L key caches BxKxHxS and L value caches BxKxSxH.
 // Results: logits_BxV, then the L key caches and L value caches (aliasing the inputs).
 // A slot whose position is outside [0, S) writes nothing and gets garbage logits (inactive slots).
 #include <algorithm>
@@ -119,14 +120,6 @@ void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int
   }
 }
 
-// C[MxN] (+)= A[MxK] W[KxN], W packed as ceil(N/32) contiguous Kx32 panels (zero-padded), A and C row-major.
-void matmul(const float* A, int64_t M, int64_t K, const float* W, int64_t N, float* C, bool add) {
-  for (int64_t n = 0; n < N; n += 32) {
-    const float* panel = W + (n / 32) * K * 32;
-    slab(A, K, M, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), n + 32 < N ? panel + K * 32 : nullptr);
-  }
-}
-
 // Columns [n, N) of C[MxN] = A[MxK] B[KxN] in slabs of 16 NV columns, while whole slabs fit within `limit`
 // columns; returns the first column not done.
 template <int NV>
@@ -180,6 +173,14 @@ void rotary(float* x, int64_t heads, int64_t H, const float* cos, const float* s
   }
 }
 
+// Asks for a kv head's keys and values up to position n into L2 ahead of its attention: the hardware
+// prefetchers do not follow the key rows' strided runs, and a slot's cache is too little to hide the latency.
+void prefetch_kv(const float* k, const float* v, int64_t H, int64_t S, int64_t n) {
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t s = 0; s < n; s += 16) __builtin_prefetch(k + i * S + s, 0, 2);
+  for (int64_t s = 0; s < n * H; s += 16) __builtin_prefetch(v + s, 0, 2);
+}
+
 // out_GxH = softmax(q_GxH k_HxS[:, :n] / sqrt(H)) v_SxH[:n]: the G query heads of one kv head over positions < n.
 void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v, int64_t S, int64_t n,
             float* scores, float* out) {
@@ -212,7 +213,7 @@ void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v
   matmul_strided(scores, S, G, n, v, H, H, out, H);
 }
 
-// Everything one step reads and writes; slots are independent, so any range of them can run on its own.
+// Everything one step reads and writes.
 struct Step {
   const int32_t* tokens;
   const int32_t* positions;
@@ -220,86 +221,192 @@ struct Step {
   std::vector<float*> k_caches, v_caches;
   float* logits;
   float eps, theta;
-  int64_t L, V, D, N, KV, H, S, F;
+  int64_t B, L, V, D, N, KV, H, S, F;
 };
 
 inline int64_t padded(int64_t n) { return (n + 31) / 32 * 32; }  // columns of a packed weight
 
-// The step for slots [b0, b1).
-void run_slots(const Step& p, int64_t b0, int64_t b1) {
-  const int64_t B = b1 - b0, D = p.D, N = p.N, KV = p.KV, H = p.H, S = p.S, F = p.F;
-  const int64_t G = N / KV, NH = N * H, E = NH + 2 * KV * H;
-  const int64_t qkv_l = D * padded(E), o_l = NH * padded(D), gu_l = D * padded(2 * F), down_l = F * padded(D);
-  const int32_t* positions = p.positions + b0;
-  std::vector<float> x(B * D), h(B * D), qkv(B * E), att(B * NH), gu(B * 2 * F), act(B * F), scores(G * S);
-  std::vector<float> cos(B * H / 2), sin(B * H / 2);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = std::min<int64_t>(std::max<int32_t>(p.tokens[b0 + b], 0), p.V - 1);
-    std::copy(p.embed + t * D, p.embed + (t + 1) * D, x.data() + b * D);
-    for (int64_t i = 0; i < H / 2; ++i) {  // rotary angles as the model computes them, in float32
-      const float inv_freq = 1.0f / std::pow(p.theta, static_cast<float>(2 * i) / static_cast<float>(H));
-      const float angle = static_cast<float>(positions[b]) * inv_freq;
-      cos[b * H / 2 + i] = std::cos(angle);
-      sin[b * H / 2 + i] = std::sin(angle);
-    }
+// A step as a sequence of phases, each a set of independent items (a few slots, or a few 32-column panels
+// of a matmul over every slot) that any thread may take. A matmul split by columns reads each weight once
+// per step, whichever thread runs it. Threads take items with an atomic counter and, at a phase's end,
+// wait only for items already taken (those are running): the caller never waits on a pool task that has
+// not started, and a task that starts late finds the early phases done and joins the current one.
+class PhasedStep {
+ public:
+  explicit PhasedStep(const Step& p) : p_(p) {
+    const int64_t B = p.B;
+    x_.resize(B * p.D), h_.resize(B * p.D), qkv_.resize(B * E()), att_.resize(B * p.N * p.H), act_.resize(B * p.F);
+    cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2);
+    phases_ = 2 + 7 * p.L;
+    counters_.reset(new Counter[phases_]);
   }
-  for (int64_t l = 0; l < p.L; ++l) {
-    rms_norm(x.data(), B, D, p.attn_norm + l * D, p.eps, h.data());
-    matmul(h.data(), B, D, p.qkv + l * qkv_l, E, qkv.data(), false);
-    for (int64_t b = 0; b < B; ++b) {
-      float* row = qkv.data() + b * E;
-      const float* bias = p.qkv_bias + l * E;
-      for (int64_t e = 0; e < E; ++e) row[e] += bias[e];
-      rotary(row, N + KV, H, cos.data() + b * H / 2, sin.data() + b * H / 2);  // q and k heads are adjacent
-      const int64_t pos = positions[b];
-      const bool active = pos >= 0 && pos < S;
-      for (int64_t kv = 0; kv < KV; ++kv) {
-        float* kb = p.k_caches[l] + ((b0 + b) * KV + kv) * H * S;
-        float* vb = p.v_caches[l] + ((b0 + b) * KV + kv) * S * H;
-        if (active) {
-          for (int64_t i = 0; i < H; ++i) kb[i * S + pos] = row[NH + kv * H + i];
-          std::copy(row + NH + KV * H + kv * H, row + NH + KV * H + (kv + 1) * H, vb + pos * H);
-        }
-        attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores.data(), att.data() + b * NH + kv * G * H);
-      }
-    }
-    matmul(att.data(), B, NH, p.o + l * o_l, D, x.data(), true);
-    rms_norm(x.data(), B, D, p.mlp_norm + l * D, p.eps, h.data());
-    matmul(h.data(), B, D, p.gate_up + l * gu_l, 2 * F, gu.data(), false);
-    for (int64_t b = 0; b < B; ++b) {  // silu(gate) * up
-      const float* g = gu.data() + b * 2 * F;
-      float* a = act.data() + b * F;
-      int64_t f = 0;
-      for (; f + 16 <= F; f += 16) {
-        v16 gv = load(g + f);
-        store(a + f, gv * (1.0f / (1.0f + vexp(-gv))) * load(g + F + f));
-      }
-      for (; f < F; ++f) a[f] = g[f] * (1.0f / (1.0f + exp1(-g[f]))) * g[F + f];
-    }
-    matmul(act.data(), B, F, p.down + l * down_l, D, x.data(), true);
-  }
-  rms_norm(x.data(), B, D, p.final_norm, p.eps, h.data());
-  matmul(h.data(), B, D, p.head, p.V, p.logits + b0 * p.V, false);
-}
-
-// Slot ranges handed out to whoever asks: the calling thread and the pool tasks it schedules. The caller
-// works too, and waits only for ranges other threads have taken (those are running, not queued), so it
-// never blocks on a task stuck behind busy pool threads. Late tasks find nothing left and return.
-struct Split {
-  Step step;
-  int64_t B, parts;
-  std::atomic<int64_t> next{0}, done{0};
 
   void work() {
-    for (int64_t i = next++; i < parts; i = next++) {
-      run_slots(step, B * i / parts, B * (i + 1) / parts);
-      ++done;
+    Scratch scratch{std::vector<float>((p_.N / p_.KV) * p_.S), std::vector<float>(p_.B * 32),
+                    std::vector<float>(p_.B * 32)};
+    for (int64_t ph = 0; ph < phases_; ++ph) {
+      Counter& c = counters_[ph];
+      const int64_t n = items(ph);
+      for (int64_t i = c.next.fetch_add(1); i < n; i = c.next.fetch_add(1)) {
+        run(ph, i, scratch);
+        c.done.fetch_add(1, std::memory_order_release);
+      }
+      for (int spins = 0; c.done.load(std::memory_order_acquire) < n; ++spins) {
+        if (spins > 4096) std::this_thread::yield();  // the other threads may not be running
+#if defined(__x86_64__)
+        else __builtin_ia32_pause();
+#endif
+      }
     }
   }
-};
 
-// At least this many slots per part: fewer would re-read every weight for too little work.
-constexpr int64_t kMinSlotsPerPart = 4;
+ private:
+  struct alignas(64) Counter {
+    std::atomic<int64_t> next{0};
+    alignas(64) std::atomic<int64_t> done{0};
+  };
+  struct Scratch {  // per thread
+    std::vector<float> scores, gate, up;
+  };
+  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2;
+
+  int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+  int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), kPanelsPerItem); }
+
+  // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); last the head.
+  int64_t items(int64_t ph) const {
+    if (ph == 0) return ceil_div(p_.B, kSlotsPerItem);
+    if (ph == phases_ - 1) return panel_items(p_.V);
+    switch ((ph - 1) % 7) {
+      case 0: return panel_items(E());
+      case 2: case 5: return panel_items(p_.D);
+      case 4: return panel_items(p_.F);
+      default: return ceil_div(p_.B, kSlotsPerItem);  // attention and norms
+    }
+  }
+
+  // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed.
+  void matmul_item(int64_t i, const float* A, int64_t K, const float* W, int64_t N, float* C, bool add) {
+    const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(N, n0 + kPanelsPerItem * 32);
+    for (int64_t n = n0; n < n1; n += 32) {
+      const float* panel = W + (n / 32) * K * 32;
+      slab(A, K, p_.B, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), n + 32 < n1 ? panel + K * 32 : nullptr);
+    }
+  }
+
+  void run(int64_t ph, int64_t i, Scratch& scratch) {
+    float* scores = scratch.scores.data();
+    const Step& p = p_;
+    const int64_t D = p.D, N = p.N, KV = p.KV, H = p.H, S = p.S, F = p.F, B = p.B;
+    const int64_t G = N / KV, NH = N * H, E = this->E();
+    const int64_t b0 = i * kSlotsPerItem, b1 = std::min(B, b0 + kSlotsPerItem);
+    if (ph == 0) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t = std::min<int64_t>(std::max<int32_t>(p.tokens[b], 0), p.V - 1);
+        std::copy(p.embed + t * D, p.embed + (t + 1) * D, x_.data() + b * D);
+        for (int64_t j = 0; j < H / 2; ++j) {  // rotary angles as the model computes them, in float32
+          const float inv_freq = 1.0f / std::pow(p.theta, static_cast<float>(2 * j) / static_cast<float>(H));
+          const float angle = static_cast<float>(p.positions[b]) * inv_freq;
+          cos_[b * H / 2 + j] = std::cos(angle);
+          sin_[b * H / 2 + j] = std::sin(angle);
+        }
+      }
+      rms_norm(x_.data() + b0 * D, b1 - b0, D, p.attn_norm, p.eps, h_.data() + b0 * D);
+      return;
+    }
+    if (ph == phases_ - 1) {
+      matmul_item(i, h_.data(), D, p.head, p.V, p.logits, false);
+      return;
+    }
+    const int64_t l = (ph - 1) / 7;
+    const int64_t qkv_l = D * padded(E), o_l = NH * padded(D), gu_l = 2 * D * padded(F), down_l = F * padded(D);
+    switch ((ph - 1) % 7) {
+      case 0: {  // qkv = h Wqkv + bias
+        matmul_item(i, h_.data(), D, p.qkv + l * qkv_l, E, qkv_.data(), false);
+        const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(E, n0 + kPanelsPerItem * 32);
+        const float* bias = p.qkv_bias + l * E;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t e = n0; e < n1; ++e) qkv_[b * E + e] += bias[e];
+        return;
+      }
+      case 1:  // rotary, cache write, attention
+        for (int64_t b = b0, j = 0; b < b1 && j < 2; ++b)
+          for (int64_t kv = 0; kv < KV && j < 2; ++kv, ++j)
+            if (p.positions[b] >= 0 && p.positions[b] < S)
+              prefetch_kv(p.k_caches[l] + (b * KV + kv) * H * S, p.v_caches[l] + (b * KV + kv) * S * H, H, S,
+                          p.positions[b] + 1);
+        for (int64_t b = b0; b < b1; ++b) {
+          float* row = qkv_.data() + b * E;
+          rotary(row, N + KV, H, cos_.data() + b * H / 2, sin_.data() + b * H / 2);  // q and k heads are adjacent
+          const int64_t pos = p.positions[b];
+          const bool active = pos >= 0 && pos < S;
+          for (int64_t kv = 0; kv < KV; ++kv) {
+            float* kb = p.k_caches[l] + (b * KV + kv) * H * S;
+            float* vb = p.v_caches[l] + (b * KV + kv) * S * H;
+            if (active) {
+              for (int64_t j = 0; j < H; ++j) kb[j * S + pos] = row[NH + kv * H + j];
+              std::copy(row + NH + KV * H + kv * H, row + NH + KV * H + (kv + 1) * H, vb + pos * H);
+            }
+            {
+              int64_t nb = b, nkv = kv + 2;
+              while (nkv >= KV) nb += 1, nkv -= KV;
+              if (nb < b1 && p.positions[nb] >= 0 && p.positions[nb] < S)
+                prefetch_kv(p.k_caches[l] + (nb * KV + nkv) * H * S, p.v_caches[l] + (nb * KV + nkv) * S * H, H, S,
+                            p.positions[nb] + 1);
+            }
+            attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores, att_.data() + b * NH + kv * G * H);
+          }
+        }
+        return;
+      case 2:
+        matmul_item(i, att_.data(), NH, p.o + l * o_l, D, x_.data(), true);
+        return;
+      case 3:
+        rms_norm(x_.data() + b0 * D, b1 - b0, D, p.mlp_norm + l * D, p.eps, h_.data() + b0 * D);
+        return;
+      case 4: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
+        const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(F, n0 + kPanelsPerItem * 32);
+        const float* W = p.gate_up + l * gu_l;
+        float* gate = scratch.gate.data();
+        float* up = scratch.up.data();
+        for (int64_t n = n0; n < n1; n += 32) {
+          const int64_t cols = std::min<int64_t>(32, n1 - n);
+          const float* up_panel = W + (padded(F) + n) / 32 * D * 32;
+          slab(h_.data(), D, B, D, W + (n / 32) * D * 32, 32, gate, 32, false, cols, up_panel);
+          slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, n + 32 < n1 ? W + (n / 32 + 1) * D * 32 : nullptr);
+          for (int64_t b = 0; b < B; ++b) {
+            const float* gv = gate + b * 32;
+            const float* uv = up + b * 32;
+            float* a = act_.data() + b * F + n;
+            if (cols == 32) {
+              for (int j = 0; j < 32; j += 16) {
+                v16 x = load(gv + j);
+                store(a + j, x * (1.0f / (1.0f + vexp(-x))) * load(uv + j));
+              }
+            } else {
+              for (int64_t j = 0; j < cols; ++j) a[j] = gv[j] * (1.0f / (1.0f + exp1(-gv[j]))) * uv[j];
+            }
+          }
+        }
+        return;
+      }
+      case 5:
+        matmul_item(i, act_.data(), F, p.down + l * down_l, D, x_.data(), true);
+        return;
+      case 6: {
+        const float* scale = l + 1 < p.L ? p.attn_norm + (l + 1) * D : p.final_norm;
+        rms_norm(x_.data() + b0 * D, b1 - b0, D, scale, p.eps, h_.data() + b0 * D);
+        return;
+      }
+    }
+  }
+
+  Step p_;
+  std::vector<float> x_, h_, qkv_, att_, act_, cos_, sin_;
+  int64_t phases_;
+  std::unique_ptr<Counter[]> counters_;
+};
 
 ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, int64_t KV, int64_t threads,
                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
@@ -321,8 +428,7 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
     if (in[i].element_type() != ffi::F32)
       return ffi::Error::InvalidArgument("k15 decode step: weights and caches must be float32");
   auto f32 = [&](int i) { return reinterpret_cast<const float*>(in[i].untyped_data()); };
-  auto job = std::make_shared<Split>();
-  Step& p = job->step;
+  Step p;
   p.L = (in.size() - 12) / 2;
   p.V = in[2].dimensions()[0], p.D = in[2].dimensions()[1];
   p.S = in[12].dimensions()[3], p.H = in[12].dimensions()[2];
@@ -340,13 +446,12 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   }
   p.logits = reinterpret_cast<float*>(outs[0].untyped_data());
 
-  job->B = in[0].dimensions()[0];
-  int64_t parts = std::min<int64_t>(pool.num_threads(), job->B / kMinSlotsPerPart);
+  p.B = in[0].dimensions()[0];
+  int64_t parts = pool.num_threads();
   if (threads > 0) parts = std::min(parts, threads);
-  job->parts = std::max<int64_t>(1, parts);
-  for (int64_t i = 1; i < job->parts; ++i) pool.Schedule([job] { job->work(); });
+  auto job = std::make_shared<PhasedStep>(p);
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  while (job->done.load() < job->parts) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
