@@ -193,25 +193,37 @@ class RolloutEngine:
           batch.append(traj)
       if not batch:
         return
-      lengths = [len(t.prompt_tokens) + len(t.response_tokens) for t in batch]
-      P, T = _bucket(len(batch), 1, B), _bucket(max(lengths), 16, S)
+      rows = []  # (trajectory, its length, its slot)
+      for traj, slot in zip(batch, free):
+        n = len(traj.prompt_tokens) + len(traj.response_tokens)
+        rows.append((traj, n, slot))
+        live[slot] = _Live(traj, [], [], n)
+      fit_capacity(max(item.length for item in live if item is not None))
+      # One prefill per length bucket: a resumed long trajectory does not pad every short row to its length.
+      groups: Dict[int, list] = {}
+      for row in rows:
+        groups.setdefault(_bucket(row[1], 16, S), []).append(row)
+      for T, group in sorted(groups.items()):
+        prefill(group, T)
+
+    def prefill(rows, T: int):
+      """Encodes `rows` (trajectory, length, slot), each at most T tokens long, into their slots."""
+      P = _bucket(len(rows), 1, B)
       tokens = np.zeros((P, T), np.int32)
       lengths_P = np.ones((P,), np.int32)
       starts, remaining = np.zeros((P,), np.int32), np.zeros((P,), np.int32)
       slots_P, seeds = np.full((P,), B, np.int32), np.zeros((P, 2), np.uint32)
-      for row, (traj, n, slot) in enumerate(zip(batch, lengths, free)):
+      for row, (traj, n, slot) in enumerate(rows):
         tokens[row, :n] = traj.tokens
         lengths_P[row], starts[row], remaining[row] = n, len(traj.prompt_tokens), self._limits(traj, token_budget)
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
-        live[slot] = _Live(traj, [], [], n)
-      fit_capacity(max(item.length for item in live if item is not None))
       # With local decode loops (replicated params) the devices also split the prefill's rows.
-      rows = self.sharding if local_loops and P % self._shards == 0 else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows, params, tokens, lengths_P)
+      rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, lengths_P)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1
-      stats.prefill_tokens += sum(lengths)
+      stats.prefill_tokens += sum(n for _, n, _ in rows)
 
     def close(slot: int, device_reason: int):
       item = live[slot]
