@@ -268,7 +268,7 @@ class PhasedStep {
   struct Scratch {  // per thread
     std::vector<float> scores, gate, up;
   };
-  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2;
+  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kPrefetchHeads = 2;
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -330,12 +330,14 @@ class PhasedStep {
           for (int64_t e = n0; e < n1; ++e) qkv_[b * E + e] += bias[e];
         return;
       }
-      case 1:  // rotary, cache write, attention
-        for (int64_t b = b0, j = 0; b < b1 && j < 2; ++b)
-          for (int64_t kv = 0; kv < KV && j < 2; ++kv, ++j)
-            if (p.positions[b] >= 0 && p.positions[b] < S)
-              prefetch_kv(p.k_caches[l] + (b * KV + kv) * H * S, p.v_caches[l] + (b * KV + kv) * S * H, H, S,
-                          p.positions[b] + 1);
+      case 1: {  // rotary, cache write and attention for the item's (slot, kv head) pairs
+        auto prefetch = [&](int64_t pair) {  // asked for kPrefetchHeads pairs ahead of its attention
+          const int64_t b = b0 + pair / KV, kv = pair % KV;
+          if (b < b1 && p.positions[b] >= 0 && p.positions[b] < S)
+            prefetch_kv(p.k_caches[l] + (b * KV + kv) * H * S, p.v_caches[l] + (b * KV + kv) * S * H, H, S,
+                        p.positions[b] + 1);
+        };
+        for (int64_t pair = 0; pair < kPrefetchHeads; ++pair) prefetch(pair);
         for (int64_t b = b0; b < b1; ++b) {
           float* row = qkv_.data() + b * E;
           rotary(row, N + KV, H, cos_.data() + b * H / 2, sin_.data() + b * H / 2);  // q and k heads are adjacent
@@ -348,17 +350,12 @@ class PhasedStep {
               for (int64_t j = 0; j < H; ++j) kb[j * S + pos] = row[NH + kv * H + j];
               std::copy(row + NH + KV * H + kv * H, row + NH + KV * H + (kv + 1) * H, vb + pos * H);
             }
-            {
-              int64_t nb = b, nkv = kv + 2;
-              while (nkv >= KV) nb += 1, nkv -= KV;
-              if (nb < b1 && p.positions[nb] >= 0 && p.positions[nb] < S)
-                prefetch_kv(p.k_caches[l] + (nb * KV + nkv) * H * S, p.v_caches[l] + (nb * KV + nkv) * S * H, H, S,
-                            p.positions[nb] + 1);
-            }
+            prefetch((b - b0) * KV + kv + kPrefetchHeads);
             attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores, att_.data() + b * NH + kv * G * H);
           }
         }
         return;
+      }
       case 2:
         matmul_item(i, att_.data(), NH, p.o + l * o_l, D, x_.data(), true);
         return;
