@@ -66,11 +66,37 @@ float exp1(float x) {  // the same arithmetic for one value (loop tails)
   return lanes[0];
 }
 
+// Cache lines to fetch ahead of their use, a few per iteration of the loops that run meanwhile, so memory
+// streams them while those loops compute (a burst of prefetches stalls the core instead). The lines are
+// `runs` runs of `run` lines, `stride` floats apart: a packed weight panel is one run, a kv head's keys one
+// run per dimension. `rate` lines per `per` iterations.
+struct Ahead {
+  const float* p = nullptr;
+  int64_t run = 0, stride = 0, left = 0, col = 0, rate = 0, per = 1, owed = 0;
+
+  Ahead() = default;
+  Ahead(const float* p, int64_t run, int64_t stride, int64_t runs, int64_t rate, int64_t per)
+      : p(p), run(run), stride(stride), left(run * runs), rate(rate), per(per) {}
+  void tick() {
+    for (owed += rate; owed >= per && left > 0; owed -= per) one();
+  }
+  void rest() {
+    while (left > 0) one();
+  }
+
+ private:
+  void one() {
+    __builtin_prefetch(p + 16 * col, 0, 2);
+    if (++col == run) col = 0, p += stride;
+    --left;
+  }
+};
+
 // C[MRx(16 NV)] (+)= A[MRxK] B[Kx(16 NV)] with leading dimensions; the accumulators stay in registers.
 // Only the first `cols` columns are stored (the zero-padded last panel of a packed weight).
 template <int MR, int NV>
 void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K, bool add,
-           int64_t cols, const float* next = nullptr) {
+           int64_t cols, Ahead* ahead = nullptr) {
   v16 c[MR][NV];
   const bool full = cols == 16 * NV;
   for (int r = 0; r < MR; ++r)
@@ -83,7 +109,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
       }
     }
   for (int64_t k = 0; k < K; ++k) {
-    if (next) __builtin_prefetch(next + k * 16 * NV);  // one line per row: the slab after this one
+    if (ahead) ahead->tick();
     v16 b[NV];
     for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + 16 * j);
     for (int r = 0; r < MR; ++r) {
@@ -101,35 +127,38 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
     }
 }
 
-// One 32-column slab: all M rows, in blocks of 8. `next`: the packed slab read after this one, fetched into
-// the cache while the first block streams this one (the other blocks find this slab in the cache).
+// One 32-column slab: all M rows, in blocks of 8. `next`: the packed slab read after this one (Kx32), fetched
+// into the cache over all the blocks, so memory streams it while they compute on this one.
 void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc,
           bool add, int64_t cols, const float* next = nullptr) {
+  Ahead ahead(next, 2 * K, 0, next ? 1 : 0, 2 * K, (M + 7) / 8 * K);
+  Ahead* a_ = next ? &ahead : nullptr;
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8, next = nullptr) block<8, 2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols, next);
+  for (; m + 8 <= M; m += 8) block<8, 2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols, a_);
   const float* a = A + m * lda;
   float* c = C + m * ldc;
   switch (M - m) {
-    case 7: block<7, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 6: block<6, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 5: block<5, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 4: block<4, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 3: block<3, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 2: block<2, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
-    case 1: block<1, 2>(a, lda, B, ldb, c, ldc, K, add, cols, next); break;
+    case 7: block<7, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 6: block<6, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 5: block<5, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 4: block<4, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 3: block<3, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 2: block<2, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
+    case 1: block<1, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
   }
+  if (a_) a_->rest();
 }
 
 // Columns [n, N) of C[MxN] = A[MxK] B[KxN] in slabs of 16 NV columns, while whole slabs fit within `limit`
 // columns; returns the first column not done.
 template <int NV>
 int64_t slabs(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t n, int64_t N,
-              int64_t limit, float* C, int64_t ldc) {
+              int64_t limit, float* C, int64_t ldc, Ahead* ahead) {
   for (; n < N && n + 16 * NV <= limit; n += 16 * NV) {
     const int64_t cols = std::min<int64_t>(16 * NV, N - n);
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) block<2, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols);
-    if (m < M) block<1, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols);
+    for (; m + 2 <= M; m += 2) block<2, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols, ahead);
+    if (m < M) block<1, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols, ahead);
   }
   return n;
 }
@@ -138,9 +167,9 @@ int64_t slabs(const float* A, int64_t lda, int64_t M, int64_t K, const float* B,
 // small), B a slot's keys (HxS) or values (SxH) in the cache. Wide slabs read long runs of each row of B;
 // the last columns go 16 at a time (reading up to 15 columns past N when the row has them: never used).
 void matmul_strided(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t N,
-                    float* C, int64_t ldc) {
-  int64_t n = slabs<8>(A, lda, M, K, B, ldb, 0, N, N, C, ldc);
-  n = slabs<1>(A, lda, M, K, B, ldb, n, N, ldb, C, ldc);
+                    float* C, int64_t ldc, Ahead* ahead) {
+  int64_t n = slabs<8>(A, lda, M, K, B, ldb, 0, N, N, C, ldc, ahead);
+  n = slabs<1>(A, lda, M, K, B, ldb, n, N, ldb, C, ldc, ahead);
   for (int64_t m = 0; m < M; ++m)  // columns without a whole vector left in the row
     for (int64_t j = n; j < N; ++j) {
       float s = 0.0f;
@@ -173,19 +202,13 @@ void rotary(float* x, int64_t heads, int64_t H, const float* cos, const float* s
   }
 }
 
-// Asks for a kv head's keys and values up to position n into L2 ahead of its attention: the hardware
-// prefetchers do not follow the key rows' strided runs, and a slot's cache is too little to hide the latency.
-void prefetch_kv(const float* k, const float* v, int64_t H, int64_t S, int64_t n) {
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t s = 0; s < n; s += 16) __builtin_prefetch(k + i * S + s, 0, 2);
-  for (int64_t s = 0; s < n * H; s += 16) __builtin_prefetch(v + s, 0, 2);
-}
-
 // out_GxH = softmax(q_GxH k_HxS[:, :n] / sqrt(H)) v_SxH[:n]: the G query heads of one kv head over positions < n.
+// `keys` and `values`: the next kv head's cache, fetched while the score and value products run.
 void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v, int64_t S, int64_t n,
-            float* scores, float* out) {
+            float* scores, float* out, Ahead& keys, Ahead& values) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  matmul_strided(q, H, G, H, k, S, n, scores, S);
+  matmul_strided(q, H, G, H, k, S, n, scores, S, &keys);
+  keys.rest();
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * S;
     v16 mxv = splat(-INFINITY);
@@ -210,7 +233,8 @@ void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v
     for (s = 0; s + 16 <= n; s += 16) store(sg + s, load(sg + s) / sum);
     for (; s < n; ++s) sg[s] /= sum;
   }
-  matmul_strided(scores, S, G, n, v, H, H, out, H);
+  matmul_strided(scores, S, G, n, v, H, H, out, H, &values);
+  values.rest();
 }
 
 // Everything one step reads and writes.
@@ -247,8 +271,11 @@ class PhasedStep {
     for (int64_t ph = 0; ph < phases_; ++ph) {
       Counter& c = counters_[ph];
       const int64_t n = items(ph);
-      for (int64_t i = c.next.fetch_add(1); i < n; i = c.next.fetch_add(1)) {
-        run(ph, i, scratch);
+      // Each thread claims its next item before running the current one, so the current one can prefetch
+      // the next one's weights.
+      for (int64_t i = c.next.fetch_add(1), j; i < n; i = j) {
+        j = c.next.fetch_add(1);
+        run(ph, i, j < n ? j : -1, scratch);
         c.done.fetch_add(1, std::memory_order_release);
       }
       for (int spins = 0; c.done.load(std::memory_order_acquire) < n; ++spins) {
@@ -268,7 +295,7 @@ class PhasedStep {
   struct Scratch {  // per thread
     std::vector<float> scores, gate, up;
   };
-  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kPrefetchHeads = 2;
+  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2;
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -286,16 +313,17 @@ class PhasedStep {
     }
   }
 
-  // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed.
-  void matmul_item(int64_t i, const float* A, int64_t K, const float* W, int64_t N, float* C, bool add) {
+  // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed; item `next` (-1: none) runs next.
+  void matmul_item(int64_t i, int64_t next, const float* A, int64_t K, const float* W, int64_t N, float* C, bool add) {
     const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(N, n0 + kPanelsPerItem * 32);
     for (int64_t n = n0; n < n1; n += 32) {
       const float* panel = W + (n / 32) * K * 32;
-      slab(A, K, p_.B, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), n + 32 < n1 ? panel + K * 32 : nullptr);
+      const float* after = n + 32 < n1 ? panel + K * 32 : next >= 0 ? W + next * kPanelsPerItem * K * 32 : nullptr;
+      slab(A, K, p_.B, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), after);
     }
   }
 
-  void run(int64_t ph, int64_t i, Scratch& scratch) {
+  void run(int64_t ph, int64_t i, int64_t next, Scratch& scratch) {
     float* scores = scratch.scores.data();
     const Step& p = p_;
     const int64_t D = p.D, N = p.N, KV = p.KV, H = p.H, S = p.S, F = p.F, B = p.B;
@@ -316,14 +344,14 @@ class PhasedStep {
       return;
     }
     if (ph == phases_ - 1) {
-      matmul_item(i, h_.data(), D, p.head, p.V, p.logits, false);
+      matmul_item(i, next, h_.data(), D, p.head, p.V, p.logits, false);
       return;
     }
     const int64_t l = (ph - 1) / 7;
     const int64_t qkv_l = D * padded(E), o_l = NH * padded(D), gu_l = 2 * D * padded(F), down_l = F * padded(D);
     switch ((ph - 1) % 7) {
       case 0: {  // qkv = h Wqkv + bias
-        matmul_item(i, h_.data(), D, p.qkv + l * qkv_l, E, qkv_.data(), false);
+        matmul_item(i, next, h_.data(), D, p.qkv + l * qkv_l, E, qkv_.data(), false);
         const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(E, n0 + kPanelsPerItem * 32);
         const float* bias = p.qkv_bias + l * E;
         for (int64_t b = 0; b < B; ++b)
@@ -331,13 +359,18 @@ class PhasedStep {
         return;
       }
       case 1: {  // rotary, cache write and attention for the item's (slot, kv head) pairs
-        auto prefetch = [&](int64_t pair) {  // asked for kPrefetchHeads pairs ahead of its attention
-          const int64_t b = b0 + pair / KV, kv = pair % KV;
-          if (b < b1 && p.positions[b] >= 0 && p.positions[b] < S)
-            prefetch_kv(p.k_caches[l] + (b * KV + kv) * H * S, p.v_caches[l] + (b * KV + kv) * S * H, H, S,
-                        p.positions[b] + 1);
+        // The hardware prefetchers do not follow the key rows' strided runs, and one kv head's cache is too
+        // little to hide the latency: each pair's cache is fetched while the pair before it computes (the
+        // item's first pair up front, unless the item before fetched it: one more prefetch of a line in
+        // flight or in the cache costs next to nothing).
+        Ahead keys, values;
+        auto fetch = [&](int64_t b, int64_t kv) {  // spread over attend's loops: ~1.4 key and 1 value line each
+          const int64_t pos = p.positions[b], n = pos >= 0 && pos < S ? pos + 1 : 0;
+          keys = Ahead(p.k_caches[l] + (b * KV + kv) * H * S, (n + 15) / 16, S, n ? H : 0, 3, 2);
+          values = Ahead(p.v_caches[l] + (b * KV + kv) * S * H, (n * H + 15) / 16, 0, n ? 1 : 0, 1, 1);
         };
-        for (int64_t pair = 0; pair < kPrefetchHeads; ++pair) prefetch(pair);
+        fetch(b0, 0);
+        keys.rest(), values.rest();
         for (int64_t b = b0; b < b1; ++b) {
           float* row = qkv_.data() + b * E;
           rotary(row, N + KV, H, cos_.data() + b * H / 2, sin_.data() + b * H / 2);  // q and k heads are adjacent
@@ -350,14 +383,16 @@ class PhasedStep {
               for (int64_t j = 0; j < H; ++j) kb[j * S + pos] = row[NH + kv * H + j];
               std::copy(row + NH + KV * H + kv * H, row + NH + KV * H + (kv + 1) * H, vb + pos * H);
             }
-            prefetch((b - b0) * KV + kv + kPrefetchHeads);
-            attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores, att_.data() + b * NH + kv * G * H);
+            const int64_t next_b = kv + 1 < KV || b + 1 < b1 ? b + (kv + 1) / KV : next * kSlotsPerItem;
+            if (next_b >= 0) fetch(next_b, (kv + 1) % KV);
+            attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores, att_.data() + b * NH + kv * G * H,
+                   keys, values);
           }
         }
         return;
       }
       case 2:
-        matmul_item(i, att_.data(), NH, p.o + l * o_l, D, x_.data(), true);
+        matmul_item(i, next, att_.data(), NH, p.o + l * o_l, D, x_.data(), true);
         return;
       case 3:
         rms_norm(x_.data() + b0 * D, b1 - b0, D, p.mlp_norm + l * D, p.eps, h_.data() + b0 * D);
@@ -371,7 +406,9 @@ class PhasedStep {
           const int64_t cols = std::min<int64_t>(32, n1 - n);
           const float* up_panel = W + (padded(F) + n) / 32 * D * 32;
           slab(h_.data(), D, B, D, W + (n / 32) * D * 32, 32, gate, 32, false, cols, up_panel);
-          slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, n + 32 < n1 ? W + (n / 32 + 1) * D * 32 : nullptr);
+          const float* after = n + 32 < n1 ? W + (n / 32 + 1) * D * 32
+                             : next >= 0 ? W + next * kPanelsPerItem * D * 32 : nullptr;
+          slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
           for (int64_t b = 0; b < B; ++b) {
             const float* gv = gate + b * 32;
             const float* uv = up + b * 32;
@@ -389,7 +426,7 @@ class PhasedStep {
         return;
       }
       case 5:
-        matmul_item(i, act_.data(), F, p.down + l * down_l, D, x_.data(), true);
+        matmul_item(i, next, act_.data(), F, p.down + l * down_l, D, x_.data(), true);
         return;
       case 6: {
         const float* scale = l + 1 < p.L ? p.attn_norm + (l + 1) * D : p.final_norm;
