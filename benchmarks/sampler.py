@@ -30,7 +30,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k15 import models, sampling
 from k15.sampling import slots as slots_lib
-from k15.sampling.select import first_argmax
 
 
 def parse_args():
@@ -141,8 +140,8 @@ def step_runs(cfg, params, batch, context, steps, kernel, mesh=None):
     def body(i, carry):
       cache_k, cache_v, tokens_B = carry
       positions_B = jnp.full((B,), context - steps, jnp.int32) + i
-      logits_BxV, cache_k, cache_v = step(params, weights, cache_k, cache_v, tokens_B, positions_B)
-      return cache_k, cache_v, first_argmax(logits_BxV)
+      _, stats, cache_k, cache_v = step(params, weights, cache_k, cache_v, tokens_B, positions_B)
+      return cache_k, cache_v, stats.argmax_B
     return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((B,), jnp.int32)))
 
   if mesh is not None:

@@ -71,6 +71,11 @@ def _perturbed(params, seed=1, scale=0.3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def _drop_stats(step_out):
+  logits, _, cache_k, cache_v = step_out
+  return logits, cache_k, cache_v
+
+
 def _check_decode_step(cfg, params, kernel):
   """The sampler's decode step (fused weights, K-major per-layer cache) against the model's own cached forward."""
   B, T, S = 3, 12, 16
@@ -80,7 +85,7 @@ def _check_decode_step(cfg, params, kernel):
   cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
   if kernel == "native":
     weights = native.decode_weights(cfg, params)
-    step_fn = jax.jit(lambda ck, cv, tok, pos: native.decode_step(cfg, weights, ck, cv, tok, pos))
+    step_fn = jax.jit(lambda ck, cv, tok, pos: _drop_stats(native.decode_step(cfg, weights, ck, cv, tok, pos)))
   else:
     step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
   ref_fn = jax.jit(lambda tok, pos, cache: models.forward_with_cache(cfg, params, tok, pos, cache))

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from k15 import models, sampling
-from k15.sampling import native
+from k15.sampling import native, select
 
 CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 
@@ -66,6 +66,37 @@ def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B)
   ref = jax.jit(lambda ck, cv: step.decode_step(cfg, params, ck, cv, tokens, positions))(cache_k, cache_v)
   active = positions < S
   np.testing.assert_allclose(np.asarray(nat[0])[active], np.asarray(ref[0])[active], atol=2e-5, rtol=2e-5)
-  for got, want, orig in zip(nat[1] + nat[2], ref[1] + ref[2], cache_k + cache_v):
+  for got, want, orig in zip(nat[2] + nat[3], ref[1] + ref[2], cache_k + cache_v):
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got)[~active], orig[~active])
+  _check_stats(np.asarray(nat[0]), nat[1])
+
+
+def _check_stats(logits, stats):
+  """The native step's LogitStats against numpy on its own logits (float64 log-sum-exp)."""
+  np.testing.assert_array_equal(stats.argmax_B, np.argmax(logits, axis=-1))  # the first maximum
+  np.testing.assert_array_equal(stats.max_B, logits.max(axis=-1))
+  lse = np.log(np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)).sum(axis=-1))
+  np.testing.assert_allclose(stats.lse_B, lse, rtol=1e-6, atol=1e-6)
+
+
+def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step):
+  """A slot whose token embeds to NaN gets NaN logits: its greedy token is V - 1 (`select.first_argmax`'s
+  answer) and its max and lse are NaN; the other slots are untouched by it."""
+  cfg = models.ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
+                           tie_embeddings=False)
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
+  params["embed"]["embedding"][7] = np.nan
+  B, S = 5, 8
+  cache_k = (np.zeros((B, 1, 16, S), np.float32),)
+  cache_v = (np.zeros((B, 1, S, 16), np.float32),)
+  tokens = np.array([1, 7, 2, 3, 4], np.int32)
+  positions = np.array([0, 1, 2, 3, 4], np.int32)
+  weights = native.decode_weights(cfg, params)
+  logits, stats, _, _ = jax.jit(lambda: native.decode_step(cfg, weights, cache_k, cache_v, tokens, positions))()
+  logits = np.asarray(logits)
+  assert np.isnan(logits[1]).all() and not np.isnan(np.delete(logits, 1, axis=0)).any()
+  assert stats.argmax_B[1] == cfg.vocab_size - 1 and np.isnan(stats.max_B[1]) and np.isnan(stats.lse_B[1])
+  np.testing.assert_array_equal(np.asarray(select.first_argmax(logits))[1], cfg.vocab_size - 1)
+  _check_stats(np.delete(logits, 1, axis=0), jax.tree.map(lambda a: np.delete(np.asarray(a), 1), stats))

@@ -3,6 +3,8 @@
 The configuration is static, so each path compiles only what it uses: greedy is one argmax and plain
 temperature sampling needs no sort; only top-p sorts the (top-k) candidates.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +21,27 @@ def first_argmax(x_BxV):
   is_max_BxV = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
   first_B = jnp.min(jnp.where(is_max_BxV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
   return jnp.minimum(first_B, V - 1)
+
+
+class LogitStats(NamedTuple):
+  """Per row of logits, what the sampling loop needs besides the logits themselves."""
+  argmax_B: jax.Array  # int32 first_argmax: the greedy token
+  max_B: jax.Array  # float32 the largest logit
+  lse_B: jax.Array  # float32 log sum exp(logits - max): with max, the log-softmax normalizer
+
+
+def logit_stats(logits_BxV) -> LogitStats:
+  """The stats in XLA; the native decode step returns the same from its own pass over the logits."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  max_B = jnp.max(logits_BxV, axis=-1)
+  lse_B = jnp.log(jnp.sum(jnp.exp(logits_BxV - max_B[:, None]), axis=-1))
+  return LogitStats(first_argmax(logits_BxV), max_B, lse_B)
+
+
+def logprobs_at(logits_BxV, stats: LogitStats, tokens_B):
+  """log softmax(logits)[token] per row: `k15.models.logprobs_of`'s arithmetic, from the stats."""
+  picked_B = jnp.take_along_axis(logits_BxV.astype(jnp.float32), tokens_B[:, None], axis=-1)[:, 0]
+  return (picked_B - stats.max_B) - stats.lse_B
 
 
 def _categorical(key, logits_V):

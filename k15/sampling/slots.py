@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from k15.models import KVCache, ModelConfig, forward_with_cache, logprobs_of
+from k15.models import KVCache, ModelConfig, forward_with_cache
 from k15.sampling import native
 from k15.sampling.config import SamplingConfig
 from k15.sampling.repeat import newest_ngram_count
-from k15.sampling.select import select_tokens
+from k15.sampling.select import logit_stats, logprobs_at, select_tokens
 from k15.sampling.step import LayerCaches, decode_step, keys_from_model, values_from_model
 from k15.sampling.step import decode_weights as decode_weights_xla
 
@@ -172,11 +172,14 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
 
 def step_fn(kernel: str, cfg: ModelConfig, threads: int):
   """The decode step of `kernel`: (params, weights, cache_k, cache_v, tokens_B, positions_B) -> (logits_BxV,
-  cache_k, cache_v); `threads` bounds the native step's threads (0: no bound)."""
+  LogitStats, cache_k, cache_v); `threads` bounds the native step's threads (0: no bound)."""
   if kernel == "native":
     return lambda params, weights, *rest: native.decode_step(cfg, weights, *rest, threads=threads)
-  return lambda params, weights, cache_k, cache_v, tokens_B, positions_B: decode_step(
-      cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
+
+  def xla_step(params, weights, cache_k, cache_v, tokens_B, positions_B):
+    logits_BxV, cache_k, cache_v = decode_step(cfg, params, cache_k, cache_v, tokens_B, positions_B, weights)
+    return logits_BxV, logit_stats(logits_BxV), cache_k, cache_v
+  return xla_step
 
 
 # With one loop per slot shard: steps between the shards' agreements on stopping. A cross-device sum per
@@ -209,11 +212,13 @@ def _decode_loop(cfg: ModelConfig, scfg: SamplingConfig, step_fn, params, weight
   def body(carry):
     i, cache_k, cache_v, hist_BxA, tokens_B, positions_B, remaining_B, active_B, reasons_B, out_tok, out_logp = carry
     write_B = jnp.where(active_B, positions_B, A)  # inactive slots write nothing
-    logits_BxV, cache_k, cache_v = step_fn(params, weights, cache_k, cache_v, tokens_B, write_B)
+    logits_BxV, stats, cache_k, cache_v = step_fn(params, weights, cache_k, cache_v, tokens_B, write_B)
     new_pos_B = positions_B + 1
-    step_keys = jax.vmap(jax.random.fold_in)(keys_B, new_pos_B)
-    new_B = select_tokens(logits_BxV, step_keys, scfg)
-    logp_B = logprobs_of(logits_BxV[:, None], new_B[:, None])[:, 0]  # the unmodified policy: log pi_i
+    if scfg.greedy:
+      new_B = stats.argmax_B
+    else:
+      new_B = select_tokens(logits_BxV, jax.vmap(jax.random.fold_in)(keys_B, new_pos_B), scfg)
+    logp_B = logprobs_at(logits_BxV, stats, new_B)  # the unmodified policy: log pi_i
     hist_BxA = hist_BxA.at[b_idx, jnp.where(active_B, new_pos_B, A)].set(new_B, mode="drop")
     remaining_B = remaining_B - 1
     reason_B = jnp.where(remaining_B <= 0, LIMIT, RUNNING)

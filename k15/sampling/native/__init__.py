@@ -28,6 +28,7 @@ from absl import logging
 
 from k15.models import ModelConfig
 from k15.sampling import step as xla_step
+from k15.sampling.select import LogitStats
 
 SOURCE = pathlib.Path(__file__).with_name("decode_step.cc")
 TARGET = "k15_decode_step_f32"
@@ -78,8 +79,9 @@ def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
 
 
 def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, tokens_B, positions_B, threads: int = 0):
-  """Logits (float32 BxV) and the caches with each slot's k/v written at its position: `step.decode_step`'s
-  contract (a position outside the cache writes nothing and gets garbage logits).
+  """Logits (float32 BxV), their `LogitStats` and the caches with each slot's k/v written at its position:
+  `step.decode_step`'s contract (a position outside the cache writes nothing and gets garbage logits), plus
+  the stats, computed in the same call (XLA's reductions over the logits cost the loop more than this).
 
   `threads`: at most this many threads work on the call (0: XLA's whole CPU thread pool); a mesh of several
   CPU devices stepping side by side gives each its share of the cores.
@@ -89,13 +91,15 @@ def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, toke
     raise RuntimeError(f"the native decode step is unavailable: {reason}")
   L = cfg.n_layers
   caches = tuple(cache_k) + tuple(cache_v)
-  results = [jax.ShapeDtypeStruct((tokens_B.shape[0], cfg.vocab_size), jnp.float32)]
+  B = tokens_B.shape[0]
+  results = [jax.ShapeDtypeStruct((B, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.int32),
+             jax.ShapeDtypeStruct((B,), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.float32)]
   results += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
-  call = jax.ffi.ffi_call(TARGET, results, input_output_aliases={12 + i: 1 + i for i in range(2 * L)})
+  call = jax.ffi.ffi_call(TARGET, results, input_output_aliases={12 + i: 4 + i for i in range(2 * L)})
   out = call(tokens_B.astype(jnp.int32), positions_B.astype(jnp.int32), *weights, *caches,
              eps=np.float32(cfg.rms_norm_eps), theta=np.float32(cfg.rope_theta), n_heads=np.int64(cfg.n_heads),
              n_kv_heads=np.int64(cfg.n_kv_heads), threads=np.int64(threads))
-  return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])
+  return out[0], LogitStats(*out[1:4]), tuple(out[4:4 + L]), tuple(out[4 + L:])
 
 
 class BuildError(RuntimeError):

@@ -14,7 +14,9 @@
 //   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (gate
 //   and up packed each, N = F, the up panels after the gate panels), down (packed, K = F), final_norm_D, head
 //   (packed PxDx32, N = V), then L key caches BxKxHxS and L value caches BxKxSxH.
-// Results: logits_BxV, then the L key caches and L value caches (aliasing the inputs).
+// Results: logits_BxV; per slot the first index of its largest logit (int32, V - 1 when a logit is NaN, as
+// `select.first_argmax`), that logit and log sum exp(logits - it) (float32 each); then the L key caches and
+// L value caches (aliasing the inputs). The sampling loop takes the greedy token and log-probs from these.
 // A slot whose position is outside [0, S) writes nothing and gets garbage logits (inactive slots).
 #include <algorithm>
 #include <atomic>
@@ -237,6 +239,38 @@ void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v
   values.rest();
 }
 
+// The first index of x[:V]'s largest value (V - 1 if any is NaN), that value, and log sum exp(x - it), in
+// `k15.models.logprobs_of`'s order of operations (shift by the max, sum the exps, then the log).
+void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, float* lse_out) {
+  v16 mxv = splat(-INFINITY);
+  v16i nans = {};
+  int64_t v = 0;
+  for (; v + 16 <= V; v += 16) {
+    v16 a = load(x + v);
+    nans |= a != a;
+    mxv = a > mxv ? a : mxv;
+  }
+  float mx = -INFINITY;
+  bool nan = false;
+  for (int i = 0; i < 16; ++i) mx = std::max(mx, mxv[i]), nan |= nans[i] != 0;
+  for (; v < V; ++v) {
+    nan |= x[v] != x[v];
+    mx = std::max(mx, x[v]);
+  }
+  if (nan) {
+    *argmax = static_cast<int32_t>(V - 1), *max_out = NAN, *lse_out = NAN;
+    return;
+  }
+  int64_t at = 0;
+  while (at < V - 1 && x[at] != mx) ++at;
+  v16 sumv = splat(0.0f);
+  for (v = 0; v + 16 <= V; v += 16) sumv += vexp(load(x + v) - mx);
+  float sum = 0.0f;
+  for (int i = 0; i < 16; ++i) sum += sumv[i];
+  for (; v < V; ++v) sum += exp1(x[v] - mx);
+  *argmax = static_cast<int32_t>(at), *max_out = mx, *lse_out = std::log(sum);
+}
+
 // Everything one step reads and writes.
 struct Step {
   const int32_t* tokens;
@@ -244,6 +278,8 @@ struct Step {
   const float *embed, *attn_norm, *qkv, *qkv_bias, *o, *mlp_norm, *gate_up, *down, *final_norm, *head;
   std::vector<float*> k_caches, v_caches;
   float* logits;
+  int32_t* argmax;
+  float *max, *lse;
   float eps, theta;
   int64_t B, L, V, D, N, KV, H, S, F;
 };
@@ -261,7 +297,7 @@ class PhasedStep {
     const int64_t B = p.B;
     x_.resize(B * p.D), h_.resize(B * p.D), qkv_.resize(B * E()), att_.resize(B * p.N * p.H), act_.resize(B * p.F);
     cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2);
-    phases_ = 2 + 7 * p.L;
+    phases_ = 3 + 7 * p.L;
     counters_.reset(new Counter[phases_]);
   }
 
@@ -301,10 +337,12 @@ class PhasedStep {
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), kPanelsPerItem); }
 
-  // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); last the head.
+  // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); then the head;
+  // last the logits' stats.
   int64_t items(int64_t ph) const {
     if (ph == 0) return ceil_div(p_.B, kSlotsPerItem);
-    if (ph == phases_ - 1) return panel_items(p_.V);
+    if (ph == phases_ - 2) return panel_items(p_.V);
+    if (ph == phases_ - 1) return ceil_div(p_.B, kSlotsPerItem);
     switch ((ph - 1) % 7) {
       case 0: return panel_items(E());
       case 2: case 5: return panel_items(p_.D);
@@ -343,8 +381,12 @@ class PhasedStep {
       rms_norm(x_.data() + b0 * D, b1 - b0, D, p.attn_norm, p.eps, h_.data() + b0 * D);
       return;
     }
-    if (ph == phases_ - 1) {
+    if (ph == phases_ - 2) {
       matmul_item(i, next, h_.data(), D, p.head, p.V, p.logits, false);
+      return;
+    }
+    if (ph == phases_ - 1) {
+      for (int64_t b = b0; b < b1; ++b) logit_stats(p.logits + b * p.V, p.V, p.argmax + b, p.max + b, p.lse + b);
       return;
     }
     const int64_t l = (ph - 1) / 7;
@@ -456,7 +498,7 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
     if (!r.has_value()) return r.error();
     outs.push_back(**r);
   }
-  if (in.size() < 14 || (in.size() - 12) % 2 != 0 || outs.size() != in.size() - 11)
+  if (in.size() < 14 || (in.size() - 12) % 2 != 0 || outs.size() != in.size() - 8)
     return ffi::Error::InvalidArgument("k15 decode step: wrong number of arguments or results");
   for (size_t i = 2; i < in.size(); ++i)
     if (in[i].element_type() != ffi::F32)
@@ -475,10 +517,13 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   p.embed = f32(2), p.attn_norm = f32(3), p.qkv = f32(4), p.qkv_bias = f32(5), p.o = f32(6), p.mlp_norm = f32(7);
   p.gate_up = f32(8), p.down = f32(9), p.final_norm = f32(10), p.head = f32(11);
   for (int64_t l = 0; l < p.L; ++l) {
-    p.k_caches.push_back(reinterpret_cast<float*>(outs[1 + l].untyped_data()));
-    p.v_caches.push_back(reinterpret_cast<float*>(outs[1 + p.L + l].untyped_data()));
+    p.k_caches.push_back(reinterpret_cast<float*>(outs[4 + l].untyped_data()));
+    p.v_caches.push_back(reinterpret_cast<float*>(outs[4 + p.L + l].untyped_data()));
   }
   p.logits = reinterpret_cast<float*>(outs[0].untyped_data());
+  p.argmax = reinterpret_cast<int32_t*>(outs[1].untyped_data());
+  p.max = reinterpret_cast<float*>(outs[2].untyped_data());
+  p.lse = reinterpret_cast<float*>(outs[3].untyped_data());
 
   p.B = in[0].dimensions()[0];
   int64_t parts = pool.num_threads();
