@@ -45,11 +45,11 @@ def test_native_with_sharded_params_is_an_error(needs_native_step):
     engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
 
 
-@pytest.mark.parametrize("d_ff,B", [(96, 16), (80, 13)])
+@pytest.mark.parametrize("d_ff,B", [(96, 23), (80, 13)])
 def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B):
   """B slots (the work shared by the CPU threads) at their own positions, two of them inactive (position >= the
   cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched.
-  d_ff 80 and vocab 80 end in part-filled weight panels; 13 slots end in a part-filled block of rows."""
+  d_ff 80 and vocab 80 end in part-filled weight panels; 23 and 13 slots split into row blocks of 12 + 11 and 7 + 6."""
   from k15.sampling import step  # pylint: disable=g-import-not-at-top
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=d_ff,
                            qkv_bias=True, tie_embeddings=True)
@@ -60,7 +60,7 @@ def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B)
   cache_v = tuple(rng.normal(size=(B, 2, S, 16)).astype(np.float32) for _ in range(2))
   tokens = rng.randint(0, 80, B).astype(np.int32)
   positions = rng.randint(0, S, B).astype(np.int32)
-  positions[[3, 11]] = [S, S + 5]  # inactive
+  positions[[3, B - 1]] = [S, S + 5]  # inactive
   weights = native.decode_weights(cfg, params)
   nat = jax.jit(lambda ck, cv: native.decode_step(cfg, weights, ck, cv, tokens, positions))(cache_k, cache_v)
   ref = jax.jit(lambda ck, cv: step.decode_step(cfg, params, ck, cv, tokens, positions))(cache_k, cache_v)
