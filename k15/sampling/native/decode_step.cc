@@ -129,6 +129,12 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
     }
 }
 
+// block<rows, 2> by its row count (1 to 12).
+constexpr void (*kBlocks[])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
+                            Ahead*) = {nullptr,      block<1, 2>,  block<2, 2>,  block<3, 2>, block<4, 2>,
+                                       block<5, 2>,  block<6, 2>,  block<7, 2>,  block<8, 2>, block<9, 2>,
+                                       block<10, 2>, block<11, 2>, block<12, 2>};
+
 // One 32-column slab: all M rows, in blocks of at most 12 rows of near-equal size (12 x 2 vectors of
 // accumulators fit the 32 vector registers; fewer blocks read the slab fewer times). `next`: the packed slab
 // read after this one (Kx32), fetched into the cache over all the blocks, so memory streams it while they
@@ -140,22 +146,7 @@ void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int
   Ahead* a_ = next ? &ahead : nullptr;
   for (int64_t j = 0, m = 0; j < blocks; ++j) {
     const int64_t rows = M / blocks + (j < M % blocks ? 1 : 0);
-    const float* a = A + m * lda;
-    float* c = C + m * ldc;
-    switch (rows) {
-      case 12: block<12, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 11: block<11, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 10: block<10, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 9: block<9, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 8: block<8, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 7: block<7, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 6: block<6, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 5: block<5, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 4: block<4, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 3: block<3, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 2: block<2, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-      case 1: block<1, 2>(a, lda, B, ldb, c, ldc, K, add, cols, a_); break;
-    }
+    kBlocks[rows](A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols, a_);
     m += rows;
   }
   if (a_) a_->rest();
