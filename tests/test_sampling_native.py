@@ -1,5 +1,7 @@
 """The native CPU decode step's choice and its errors (its numbers are tested beside XLA's in test_sampling.py)."""
 import dataclasses
+import os
+import time
 
 import jax
 import numpy as np
@@ -100,3 +102,39 @@ def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step):
   assert stats.argmax_B[1] == cfg.vocab_size - 1 and np.isnan(stats.max_B[1]) and np.isnan(stats.lse_B[1])
   np.testing.assert_array_equal(np.asarray(select.first_argmax(logits))[1], cfg.vocab_size - 1)
   _check_stats(np.delete(logits, 1, axis=0), jax.tree.map(lambda a: np.delete(np.asarray(a), 1), stats))
+
+
+def test_a_phase_times_build_steps_alike_and_counts_every_phase(needs_native_step):
+  """benchmarks/decode_step.py's profiling build: the same logits and caches as the repo's step, every kind of
+  phase timed, the calls counted, and the threads' running time within the wall time they had."""
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
+  B, S = 5, 24
+  caches = [tuple(rng.normal(size=shape).astype(np.float32) for _ in range(2))
+            for shape in ((B, 2, 16, S), (B, 2, S, 16))]
+  tokens, positions = rng.randint(0, 80, B).astype(np.int32), rng.randint(0, S, B).astype(np.int32)
+  weights = native.decode_weights(cfg, params)
+  target = native.load_variant("phase_times", defines=("K15_PHASE_TIMES",))
+  steps = {t: jax.jit(lambda ck, cv, t=t: native.decode_step(cfg, weights, ck, cv, tokens, positions, target=t))
+           for t in (native.TARGET, target)}
+  want = steps[native.TARGET](*caches)
+  native.phase_times(target)  # clears
+  start = time.perf_counter()
+  for _ in range(3):
+    got = jax.block_until_ready(steps[target](*caches))
+  wall = time.perf_counter() - start
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  times, calls = native.phase_times(target)
+  assert calls == 3
+  assert set(times) == set(native.PHASE_KINDS) and all(run > 0 and wait >= 0 for run, wait in times.values())
+  assert sum(run + wait for run, wait in times.values()) <= wall * os.cpu_count()  # threads of XLA's CPU pool
+  assert native.phase_times(target) == ({k: (0.0, 0.0) for k in native.PHASE_KINDS}, 0)  # read clears
+
+
+def test_a_variant_that_does_not_compile_names_its_file(needs_native_step, tmp_path):
+  broken = tmp_path / "broken_step.cc"
+  broken.write_text("this is not C++\n")
+  with pytest.raises(native.BuildError, match="compiling broken_step.cc failed"):
+    native.load_variant("broken", source=broken)

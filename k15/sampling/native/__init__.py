@@ -78,15 +78,17 @@ def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
                        pack(stack("down_FxD")), f32(params["final_norm"]["scale"]), pack(f32(fused["head_DxV"])))
 
 
-def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, tokens_B, positions_B, threads: int = 0):
+def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, tokens_B, positions_B, threads: int = 0,
+                target: str = TARGET):
   """Logits (float32 BxV), their `LogitStats` and the caches with each slot's k/v written at its position:
   `step.decode_step`'s contract (a position outside the cache writes nothing and gets garbage logits), plus
   the stats, computed in the same call (XLA's reductions over the logits cost the loop more than this).
 
   `threads`: at most this many threads work on the call (0: XLA's whole CPU thread pool); a mesh of several
-  CPU devices stepping side by side gives each its share of the cores.
+  CPU devices stepping side by side gives each its share of the cores. `target`: a variant's FFI target
+  (`load_variant`), for benchmarks.
   """
-  reason = _load()
+  reason = _load() if target == TARGET else None
   if reason is not None:
     raise RuntimeError(f"the native decode step is unavailable: {reason}")
   L = cfg.n_layers
@@ -95,7 +97,7 @@ def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, toke
   results = [jax.ShapeDtypeStruct((B, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.int32),
              jax.ShapeDtypeStruct((B,), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.float32)]
   results += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
-  call = jax.ffi.ffi_call(TARGET, results, input_output_aliases={12 + i: 4 + i for i in range(2 * L)})
+  call = jax.ffi.ffi_call(target, results, input_output_aliases={12 + i: 4 + i for i in range(2 * L)})
   out = call(tokens_B.astype(jnp.int32), positions_B.astype(jnp.int32), *weights, *caches,
              eps=np.float32(cfg.rms_norm_eps), theta=np.float32(cfg.rope_theta), n_heads=np.int64(cfg.n_heads),
              n_kv_heads=np.int64(cfg.n_kv_heads), threads=np.int64(threads))
@@ -114,11 +116,12 @@ def _cpu_signature() -> str:
     return ""
 
 
-def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
+def _build(compiler: str, cache_dir: pathlib.Path, source: pathlib.Path = SOURCE, defines=()) -> pathlib.Path:
   """The compiled library, from the cache or freshly built (written under a temporary name, then renamed, so
-  concurrent processes never load a half-written file)."""
+  concurrent processes never load a half-written file). `defines`: preprocessor macros (-D), for variants."""
+  flags = (*_FLAGS, *(f"-D{d}" for d in defines))
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version, jax.__version__,
+  key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, jax.__version__,
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   lib = cache_dir / f"k15_decode_step_{key}.so"
   if lib.exists():
@@ -126,32 +129,64 @@ def _build(compiler: str, cache_dir: pathlib.Path) -> pathlib.Path:
   cache_dir.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
   os.close(fd)
-  cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     os.unlink(tmp)
-    raise BuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    raise BuildError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
   os.replace(tmp, lib)
+  return lib
+
+
+def _compiler() -> str:
+  return os.environ.get("CXX", "g++")
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("K15_NATIVE_CACHE", pathlib.Path.home() / ".cache" / "k15" / "native"))
+
+
+def _register(target: str, library: pathlib.Path) -> ctypes.CDLL:
+  lib = ctypes.cdll.LoadLibrary(str(library))  # RTLD_LOCAL: variants' symbols do not clash
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.K15DecodeStepF32), platform="cpu")
+  _LIBRARIES[target] = lib  # keep it loaded
   return lib
 
 
 @functools.cache
 def _load() -> Optional[str]:
   """Builds and registers the FFI target once per process; None on success, else why it is unavailable."""
-  compiler = os.environ.get("CXX", "g++")
-  if shutil.which(compiler) is None:
-    return f"no C++ compiler ({compiler!r} not found; set $CXX)"
-  cache_dir = pathlib.Path(os.environ.get("K15_NATIVE_CACHE", pathlib.Path.home() / ".cache" / "k15" / "native"))
+  if shutil.which(_compiler()) is None:
+    return f"no C++ compiler ({_compiler()!r} not found; set $CXX)"
   try:
-    lib = ctypes.cdll.LoadLibrary(str(_build(compiler, cache_dir)))
+    _register(TARGET, _build(_compiler(), _cache_dir()))
   except (BuildError, OSError) as e:
     return str(e)
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.K15DecodeStepF32), platform="cpu")
-  _LIBRARIES.append(lib)  # keep it loaded
   return None
 
 
-_LIBRARIES = []
+_LIBRARIES = {}
+
+
+def load_variant(name: str, source=SOURCE, defines=()) -> str:
+  """Builds `source` (a variant of decode_step.cc: same arguments and results) with macros `defines` and
+  registers it as FFI target "k15_decode_step_<name>"; returns the target, for `decode_step(target=...)`.
+  For benchmarks that compare variants in one process; raises BuildError when it does not compile."""
+  target = f"{TARGET}_{name}"
+  if target not in _LIBRARIES:
+    _register(target, _build(_compiler(), _cache_dir(), pathlib.Path(source), tuple(defines)))
+  return target
+
+
+PHASE_KINDS = ("embed", "qkv", "attention", "o", "mlp norm", "gate_up", "down", "norm", "head", "stats")
+
+
+def phase_times(target: str):
+  """{phase kind: (running, waiting) seconds summed over threads} and the number of calls since the last
+  read, from a variant built with defines=("K15_PHASE_TIMES",); clears them."""
+  out = (ctypes.c_double * (2 * len(PHASE_KINDS) + 1))()
+  _LIBRARIES[target].K15PhaseTimes(out)
+  return {k: (out[2 * i], out[2 * i + 1]) for i, k in enumerate(PHASE_KINDS)}, int(out[-1])
 
 
 def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:

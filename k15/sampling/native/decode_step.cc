@@ -25,12 +25,26 @@
 #include <memory>
 #include <thread>
 #include <vector>
+#ifdef K15_PHASE_TIMES
+#include <chrono>
+#include <mutex>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+#ifdef K15_PHASE_TIMES
+// A profiling build (benchmarks/decode_step.py): seconds each thread spends running and waiting in each
+// kind of phase, summed over threads and calls until K15PhaseTimes reads and clears them.
+constexpr int kPhaseKinds = 10;  // embed, qkv, attention, o, mlp norm, gate_up, down, norm, head, stats
+std::mutex g_times_mutex;
+double g_times[2 * kPhaseKinds + 1];  // (running, waiting) per kind, then the number of calls
+using Clock = std::chrono::steady_clock;
+inline double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+#endif
 
 // 16 floats: one AVX-512 register (two AVX2 registers elsewhere). v16u reads and writes any float address.
 typedef float v16 __attribute__((vector_size(64)));
@@ -305,9 +319,16 @@ class PhasedStep {
   void work() {
     Scratch scratch{std::vector<float>((p_.N / p_.KV) * p_.S), std::vector<float>(p_.B * 32),
                     std::vector<float>(p_.B * 32)};
+#ifdef K15_PHASE_TIMES
+    double times[2 * kPhaseKinds] = {};
+#endif
     for (int64_t ph = 0; ph < phases_; ++ph) {
       Counter& c = counters_[ph];
       const int64_t n = items(ph);
+#ifdef K15_PHASE_TIMES
+      const int kind = ph == 0 ? 0 : ph == phases_ - 2 ? 8 : ph == phases_ - 1 ? 9 : 1 + (ph - 1) % 7;
+      const auto start = Clock::now();
+#endif
       // Each thread claims its next item before running the current one, so the current one can prefetch
       // the next one's weights.
       for (int64_t i = c.next.fetch_add(1), j; i < n; i = j) {
@@ -315,13 +336,23 @@ class PhasedStep {
         run(ph, i, j < n ? j : -1, scratch);
         c.done.fetch_add(1, std::memory_order_release);
       }
+#ifdef K15_PHASE_TIMES
+      const auto ran = Clock::now();
+#endif
       for (int spins = 0; c.done.load(std::memory_order_acquire) < n; ++spins) {
         if (spins > 4096) std::this_thread::yield();  // the other threads may not be running
 #if defined(__x86_64__)
         else __builtin_ia32_pause();
 #endif
       }
+#ifdef K15_PHASE_TIMES
+      times[2 * kind] += seconds(start, ran), times[2 * kind + 1] += seconds(ran, Clock::now());
+#endif
     }
+#ifdef K15_PHASE_TIMES
+    std::lock_guard<std::mutex> lock(g_times_mutex);
+    for (int i = 0; i < 2 * kPhaseKinds; ++i) g_times[i] += times[i];
+#endif
   }
 
  private:
@@ -532,6 +563,10 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   auto job = std::make_shared<PhasedStep>(p);
   for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
   job->work();
+#ifdef K15_PHASE_TIMES
+  std::lock_guard<std::mutex> lock(g_times_mutex);
+  g_times[2 * kPhaseKinds] += 1;
+#endif
   return ffi::Error::Success();
 }
 
@@ -547,3 +582,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
                                   .Attr<int64_t>("threads")
                                   .RemainingArgs()
                                   .RemainingRets());
+
+#ifdef K15_PHASE_TIMES
+// Copies the (running, waiting) seconds per phase kind and the number of calls since the last read into
+// out[2 * kPhaseKinds + 1], and clears them.
+extern "C" void K15PhaseTimes(double* out) {
+  std::lock_guard<std::mutex> lock(g_times_mutex);
+  std::copy(g_times, g_times + 2 * kPhaseKinds + 1, out);
+  std::fill(g_times, g_times + 2 * kPhaseKinds + 1, 0.0);
+}
+#endif

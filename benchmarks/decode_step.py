@@ -1,0 +1,132 @@
+"""Where the native decode step's time goes, and A/B runs of variants of it against the repo's step.
+
+  python benchmarks/decode_step.py                # time per phase kind of one step (a profiling build)
+  python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of decode_step.cc against the repo's step
+
+On the sampler benchmark's model (width 256, 4 layers, 8 / 4 heads, MLP 1024, vocab 1024), `--batch` slots
+at `--context` cached positions, `--steps` greedy steps per jitted loop (the token of each step feeds the next).
+
+The default run builds decode_step.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
+layer's qkv / attention / o / norms / matmuls summed over layers, the output head, the logit stats), the time
+a step spends running its items and waiting at the barrier that ends the phase, per thread (the threads'
+seconds summed and divided by their number). The timers cost the step a few percent; the shares hold.
+
+With variants: each file (same FFI arguments and results as decode_step.cc) is built and checked for
+bit-identical logits and caches against the repo's step, then all are timed interleaved, `--rounds` rounds,
+best of each; prints ms per step and the ratio to the repo's step. The host's speed drifts: compare ratios.
+"""
+import argparse
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k15 import models
+from k15.sampling import native
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("variants", nargs="*", type=pathlib.Path, help="variants of decode_step.cc to A/B")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--context", type=int, default=192, help="cached positions (the sampler benchmark's mean)")
+  p.add_argument("--steps", type=int, default=64, help="steps per timed loop")
+  p.add_argument("--rounds", type=int, default=7)
+  p.add_argument("--threads", type=int, default=0, help="0: XLA's whole CPU thread pool")
+  return p.parse_args()
+
+
+CFG = models.ModelConfig(qkv_bias=True, tie_embeddings=True)
+
+
+def step_loop(weights, args, target):
+  """A jitted loop of `args.steps` steps of FFI target `target` over the last `steps` positions before
+  `args.context`; returns (caches, last tokens, sum of the logits)."""
+  B = args.batch
+
+  def body(i, carry):
+    cache_k, cache_v, tokens_B, total = carry
+    positions_B = jnp.full((B,), args.context - args.steps, jnp.int32) + i
+    logits, stats, cache_k, cache_v = native.decode_step(CFG, weights, cache_k, cache_v, tokens_B, positions_B,
+                                                         threads=args.threads, target=target)
+    return cache_k, cache_v, stats.argmax_B, total + logits
+
+  @jax.jit
+  def run(cache_k, cache_v):
+    init = (cache_k, cache_v, jnp.arange(B, dtype=jnp.int32) * 7 % CFG.vocab_size,
+            jnp.zeros((B, CFG.vocab_size), jnp.float32))
+    return jax.lax.fori_loop(0, args.steps, body, init)
+
+  return run
+
+
+def inputs(args):
+  rng = np.random.RandomState(0)
+  params = models.init_params(CFG, jax.random.key(0))
+  K, H, S = CFG.n_kv_heads, CFG.head_dim, args.context
+  cache_k = tuple(jnp.asarray(rng.normal(size=(args.batch, K, H, S)), jnp.float32) for _ in range(CFG.n_layers))
+  cache_v = tuple(jnp.asarray(rng.normal(size=(args.batch, K, S, H)), jnp.float32) for _ in range(CFG.n_layers))
+  return native.decode_weights(CFG, params), cache_k, cache_v
+
+
+def phases(args):
+  weights, cache_k, cache_v = inputs(args)
+  target = native.load_variant("phase_times", defines=("K15_PHASE_TIMES",))
+  run = step_loop(weights, args, target)
+  jax.block_until_ready(run(cache_k, cache_v))  # compiles
+  best, best_times = math.inf, None
+  for _ in range(args.rounds):
+    native.phase_times(target)  # clears
+    start = time.perf_counter()
+    jax.block_until_ready(run(cache_k, cache_v))
+    seconds = time.perf_counter() - start
+    times, calls = native.phase_times(target)
+    if seconds < best:
+      best, best_times = seconds, (times, calls)
+  times, calls = best_times
+  threads = sum(run_s + wait_s for run_s, wait_s in times.values()) / best  # the threads that took part
+  per_step = lambda s: 1e3 * s / calls / threads
+  total = sum(run_s for run_s, _ in times.values())
+  print(f"{args.batch} slots at {args.context} cached positions: {1e3 * best / args.steps:.3f} ms per step "
+        f"(best of {args.rounds} loops of {args.steps}), about {threads:.1f} threads working")
+  print(f"{'phase':>10} {'running ms':>11} {'waiting ms':>11} {'share':>6}")
+  for kind, (run_s, wait_s) in times.items():
+    print(f"{kind:>10} {per_step(run_s):11.3f} {per_step(wait_s):11.3f} {run_s / total:6.1%}")
+  wait = sum(w for _, w in times.values())
+  print(f"{'all':>10} {per_step(total):11.3f} {per_step(wait):11.3f}")
+
+
+def ab(args):
+  weights, cache_k, cache_v = inputs(args)
+  names = ["repo"] + [str(v) for v in args.variants]
+  targets = [native.TARGET] + [native.load_variant(f"v{i}", source=v) for i, v in enumerate(args.variants)]
+  runs = [step_loop(weights, args, t) for t in targets]
+  outs = [jax.block_until_ready(r(cache_k, cache_v)) for r in runs]
+  for name, out in zip(names[1:], outs[1:]):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(outs[0])))
+    diff = float(jnp.max(jnp.abs(out[3] - outs[0][3])))
+    print(f"{name}: " + ("bit-identical to the repo step" if same else
+                         f"DIFFERS from the repo step (summed logits by up to {diff:.3g})"))
+  best = [math.inf] * len(runs)
+  for _ in range(args.rounds):
+    for i, run in enumerate(runs):
+      start = time.perf_counter()
+      jax.block_until_ready(run(cache_k, cache_v))
+      best[i] = min(best[i], time.perf_counter() - start)
+  for name, b in zip(names, best):
+    print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / best[0]:6.3f}x the repo step")
+
+
+def main():
+  args = parse_args()
+  reason = native._load()  # pylint: disable=protected-access
+  if reason is not None:
+    raise SystemExit(f"the native decode step is unavailable: {reason}")
+  ab(args) if args.variants else phases(args)
+
+
+if __name__ == "__main__":
+  main()
