@@ -138,3 +138,9 @@ def test_a_variant_that_does_not_compile_names_its_file(needs_native_step, tmp_p
   broken.write_text("this is not C++\n")
   with pytest.raises(native.BuildError, match="compiling broken_step.cc failed"):
     native.load_variant("broken", source=broken)
+
+
+def test_a_variant_without_a_compiler_says_so(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises(native.BuildError, match="no C.. compiler to build decode_step.cc.*no-such-compiler"):
+    native.load_variant("nocompiler")

@@ -173,6 +173,8 @@ def load_variant(name: str, source=SOURCE, defines=()) -> str:
   registers it as FFI target "k15_decode_step_<name>"; returns the target, for `decode_step(target=...)`.
   For benchmarks that compare variants in one process; raises BuildError when it does not compile."""
   target = f"{TARGET}_{name}"
+  if shutil.which(_compiler()) is None:
+    raise BuildError(f"no C++ compiler to build {pathlib.Path(source).name} ({_compiler()!r} not found; set $CXX)")
   if target not in _LIBRARIES:
     _register(target, _build(_compiler(), _cache_dir(), pathlib.Path(source), tuple(defines)))
   return target

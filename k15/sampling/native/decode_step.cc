@@ -39,7 +39,7 @@ namespace {
 #ifdef K15_PHASE_TIMES
 // A profiling build (benchmarks/decode_step.py): seconds each thread spends running and waiting in each
 // kind of phase, summed over threads and calls until K15PhaseTimes reads and clears them.
-constexpr int kPhaseKinds = 10;  // embed, qkv, attention, o, mlp norm, gate_up, down, norm, head, stats
+constexpr int kPhaseKinds = 10;  // PhasedStep::Kind; native.PHASE_KINDS names them
 std::mutex g_times_mutex;
 double g_times[2 * kPhaseKinds + 1];  // (running, waiting) per kind, then the number of calls
 using Clock = std::chrono::steady_clock;
@@ -326,7 +326,7 @@ class PhasedStep {
       Counter& c = counters_[ph];
       const int64_t n = items(ph);
 #ifdef K15_PHASE_TIMES
-      const int kind = ph == 0 ? 0 : ph == phases_ - 2 ? 8 : ph == phases_ - 1 ? 9 : 1 + (ph - 1) % 7;
+      const int k = kind(ph);
       const auto start = Clock::now();
 #endif
       // Each thread claims its next item before running the current one, so the current one can prefetch
@@ -346,7 +346,7 @@ class PhasedStep {
 #endif
       }
 #ifdef K15_PHASE_TIMES
-      times[2 * kind] += seconds(start, ran), times[2 * kind + 1] += seconds(ran, Clock::now());
+      times[2 * k] += seconds(start, ran), times[2 * k + 1] += seconds(ran, Clock::now());
 #endif
     }
 #ifdef K15_PHASE_TIMES
@@ -370,16 +370,22 @@ class PhasedStep {
   int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), kPanelsPerItem); }
 
   // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); then the head;
-  // last the logits' stats.
+  // last the logits' stats. kind(ph) numbers them in that order, 0 to 9 (the layer's phases 1 to 7).
+  enum Kind { kEmbed, kQkv, kAttention, kO, kMlpNorm, kGateUp, kDown, kNorm, kHead, kStats };
+  Kind kind(int64_t ph) const {
+    if (ph == 0) return kEmbed;
+    if (ph == phases_ - 2) return kHead;
+    if (ph == phases_ - 1) return kStats;
+    return static_cast<Kind>(1 + (ph - 1) % 7);
+  }
+
   int64_t items(int64_t ph) const {
-    if (ph == 0) return ceil_div(p_.B, kSlotsPerItem);
-    if (ph == phases_ - 2) return panel_items(p_.V);
-    if (ph == phases_ - 1) return ceil_div(p_.B, kSlotsPerItem);
-    switch ((ph - 1) % 7) {
-      case 0: return panel_items(E());
-      case 2: case 5: return panel_items(p_.D);
-      case 4: return panel_items(p_.F);
-      default: return ceil_div(p_.B, kSlotsPerItem);  // attention and norms
+    switch (kind(ph)) {
+      case kQkv: return panel_items(E());
+      case kO: case kDown: return panel_items(p_.D);
+      case kGateUp: return panel_items(p_.F);
+      case kHead: return panel_items(p_.V);
+      default: return ceil_div(p_.B, kSlotsPerItem);  // embedding, attention, norms, stats
     }
   }
 
