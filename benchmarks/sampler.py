@@ -12,8 +12,10 @@ over the cores), and with XLA's step in its fastest CPU setup (a mesh of one fak
 slots sharded and params replicated, each device decoding its slots in a loop of its own).
 """
 import argparse
+import ctypes
 import math
 import os
+import pathlib
 import tempfile
 import time
 
@@ -29,6 +31,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k15 import models, sampling
+from k15.sampling import native
 from k15.sampling import slots as slots_lib
 
 
@@ -87,18 +90,20 @@ def matmul_run():
   return run
 
 
-STREAM_BYTES = 64 * 1024 * 1024 * 4
+STREAM_PASSES = 16
 
 
-def stream_run(mesh=None):
-  """A streaming read of STREAM_BYTES (row sums of a float32 array; on a mesh each device sums its share of the
-  rows): the rate a decode step can read its KV cache."""
-  x = jnp.ones((64 * 1024, 1024), jnp.float32)
-  if mesh is not None:
-    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-  f = jax.jit(lambda a: jnp.sum(a, axis=1))
-  run = lambda: f(x).block_until_ready()
-  run()
+def stream_run(n_bytes):
+  """STREAM_PASSES reads of a float32 array of `n_bytes` on every core (benchmarks/stream.cc): the rate a
+  decode step can read its weights and KV cache. The array is as large as what a step reads, so it stays in
+  the same level of the memory (a large L3 cache holds it whole; a small one does not)."""
+  lib = ctypes.cdll.LoadLibrary(str(native.build(pathlib.Path(__file__).with_name("stream.cc"))))
+  lib.k15_stream.restype = ctypes.c_double
+  lib.k15_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+  x = np.ones(n_bytes // 4, np.float32)
+  run = lambda: lib.k15_stream(x.ctypes.data, x.size, STREAM_PASSES, os.cpu_count())
+  if run() != x.size * STREAM_PASSES:  # every value read, each pass
+    raise RuntimeError(f"stream.cc read {run()} ones of {x.size * STREAM_PASSES}")
   return run
 
 
@@ -306,7 +311,9 @@ def main():
     context = args.prompt + args.new // 2  # the mean cache length of the decode
     steps = min(64, args.new)
     runs = {name: run for name, (run, _) in systems.items()}
-    runs["matmul"], runs["stream"] = matmul_run(), stream_run()
+    weight_bytes = weights_bytes(cfg)
+    cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * 4
+    runs["matmul"], runs["stream"] = matmul_run(), stream_run(weight_bytes + cache_bytes)
     for name, (kernel, m) in k15_setups.items():
       runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, kernel, m)
     best = interleaved_best(runs, args.repeats)
@@ -330,14 +337,12 @@ def main():
         f"machine's floors ==")
   for k15 in k15_names:
     print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms")
-  weight_bytes = weights_bytes(cfg)
-  cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * 4
-  bandwidth = STREAM_BYTES / best["stream"]
+  bandwidth = STREAM_PASSES * (weight_bytes + cache_bytes) / best["stream"]
   read_s = (weight_bytes + cache_bytes) / bandwidth
   compute_s = args.batch * matmul_flops_per_token(cfg) / mm
   print(f"a step reads the float32 weights ({weight_bytes / 1e6:.1f} MB) and KV cache ({cache_bytes / 1e6:.1f} MB), "
-        f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s, "
-        f"a row-sum of 256 MB); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 matmul's rate")
+        f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s: stream.cc reading as many "
+        f"bytes on every core); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 matmul's rate")
   step_s = best[("k15", "step")] / steps
   for what, seconds in [("k15's native step", step_s), ("reads and matmuls one after the other", read_s + compute_s),
                         ("reads and matmuls fully overlapped", max(read_s, compute_s))]:

@@ -123,7 +123,7 @@ def _build(compiler: str, cache_dir: pathlib.Path, source: pathlib.Path = SOURCE
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
   key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, jax.__version__,
                                   _cpu_signature()]).encode()).hexdigest()[:16]
-  lib = cache_dir / f"k15_decode_step_{key}.so"
+  lib = cache_dir / f"k15_{source.stem}_{key}.so"
   if lib.exists():
     return lib
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -173,11 +173,17 @@ def load_variant(name: str, source=SOURCE, defines=()) -> str:
   registers it as FFI target "k15_decode_step_<name>"; returns the target, for `decode_step(target=...)`.
   For benchmarks that compare variants in one process; raises BuildError when it does not compile."""
   target = f"{TARGET}_{name}"
+  if target not in _LIBRARIES:
+    _register(target, build(source, defines))
+  return target
+
+
+def build(source, defines=()) -> pathlib.Path:
+  """`source` (C++) built with the native step's flags and macros `defines` into a cached shared library;
+  for variants and benchmarks' helpers. Raises BuildError when there is no compiler or it does not compile."""
   if shutil.which(_compiler()) is None:
     raise BuildError(f"no C++ compiler to build {pathlib.Path(source).name} ({_compiler()!r} not found; set $CXX)")
-  if target not in _LIBRARIES:
-    _register(target, _build(_compiler(), _cache_dir(), pathlib.Path(source), tuple(defines)))
-  return target
+  return _build(_compiler(), _cache_dir(), pathlib.Path(source), tuple(defines))
 
 
 PHASE_KINDS = ("embed", "qkv", "attention", "o", "mlp norm", "gate_up", "down", "norm", "head", "stats")
