@@ -12,6 +12,8 @@ over the cores), and with XLA's step in its fastest CPU setup (a mesh of one fak
 slots sharded and params replicated, each device decoding its slots in a loop of its own).
 """
 import argparse
+import collections
+import contextlib
 import ctypes
 import math
 import os
@@ -180,6 +182,48 @@ def bench_k15(cfg, params, prompts, args, kernel, mesh=None):
   return run, np.stack([t.response_tokens for t in out])
 
 
+# The rollout engine's device calls (k15.sampling.slots), in the order a generate makes them.
+ENGINE_CALLS = ("decode_weights", "init_state", "encode_prefixes", "load_slots", "resize", "decode_chunk")
+
+
+@contextlib.contextmanager
+def timed_engine_calls():
+  """Yields {call: [seconds, count]}, filled while inside: each of the engine's ENGINE_CALLS waited for and
+  timed. Waiting serializes the host's dispatch with the device's work, so a timed run is a little slower."""
+  times = collections.defaultdict(lambda: [0.0, 0])
+  originals = {name: getattr(slots_lib, name) for name in ENGINE_CALLS}
+
+  def timed(name, fn):
+    def call(*args, **kwargs):
+      start = time.perf_counter()
+      out = jax.block_until_ready(fn(*args, **kwargs))
+      times[name][0] += time.perf_counter() - start
+      times[name][1] += 1
+      return out
+    return call
+
+  for name, fn in originals.items():
+    setattr(slots_lib, name, timed(name, fn))
+  try:
+    yield times
+  finally:
+    for name, fn in originals.items():
+      setattr(slots_lib, name, fn)
+
+
+def generate_breakdown(run, repeats):
+  """The engine calls' times in the fastest of `repeats` runs of `run`, and that run's seconds."""
+  best = None
+  for _ in range(repeats):
+    with timed_engine_calls() as times:
+      start = time.perf_counter()
+      run()
+      seconds = time.perf_counter() - start
+    if best is None or seconds < best[1]:
+      best = (dict(times), seconds)
+  return best
+
+
 def bench_hf(model, prompts, args):
   import torch
   ids = torch.tensor(prompts)
@@ -317,6 +361,7 @@ def main():
     for name, (kernel, m) in k15_setups.items():
       runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, kernel, m)
     best = interleaved_best(runs, args.repeats)
+    breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in k15_setups}
 
   k15_names = list(k15_setups)
   k15_tokens = systems["k15"][1]
@@ -328,10 +373,23 @@ def main():
     print(f"{name:>26}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
           f"{agree:.0%})")
   flops = useful_flops(cfg, args.batch, args.prompt, args.new)
+  flops_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
   for k15 in k15_names:
     print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer}" for peer in peers) +
           f"; {flops / best[k15] / 1e9:.1f} GFLOP/s = {flops / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
+
+  print(f"\n== where k15's generate goes (fastest of {args.repeats} runs, each engine call waited for) ==")
+  for k15 in k15_names:
+    times, seconds = breakdowns[k15]
+    parts = [(name, *times[name]) for name in ENGINE_CALLS if name in times]
+    parts.append(("host (the rest)", seconds - sum(t for _, t, _ in parts), 1))
+    print(f"{k15}: {seconds:.3f} s = " + ", ".join(f"{name} {t * 1e3:.1f} ms" + (f" ({n} calls)" if n > 1 else "")
+                                                   for name, t, n in parts))
+    decode_s, prefill_s = times["decode_chunk"][0], times["encode_prefixes"][0]
+    print(f"  decode chunks {decode_s / seconds:.0%} of it ({decode_s / args.new * 1e3:.2f} ms a step); prefill "
+          f"{prefill_s / seconds:.0%} ({flops_prefill / prefill_s / mm:.0%} of the matmul's FLOP/s on its "
+          f"{args.batch * args.prompt} tokens)")
 
   print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean) against the "
         f"machine's floors ==")

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from k15 import models, sampling  # noqa: E402
-from k15.sampling import native, slots, step  # noqa: E402
+from k15.sampling import native, prefill, slots, step  # noqa: E402
 
 PROMPTS = [[5, 17, 3], [60, 2, 44, 9, 31, 70, 12], [8], [90, 91, 92, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 NEW = 32
@@ -114,6 +114,30 @@ def test_decode_step_matches_forward_llama_style(kernel_, request):
     cfg = models.ModelConfig(vocab_size=100, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=head_dim,
                              d_ff=72)
     _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
+
+
+def _check_prefill(cfg, params):
+  """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens."""
+  lengths = [9, 3, 12]
+  tokens = np.array(jax.random.randint(jax.random.key(4), (len(lengths), 12), 1, cfg.vocab_size), np.int32)
+  positions = np.where(np.arange(12)[None] < np.array(lengths)[:, None], np.arange(12)[None], 12)
+  for row, n in enumerate(lengths):
+    tokens[row, n:] = 0  # padding (position 12 for the reference: past its cache, not written)
+  _, ref = jax.jit(models.forward_with_cache, static_argnums=0)(cfg, params, tokens, positions,
+                                                                models.KVCache.zeros(cfg, len(lengths), 12))
+  keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens)
+  ref_k, ref_v = step.keys_from_model(ref.k), step.values_from_model(ref.v)
+  for l in range(cfg.n_layers):
+    for row, n in enumerate(lengths):
+      np.testing.assert_allclose(keys[l][row, ..., :n], ref_k[l][row, ..., :n], atol=1e-5, err_msg=f"layer {l}")
+      np.testing.assert_allclose(values[l][row, :, :n], ref_v[l][row, :, :n], atol=1e-5, err_msg=f"layer {l}")
+
+
+def test_prefill_matches_forward_with_cache(hf_model):
+  _, cfg, params = hf_model
+  _check_prefill(cfg, params)
+  llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
+  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):

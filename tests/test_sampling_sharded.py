@@ -90,7 +90,7 @@ def test_local_loops_match_one_loop(params, stop_when_free, local_kernel, reques
   def chunk(local_loops):
     kernel = local_kernel if local_loops else "xla"
     state = slots.init_state(CFG, 8, 32, 32, sharding)
-    k, v = slots.encode_prefixes(CFG, None, replicated, tokens, lengths)
+    k, v = slots.encode_prefixes(CFG, None, replicated, tokens)
     state = slots.load_slots(sharding, state, k, v, tokens, lengths, np.full((8,), 4, np.int32),
                              np.arange(1, 9, dtype=np.int32), np.arange(8, dtype=np.int32),
                              np.zeros((8, 2), np.uint32), jax.random.key(0))

@@ -219,7 +219,7 @@ class RolloutEngine:
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
       # With local decode loops (replicated params) the devices also split the prefill's rows.
       rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, lengths_P)
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1

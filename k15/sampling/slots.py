@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from k15.models import KVCache, ModelConfig, forward_with_cache
-from k15.sampling import native
+from k15.models import ModelConfig
+from k15.sampling import native, prefill
 from k15.sampling.config import SamplingConfig
 from k15.sampling.repeat import newest_ngram_count
 from k15.sampling.select import logit_stats, logprobs_at, select_tokens
-from k15.sampling.step import LayerCaches, decode_step, keys_from_model, values_from_model
+from k15.sampling.step import LayerCaches, decode_step
 from k15.sampling.step import decode_weights as decode_weights_xla
 
 # Why a slot stopped; 0 while it runs.
@@ -72,20 +72,17 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT, lengths_P):
-  """K/V (per layer PxKxTxH) of each left-aligned sequence but its last token, which decode feeds.
+def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT):
+  """K/V (per layer: keys PxKxHxT, values PxKxTxH) of left-aligned sequences; `load_slots` loads them.
 
-  Separate from `load_slots` so this heavy compile depends only on (P, T), not on the cache capacity.
-  `rows`: a sharding that splits the P sequences over devices (each encodes its share), or None.
+  The K/V at a sequence's last token (which decode feeds) and past it (padding) are not its own: decode
+  writes each position before it attends to it. Separate from `load_slots` so this heavy compile depends
+  only on (P, T), not on the cache capacity. `rows`: a sharding that splits the P sequences over devices
+  (each encodes its share), or None.
   """
   if rows is not None:
-    tokens_PxT, lengths_P = _constrain((tokens_PxT, lengths_P), rows)
-  P, T = tokens_PxT.shape
-  t_T = jnp.arange(T, dtype=jnp.int32)
-  # Position T is past this cache: those tokens (the last one and the padding) are not written.
-  positions_PxT = jnp.where(t_T[None, :] < lengths_P[:, None] - 1, t_T[None, :], T)
-  _, kv = forward_with_cache(cfg, params, tokens_PxT, positions_PxT, KVCache.zeros(cfg, P, T))
-  return keys_from_model(kv.k), values_from_model(kv.v)
+    tokens_PxT = _constrain(tokens_PxT, rows)
+  return prefill.encode(cfg, params, tokens_PxT)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))

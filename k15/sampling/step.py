@@ -19,7 +19,8 @@ from k15.models.transformer import RMSNorm, rotary
 LayerCaches = Tuple[jax.Array, ...]
 
 
-def _norm(cfg: ModelConfig, scale, x):
+def norm(cfg: ModelConfig, scale, x):
+  """The model's RMSNorm with `scale`."""
   return RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, cfg.jnp_dtype).apply({"params": {"scale": scale}}, x)
 
 
@@ -84,7 +85,7 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
   B = x_BxD.shape[0]
   cache_k, cache_v = list(cache_k), list(cache_v)
   for l, p in enumerate(weights["layers"]):  # unrolled: each layer's cache stays a separate buffer, updated in place
-    h_BxD = _norm(cfg, p["attn_norm"], x_BxD)
+    h_BxD = norm(cfg, p["attn_norm"], x_BxD)
     qkv_BxE = linear(h_BxD, p["qkv_DxE"])
     if cfg.qkv_bias:
       qkv_BxE = qkv_BxE + p["qkv_bias_E"]
@@ -97,10 +98,10 @@ def decode_step(cfg: ModelConfig, params, cache_k: LayerCaches, cache_v: LayerCa
     cache_v[l] = cache_v[l].at[b_idx, :, positions_B].set(v_BxKxH.astype(cache_v[l].dtype), mode="drop")
     out_BxNxH = _attend(cfg, q, cache_k[l].astype(dtype), cache_v[l].astype(dtype), positions_B)
     x_BxD = x_BxD + linear(out_BxNxH.reshape(B, N * H), p["o_NHxD"])
-    h_BxD = _norm(cfg, p["mlp_norm"], x_BxD)
+    h_BxD = norm(cfg, p["mlp_norm"], x_BxD)
     gate_up_Bx2F = linear(h_BxD, p["gate_up_Dx2F"])
     x_BxD = x_BxD + linear(jax.nn.silu(gate_up_Bx2F[:, :F]) * gate_up_Bx2F[:, F:], p["down_FxD"])
-  x_BxD = _norm(cfg, params["final_norm"]["scale"], x_BxD)
+  x_BxD = norm(cfg, params["final_norm"]["scale"], x_BxD)
   logits_BxV = linear(x_BxD, weights["head_DxV"])
   return logits_BxV.astype(jnp.float32), tuple(cache_k), tuple(cache_v)
 
