@@ -75,10 +75,10 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
 def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT):
   """K/V (per layer: keys PxKxHxT, values PxKxTxH) of left-aligned sequences; `load_slots` loads them.
 
-  The K/V at a sequence's last token (which decode feeds) and past it (padding) are not its own: decode
-  writes each position before it attends to it. Separate from `load_slots` so this heavy compile depends
-  only on (P, T), not on the cache capacity. `rows`: a sharding that splits the P sequences over devices
-  (each encodes its share), or None.
+  Past a sequence's end (padding) they are garbage, never attended: decode writes each position from the
+  sequence's last token on (which it feeds) before attending to it. Separate from `load_slots` so this heavy
+  compile depends only on (P, T), not on the cache capacity. `rows`: a sharding that splits the P sequences
+  over devices (each encodes its share), or None.
   """
   if rows is not None:
     tokens_PxT = _constrain(tokens_PxT, rows)
