@@ -327,7 +327,9 @@ def long_tail(cfg, params, args):
                                      ("refill + partial rollouts", False, budget)]:
     run(static, token_budget)  # compiles the shapes this schedule meets
     results[name] = run(static, token_budget)
-  return results, lengths, budget, slots, iters, per_iter
+  with timed_engine_calls() as times:  # one more run, to split its time (waiting for each call slows it a little)
+    seconds = run(False, budget)["seconds"]
+  return results, (dict(times), seconds), lengths, budget, slots, iters, per_iter
 
 
 def main():
@@ -410,7 +412,7 @@ def main():
 
   if args.skip_long_tail:
     return
-  results, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
+  results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
   print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
         f"(k15's native step, 1 device); response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
@@ -421,6 +423,9 @@ def main():
           f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
           f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
           f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}")
+  print(f"refill + partial rollouts, run again with each engine call waited for: {seconds:.2f} s = " +
+        ", ".join(f"{name} {times[name][0]:.2f} s ({times[name][1]} calls)" for name in ENGINE_CALLS if name in times) +
+        f", host {seconds - sum(t for t, _ in times.values()):.2f} s")
 
 
 if __name__ == "__main__":
