@@ -211,6 +211,15 @@ def timed_engine_calls():
       setattr(slots_lib, name, fn)
 
 
+def calls_summary(times, seconds, in_ms=True):
+  """'<seconds> s = <call> <time> (<n> calls), ..., host <rest>': a run's time by engine call (timed_engine_calls)."""
+  parts = [(name, *times[name]) for name in ENGINE_CALLS if name in times]
+  parts.append(("host (the rest)", seconds - sum(t for _, t, _ in parts), 1))
+  show = lambda t: f"{t * 1e3:.1f} ms" if in_ms else f"{t:.2f} s"
+  return f"{seconds:.3f} s = " + ", ".join(f"{name} {show(t)}" + (f" ({n} calls)" if n > 1 else "")
+                                           for name, t, n in parts)
+
+
 def generate_breakdown(run, repeats):
   """The engine calls' times in the fastest of `repeats` runs of `run`, and that run's seconds."""
   best = None
@@ -384,10 +393,7 @@ def main():
   print(f"\n== where k15's generate goes (fastest of {args.repeats} runs, each engine call waited for) ==")
   for k15 in k15_names:
     times, seconds = breakdowns[k15]
-    parts = [(name, *times[name]) for name in ENGINE_CALLS if name in times]
-    parts.append(("host (the rest)", seconds - sum(t for _, t, _ in parts), 1))
-    print(f"{k15}: {seconds:.3f} s = " + ", ".join(f"{name} {t * 1e3:.1f} ms" + (f" ({n} calls)" if n > 1 else "")
-                                                   for name, t, n in parts))
+    print(f"{k15}: {calls_summary(times, seconds)}")
     decode_s, prefill_s = times["decode_chunk"][0], times["encode_prefixes"][0]
     print(f"  decode chunks {decode_s / seconds:.0%} of it ({decode_s / args.new * 1e3:.2f} ms a step); prefill "
           f"{prefill_s / seconds:.0%} ({flops_prefill / prefill_s / mm:.0%} of the matmul's FLOP/s on its "
@@ -423,9 +429,8 @@ def main():
           f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
           f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
           f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}")
-  print(f"refill + partial rollouts, run again with each engine call waited for: {seconds:.2f} s = " +
-        ", ".join(f"{name} {times[name][0]:.2f} s ({times[name][1]} calls)" for name in ENGINE_CALLS if name in times) +
-        f", host {seconds - sum(t for t, _ in times.values()):.2f} s")
+  print(f"refill + partial rollouts, run again with each engine call waited for: "
+        f"{calls_summary(times, seconds, in_ms=False)}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 `k15.models.forward_with_cache` computes the same K/V (tests hold the two equal), but for prefill it does
 more than needed: its layer scan runs the last layer's attention and MLP, whose output feeds only the
 logits, and it writes its cache by scatter, which the decode layouts then transpose. Here the layers are
-unrolled, the last one stops at its K/V, and K/V come out as decode reads them (on the benchmark's model,
-a quarter less time). The norms, rotary embedding and attention are the model's own.
+unrolled, the last one stops at its K/V, and K/V come out as decode reads them. The norms, rotary
+embedding and attention are the model's own.
 """
 import jax
 import jax.numpy as jnp
