@@ -25,3 +25,11 @@ def needs_native_step():
   """Skips a test of the native CPU decode step (k15.sampling.native) on a machine without a C++ compiler."""
   if shutil.which(os.environ.get("CXX", "g++")) is None:
     pytest.skip("no C++ compiler for the native decode step")
+
+
+@pytest.fixture(scope="session")
+def needs_amx(needs_native_step):
+  """Skips a test of the native step's AMX matmuls on a CPU (or a build) without AMX tiles."""
+  from k15.sampling import native  # pylint: disable=g-import-not-at-top
+  if not native.amx_available():
+    pytest.skip("this CPU has no AMX tiles (or the native build does not target them)")

@@ -35,11 +35,25 @@ def hf_model(tmp_path_factory):
   return model, cfg, params
 
 
-@pytest.fixture(scope="module", params=["native", "xla"])
-def kernel(request):
-  """The decode step under test: the C++ CPU step, or XLA's."""
-  if request.param == "native":
+# The decode steps under test, as SamplingConfig fields: the C++ CPU step with float32 FMAs, the same step (and
+# prefill's matmuls) on AMX tiles with float32's accuracy (bfloat16 pieces, 6 products), and XLA's step.
+KERNELS = {"native": dict(decode_kernel="native", native_matmul="float32"),
+           "amx": dict(decode_kernel="native", native_matmul="bf16x6"),
+           "xla": dict(decode_kernel="xla")}
+PIECES = {"native": 0, "amx": 3}  # the native step's weights (native.decode_weights)
+
+
+def _require(kernel, request):
+  if kernel != "xla":
     request.getfixturevalue("needs_native_step")
+  if kernel == "amx":
+    request.getfixturevalue("needs_amx")
+
+
+@pytest.fixture(scope="module", params=list(KERNELS))
+def kernel(request):
+  """The decode step under test (a key of KERNELS)."""
+  _require(request.param, request)
   return request.param
 
 
@@ -50,7 +64,7 @@ def greedy_run(hf_model, kernel):
 
 
 def _with(scfg, kernel):
-  return dataclasses.replace(scfg, decode_kernel=kernel)
+  return dataclasses.replace(scfg, **KERNELS[kernel])
 
 
 _token_logprobs = jax.jit(models.token_logprobs, static_argnums=0)
@@ -83,8 +97,8 @@ def _check_decode_step(cfg, params, kernel):
   offsets = jnp.array([0, 2, 4])  # each row sits at its own length
   ref_cache = models.KVCache.zeros(cfg, B, S)
   cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
-  if kernel == "native":
-    weights = native.decode_weights(cfg, params)
+  if kernel != "xla":
+    weights = native.decode_weights(cfg, params, PIECES[kernel])
     step_fn = jax.jit(lambda ck, cv, tok, pos: _drop_stats(native.decode_step(cfg, weights, ck, cv, tok, pos)))
   else:
     step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
@@ -94,8 +108,10 @@ def _check_decode_step(cfg, params, kernel):
     ref_logits, ref_cache = ref_fn(tokens[:, t:t + 1], positions[:, None], ref_cache)
     logits, cache_k, cache_v = step_fn(cache_k, cache_v, tokens[:, t], positions)
     np.testing.assert_allclose(logits, ref_logits[:, 0], atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(np.stack(cache_k), np.transpose(np.asarray(ref_cache.k), (0, 1, 3, 4, 2)), atol=1e-5)
-  np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=1e-5)
+  # float32 both, rounded in other orders (AMX's 6 products: error ~1e-7 of the sum of |products|, XLA's ~2e-7),
+  # over values of size ~3: as the logits, 2e-5 (a key near 0 is a difference of terms that size)
+  np.testing.assert_allclose(np.stack(cache_k), np.transpose(np.asarray(ref_cache.k), (0, 1, 3, 4, 2)), atol=2e-5)
+  np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=2e-5)
 
 
 def test_decode_step_matches_forward_with_cache(hf_model, kernel):
@@ -103,21 +119,21 @@ def test_decode_step_matches_forward_with_cache(hf_model, kernel):
   _check_decode_step(cfg, params, kernel)
 
 
-@pytest.mark.parametrize("kernel_", ["native", "xla"])
+@pytest.mark.parametrize("kernel_", list(KERNELS))
 def test_decode_step_matches_forward_llama_style(kernel_, request):
   """No qkv bias and a separate output head: the other branches of the fused decode weights. Sizes that are
   not multiples of the native step's 16-float vectors or 32-column panels (head_dim 8 and 40, vocab 100,
-  d_ff 72) take its remainder paths."""
-  if kernel_ == "native":
-    request.getfixturevalue("needs_native_step")
+  d_ff 72) take its remainder paths (and, on AMX, K padded to whole 32-row blocks)."""
+  _require(kernel_, request)
   for head_dim in (8, 40):
     cfg = models.ModelConfig(vocab_size=100, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=head_dim,
                              d_ff=72)
     _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
 
 
-def _check_prefill(cfg, params):
-  """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens."""
+def _check_prefill(cfg, params, pieces=0, atol=1e-5):
+  """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens;
+  with `pieces`, prefill's matmuls on AMX tiles (the native step's weights of that many bfloat16 pieces)."""
   lengths = [9, 3, 12]
   tokens = np.array(jax.random.randint(jax.random.key(4), (len(lengths), 12), 1, cfg.vocab_size), np.int32)
   positions = np.where(np.arange(12)[None] < np.array(lengths)[:, None], np.arange(12)[None], 12)
@@ -125,12 +141,13 @@ def _check_prefill(cfg, params):
     tokens[row, n:] = 0  # padding (position 12 for the reference: past its cache, not written)
   _, ref = jax.jit(models.forward_with_cache, static_argnums=0)(cfg, params, tokens, positions,
                                                                 models.KVCache.zeros(cfg, len(lengths), 12))
-  keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens)
+  weights = native.decode_weights(cfg, params, pieces) if pieces else None
+  keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens, weights)
   ref_k, ref_v = step.keys_from_model(ref.k), step.values_from_model(ref.v)
   for l in range(cfg.n_layers):
     for row, n in enumerate(lengths):
-      np.testing.assert_allclose(keys[l][row, ..., :n], ref_k[l][row, ..., :n], atol=1e-5, err_msg=f"layer {l}")
-      np.testing.assert_allclose(values[l][row, :, :n], ref_v[l][row, :, :n], atol=1e-5, err_msg=f"layer {l}")
+      np.testing.assert_allclose(keys[l][row, ..., :n], ref_k[l][row, ..., :n], atol=atol, err_msg=f"layer {l}")
+      np.testing.assert_allclose(values[l][row, :, :n], ref_v[l][row, :, :n], atol=atol, err_msg=f"layer {l}")
 
 
 def test_prefill_matches_forward_with_cache(hf_model):
@@ -138,6 +155,15 @@ def test_prefill_matches_forward_with_cache(hf_model):
   _check_prefill(cfg, params)
   llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
   _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
+
+
+@pytest.mark.parametrize("pieces,atol", [(3, 1e-5), (2, 2e-4)])
+def test_amx_prefill_matches_forward_with_cache(hf_model, needs_amx, pieces, atol):
+  """Prefill's matmuls on AMX tiles: with 3 pieces as close as XLA's float32 matmuls, with 2 within 16 bits."""
+  _, cfg, params = hf_model
+  _check_prefill(cfg, params, pieces, atol)
+  llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
+  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1), pieces, atol)
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):
@@ -157,7 +183,7 @@ def test_greedy_matches_transformers(hf_model, greedy_run):
 def test_logprobs_match_full_forward(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   sampled_cfg = sampling.SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=NEW, chunk_size=7,
-                                        max_length=64, attn_bucket=32, decode_kernel=kernel)
+                                        max_length=64, attn_bucket=32, **KERNELS[kernel])
   sampled = sampling.generate(cfg, params, PROMPTS, sampled_cfg, jax.random.key(1), num_slots=2)
   for run in (greedy_run, sampled):
     for traj, expected in zip(run, full_logprobs(cfg, params, run)):
@@ -166,18 +192,32 @@ def test_logprobs_match_full_forward(hf_model, greedy_run, kernel):
   assert any((t.logprobs < np.log(0.5)).any() for t in sampled)  # really sampled, not argmax
 
 
+def test_bf16x3_logprobs_are_within_its_bound(hf_model, needs_amx):
+  """native_matmul="bf16x3" (16 bits of each matmul operand, 3 products on AMX tiles): its log-probs stay
+  within 1.5e-3 of a float32 full forward on this model (up to 1.2e-4 greedy and 5.0e-4 sampled measured), and
+  differ from it by more than float32's own rounding (so the test shows the 16-bit path really ran)."""
+  _, cfg, params = hf_model
+  greedy = dataclasses.replace(GREEDY, decode_kernel="native", native_matmul="bf16x3")
+  sampled = dataclasses.replace(greedy, greedy=False, temperature=0.7, top_k=5)
+  deviations = []
+  for scfg, key in [(greedy, 0), (sampled, 1)]:
+    run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(key), num_slots=2)
+    deviations += [np.abs(t.logprobs - e).max() for t, e in zip(run, full_logprobs(cfg, params, run))]
+  assert 2e-5 < max(deviations) < 1.5e-3
+
+
 def test_chunk_size_and_slot_count_do_not_change_results(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   for chunk, num_slots in [(1, 2), (64, 1)]:
     scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=chunk, max_length=64, attn_bucket=32,
-                                   decode_kernel=kernel)
+                                   **KERNELS[kernel])
     run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(0), num_slots=num_slots)
     for a, b in zip(run, greedy_run):
       np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
       np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
   # Sampled runs too: each trajectory's randomness is keyed by (prompt id, sample index, position).
   scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, chunk_size=5, max_length=64, attn_bucket=32,
-                                 decode_kernel=kernel)
+                                 **KERNELS[kernel])
   a = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(7), num_slots=2)
   b = sampling.generate(cfg, params, PROMPTS, dataclasses.replace(scfg, chunk_size=3), jax.random.key(7), num_slots=1)
   c = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(8), num_slots=2)
@@ -224,7 +264,7 @@ def test_resumed_tokens_come_from_the_new_params(hf_model, greedy_run, kernel):
   finished, _ = _run_iterations(engine, [params] + [new_params] * 3, requests, budget=10)
   # The new params' greedy continuation of prompt + the old params' first 10 tokens.
   prefixes = [list(p) + greedy_run[i].response_tokens[:10].tolist() for i, p in enumerate(PROMPTS)]
-  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10, decode_kernel=kernel)
+  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10, **KERNELS[kernel])
   expected = sampling.generate(cfg, new_params, prefixes, cont_cfg, jax.random.key(0), num_slots=2)
   trajs = [finished[(i, 0)] for i in range(len(PROMPTS))]
   old_lps, new_lps = full_logprobs(cfg, params, trajs), full_logprobs(cfg, new_params, trajs)

@@ -15,8 +15,26 @@ CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_
 
 
 def test_auto_takes_the_native_step_on_cpu_in_float32(needs_native_step):
-  assert native.choose("auto", CFG, jax.devices()) == "native"
-  assert native.choose("xla", CFG, jax.devices()) == "xla"
+  amx = native.amx_available()
+  assert native.choose("auto", CFG, jax.devices()) == ("native_bf16x6" if amx else "native")
+  assert native.choose("native", CFG, jax.devices(), "float32") == "native"
+  assert native.choose("native", CFG, jax.devices(), "bf16x3") == ("native_bf16x3" if amx else "native")
+  assert native.choose("xla", CFG, jax.devices(), "bf16x6") == "xla"
+  assert [native.pieces(k) for k in ("native", "native_bf16x3", "native_bf16x6")] == [0, 2, 3]
+
+
+def test_amx_matmuls_without_amx_fall_back_to_float32_with_a_warning(needs_native_step, monkeypatch, caplog):
+  monkeypatch.setattr(native, "amx_available", lambda: False)
+  native._warn_once.cache_clear()  # pylint: disable=protected-access
+  assert native.choose("auto", CFG, jax.devices(), "auto") == "native"  # quietly
+  with caplog.at_level("WARNING"):
+    assert native.choose("auto", CFG, jax.devices(), "bf16x3") == "native"
+  assert "native_matmul='bf16x3' needs a CPU with AMX" in caplog.text
+
+
+def test_unknown_native_matmul_is_rejected():
+  with pytest.raises(ValueError, match="native_matmul"):
+    sampling.SamplingConfig(native_matmul="fp16")
 
 
 def test_auto_falls_back_to_xla_below_float32_and_native_says_why():
@@ -47,11 +65,21 @@ def test_native_with_sharded_params_is_an_error(needs_native_step):
     engine.run(params, [sampling.Request(0, [1, 2])], None, 0, None, jax.random.key(0))
 
 
+# The native step's matmuls (weight pieces) and how close to XLA's float32 step each must be: float32 FMAs and 6
+# products of 3 bfloat16 pieces as float32; 3 products of 2 pieces keep 16 bits of each operand.
+MATMULS = {"float32": (0, 2e-5), "bf16x6": (3, 2e-5), "bf16x3": (2, 2e-4)}
+
+
+@pytest.mark.parametrize("matmul", list(MATMULS))
 @pytest.mark.parametrize("d_ff,B", [(96, 23), (80, 13)])
-def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B):
+def test_native_step_equals_xla_step_over_many_slots(needs_native_step, request, matmul, d_ff, B):
   """B slots (the work shared by the CPU threads) at their own positions, two of them inactive (position >= the
   cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched.
-  d_ff 80 and vocab 80 end in part-filled weight panels; 23 and 13 slots split into row blocks of 12 + 11 and 7 + 6."""
+  d_ff 80 and vocab 80 end in part-filled weight panels; 23 and 13 slots split into row blocks of 12 + 11 and 7 + 6
+  (FMAs), and into two row tiles and one (AMX, the rows padded to whole tiles of 16)."""
+  pieces, tol = MATMULS[matmul]
+  if pieces:
+    request.getfixturevalue("needs_amx")
   from k15.sampling import step  # pylint: disable=g-import-not-at-top
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=d_ff,
                            qkv_bias=True, tie_embeddings=True)
@@ -63,13 +91,13 @@ def test_native_step_equals_xla_step_over_many_slots(needs_native_step, d_ff, B)
   tokens = rng.randint(0, 80, B).astype(np.int32)
   positions = rng.randint(0, S, B).astype(np.int32)
   positions[[3, B - 1]] = [S, S + 5]  # inactive
-  weights = native.decode_weights(cfg, params)
+  weights = native.decode_weights(cfg, params, pieces)
   nat = jax.jit(lambda ck, cv: native.decode_step(cfg, weights, ck, cv, tokens, positions))(cache_k, cache_v)
   ref = jax.jit(lambda ck, cv: step.decode_step(cfg, params, ck, cv, tokens, positions))(cache_k, cache_v)
   active = positions < S
-  np.testing.assert_allclose(np.asarray(nat[0])[active], np.asarray(ref[0])[active], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(nat[0])[active], np.asarray(ref[0])[active], atol=tol, rtol=tol)
   for got, want, orig in zip(nat[2] + nat[3], ref[1] + ref[2], cache_k + cache_v):
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=tol)
     np.testing.assert_array_equal(np.asarray(got)[~active], orig[~active])
   _check_stats(np.asarray(nat[0]), nat[1])
 
@@ -144,3 +172,35 @@ def test_a_variant_without_a_compiler_says_so(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   with pytest.raises(native.BuildError, match="no C.. compiler to build decode_step.cc.*no-such-compiler"):
     native.load_variant("nocompiler")
+
+
+@pytest.mark.parametrize("M,K,N,swiglu", [(1, 32, 32, False), (37, 72, 80, False), (300, 64, 96, True),
+                                          (600, 40, 33, False)])
+def test_amx_matmul_matches_float64(needs_amx, M, K, N, swiglu):
+  """native.matmul (prefill's matmuls on AMX tiles) against numpy in float64, layer 1 of a stack of 2: with 3
+  bfloat16 pieces within float32's error (as XLA's float32 matmul), with 2 within 16 bits. Shapes cover a single
+  row, K padded to whole 32-row blocks, part-filled panels and row tiles, several row blocks (600 rows), and
+  the fused silu(x Wgate) * (x Wup) over gate and up panels alternating."""
+  rng = np.random.RandomState(0)
+  x = rng.normal(size=(M, K)).astype(np.float32)
+  w = (rng.normal(size=(2, K, 2 * N if swiglu else N)) / np.sqrt(K)).astype(np.float32)
+  x64, w64 = x.astype(np.float64), w[1].astype(np.float64)
+  if swiglu:
+    gate, up = x64 @ w64[:, :N], x64 @ w64[:, N:]
+    want = gate / (1 + np.exp(-gate)) * up
+    scale = (np.abs(x64) @ np.abs(w64[:, :N])) * (np.abs(x64) @ np.abs(w64[:, N:]))  # |gate| |up| bounds
+  else:
+    want, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)  # error bounds scale with the sum of |products|
+  xla_error = np.max(np.abs(np.asarray(jax.jit(lambda a, b: a @ b)(x, w[1][:, :N] if swiglu else w[1])) -
+                            (x64 @ w64[:, :N] if swiglu else want)) / (np.abs(x64) @ np.abs(w64[:, :N])))
+  for pieces, bound in [(3, 4 * max(xla_error, 2 ** -24)), (2, 2 ** -14)]:
+    packed = native.pack_pairs(w, lambda a, p=pieces: native.pack_amx(a, p)) if swiglu else native.pack_amx(w, pieces)
+    got = np.asarray(jax.jit(lambda a, b: native.matmul(a, b, N, layer=1, swiglu=swiglu))(x, packed))
+    assert got.shape == (M, N)
+    assert np.max(np.abs(got - want) / scale) < bound, pieces
+
+
+def test_amx_matmul_names_a_shape_mismatch(needs_amx):
+  packed = native.pack_amx(np.zeros((64, 32), np.float32), 3)
+  with pytest.raises(Exception, match="k15 matmul: shapes of x, w and y do not match"):
+    jax.block_until_ready(jax.jit(lambda a: native.matmul(a, packed, 32))(np.zeros((4, 96), np.float32)))

@@ -25,6 +25,11 @@ class SamplingConfig:
   # The decode step: "native" (k15.sampling.native: C++ for CPU, float32), "xla" (k15.sampling.step: any
   # backend), or "auto" (native where it can run: CPU, float32, a C++ compiler; else xla).
   decode_kernel: str = "auto"
+  # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill in XLA), "bf16x6" (AMX tiles: each
+  # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "bf16x3" (2 pieces, 3 products: 16 bits of each
+  # operand, log-probs within ~1e-3; faster), or "auto" (bf16x6 on a CPU with AMX, else float32). See
+  # k15/sampling/native/decode_step.cc.
+  native_matmul: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -40,5 +45,8 @@ class SamplingConfig:
         raise ValueError(f"SamplingConfig.{name} must be positive, got {getattr(self, name)}")
     if self.decode_kernel not in ("auto", "native", "xla"):
       raise ValueError(f"SamplingConfig.decode_kernel must be 'auto', 'native' or 'xla', got {self.decode_kernel!r}")
+    if self.native_matmul not in ("auto", "float32", "bf16x3", "bf16x6"):
+      raise ValueError("SamplingConfig.native_matmul must be 'auto', 'float32', 'bf16x3' or 'bf16x6', got "
+                       f"{self.native_matmul!r}")
     if self.max_length < 2:
       raise ValueError(f"SamplingConfig.max_length must be >= 2, got {self.max_length}")

@@ -118,7 +118,7 @@ class RolloutEngine:
     self._state = None
 
   def _decode_kernel(self, local_loops: bool) -> str:
-    """"native" or "xla" (SamplingConfig.decode_kernel). The native step is a custom call XLA cannot split
+    """"xla" or a native kernel (SamplingConfig.decode_kernel, native_matmul; `native.choose`). The native step is a custom call XLA cannot split
     over a mesh: with one, it needs the params replicated (each device then decodes its slots itself)."""
     devices = jax.devices() if self.sharding is None else list(self.sharding.mesh.devices.flat)
     if self.sharding is not None and self._shards > 1 and not local_loops:
@@ -126,7 +126,7 @@ class RolloutEngine:
         raise ValueError("SamplingConfig.decode_kernel='native' needs params replicated over the mesh; these are "
                          "sharded (use decode_kernel='xla' or 'auto')")
       return "xla"
-    return native.choose(self.scfg.decode_kernel, self.cfg, devices)
+    return native.choose(self.scfg.decode_kernel, self.cfg, devices, self.scfg.native_matmul)
 
   def _limits(self, traj: Trajectory, token_budget: Optional[int]) -> int:
     cap = self.scfg.max_new_tokens if traj.max_new_tokens is None else traj.max_new_tokens
@@ -219,7 +219,9 @@ class RolloutEngine:
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
       # With local decode loops (replicated params) the devices also split the prefill's rows.
       rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens)
+      # AMX weights also serve prefill's matmuls, on one device (the custom call does not split over a mesh).
+      amx = weights if kernel != "xla" and native.pieces(kernel) and self.sharding is None else None
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, amx)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1

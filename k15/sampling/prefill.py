@@ -11,14 +11,17 @@ import jax.numpy as jnp
 
 from k15.models import ModelConfig
 from k15.models.transformer import attend, rotary
+from k15.sampling import native
 from k15.sampling.step import LayerCaches, norm
 
 
-def encode(cfg: ModelConfig, params, tokens_PxT) -> tuple[LayerCaches, LayerCaches]:
+def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCaches, LayerCaches]:
   """Per layer, the keys (PxKxHxT) and values (PxKxTxH) of left-aligned sequences at positions 0..T-1.
 
   Causal: a row's K/V at its real tokens do not depend on the padding after them (the padding's own K/V
-  are garbage; decode overwrites or never attends them).
+  are garbage; decode overwrites or never attends them). `weights`: the native step's AMX weights
+  (`native.decode_weights` with bfloat16 pieces), whose matmuls then run on AMX tiles (`native.matmul`);
+  None: XLA's matmuls on `params`.
   """
   P, T = tokens_PxT.shape
   dtype = cfg.jnp_dtype
@@ -31,9 +34,12 @@ def encode(cfg: ModelConfig, params, tokens_PxT) -> tuple[LayerCaches, LayerCach
     attn, mlp = p["attn"], p["mlp"]
     h_PxTxD = norm(cfg, p["attn_norm"]["scale"], x_PxTxD)
 
-    def project(name, h=h_PxTxD, attn=attn):
-      out = jnp.einsum("btd,dnh->btnh", h, attn[f"{name}_kernel"])
-      return out + attn[f"{name}_bias"] if cfg.qkv_bias else out
+    if weights is None:
+      def project(name, h=h_PxTxD, attn=attn):
+        out = jnp.einsum("btd,dnh->btnh", h, attn[f"{name}_kernel"])
+        return out + attn[f"{name}_bias"] if cfg.qkv_bias else out
+    else:
+      project = _amx_qkv(cfg, weights, l, h_PxTxD)
 
     k_PxTxKxH, v_PxTxKxH = rotary(project("k"), positions_PxT, cfg.rope_theta), project("v")
     keys.append(jnp.transpose(k_PxTxKxH, (0, 2, 3, 1)))
@@ -42,8 +48,24 @@ def encode(cfg: ModelConfig, params, tokens_PxT) -> tuple[LayerCaches, LayerCach
       break
     q_PxTxNxH = rotary(project("q"), positions_PxT, cfg.rope_theta)
     out_PxTxNxH = attend(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, causal_PxTxT)
-    x_PxTxD = x_PxTxD + jnp.einsum("btnh,nhd->btd", out_PxTxNxH, attn["o_kernel"])
-    h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
-    gated_PxTxF = jax.nn.silu(h_PxTxD @ mlp["gate"]["kernel"]) * (h_PxTxD @ mlp["up"]["kernel"])
-    x_PxTxD = x_PxTxD + gated_PxTxF @ mlp["down"]["kernel"]
+    if weights is None:
+      x_PxTxD = x_PxTxD + jnp.einsum("btnh,nhd->btd", out_PxTxNxH, attn["o_kernel"])
+      h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
+      gated_PxTxF = jax.nn.silu(h_PxTxD @ mlp["gate"]["kernel"]) * (h_PxTxD @ mlp["up"]["kernel"])
+      x_PxTxD = x_PxTxD + gated_PxTxF @ mlp["down"]["kernel"]
+    else:
+      D = cfg.d_model
+      x_PxTxD = x_PxTxD + native.matmul(out_PxTxNxH.reshape(P, T, -1), weights.o, D, layer=l)
+      h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
+      gated_PxTxF = native.matmul(h_PxTxD, weights.gate_up, cfg.d_ff, layer=l, swiglu=True)
+      x_PxTxD = x_PxTxD + native.matmul(gated_PxTxF, weights.down, D, layer=l)
   return tuple(keys), tuple(values)
+
+
+def _amx_qkv(cfg: ModelConfig, weights, l: int, h_PxTxD):
+  """`project` for layer l from one AMX matmul of the fused q/k/v weight: name -> PxTxheadsxH."""
+  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  E = (N + 2 * K) * H
+  qkv_PxTxE = native.matmul(h_PxTxD, weights.qkv, E, layer=l) + weights.qkv_bias_LxE[l]
+  spans = {"q": (0, N), "k": (N, N + K), "v": (N + K, N + 2 * K)}
+  return lambda name: qkv_PxTxE[..., spans[name][0] * H:spans[name][1] * H].reshape(*h_PxTxD.shape[:2], -1, H)

@@ -72,17 +72,18 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT):
+def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT, amx_weights=None):
   """K/V (per layer: keys PxKxHxT, values PxKxTxH) of left-aligned sequences; `load_slots` loads them.
 
   Past a sequence's end (padding) they are garbage, never attended: decode writes each position from the
   sequence's last token on (which it feeds) before attending to it. Separate from `load_slots` so this heavy
   compile depends only on (P, T), not on the cache capacity. `rows`: a sharding that splits the P sequences
-  over devices (each encodes its share), or None.
+  over devices (each encodes its share), or None. `amx_weights`: the native step's AMX weights, for its
+  matmuls on AMX tiles (`prefill.encode`), or None.
   """
   if rows is not None:
     tokens_PxT = _constrain(tokens_PxT, rows)
-  return prefill.encode(cfg, params, tokens_PxT)
+  return prefill.encode(cfg, params, tokens_PxT, amx_weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
@@ -132,9 +133,9 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def decode_weights(kernel: str, cfg: ModelConfig, params):
-  """The weights the decode step of `kernel` ("native" or "xla") reads, in its layout; built once per rollout
-  run (a copy of every weight), then passed to each `decode_chunk`."""
-  return native.decode_weights(cfg, params) if kernel == "native" else decode_weights_xla(cfg, params)
+  """The weights the decode step of `kernel` ("xla" or a native kernel of `native.choose`) reads, in its layout;
+  built once per rollout run (a copy of every weight), then passed to each `decode_chunk`."""
+  return decode_weights_xla(cfg, params) if kernel == "xla" else native.decode_weights(cfg, params, native.pieces(kernel))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))
@@ -142,7 +143,8 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
                  state: SlotState, stop_when_free):
   """Up to chunk_size decode steps in one while_loop, attending over the caches' whole capacity A.
 
-  `kernel` ("native" or "xla") picks the decode step; `weights` are its `decode_weights`.
+  `kernel` ("xla" or a native kernel of `native.choose`) picks the decode step; `weights` are its
+  `decode_weights`.
 
   The loop also ends once `stop_when_free` (int32) slots are idle, so waiting work gets their slots
   without idling until the chunk's end. A must exceed every active slot's position + chunk_size (the
@@ -170,7 +172,7 @@ def decode_chunk(cfg: ModelConfig, scfg: SamplingConfig, sharding, local_loops: 
 def step_fn(kernel: str, cfg: ModelConfig, threads: int):
   """The decode step of `kernel`: (params, weights, cache_k, cache_v, tokens_B, positions_B) -> (logits_BxV,
   LogitStats, cache_k, cache_v); `threads` bounds the native step's threads (0: no bound)."""
-  if kernel == "native":
+  if kernel != "xla":
     return lambda params, weights, *rest: native.decode_step(cfg, weights, *rest, threads=threads)
 
   def xla_step(params, weights, cache_k, cache_v, tokens_B, positions_B):

@@ -32,6 +32,7 @@ from k15.sampling.select import LogitStats
 
 SOURCE = pathlib.Path(__file__).with_name("decode_step.cc")
 TARGET = "k15_decode_step_f32"
+MATMUL_TARGET = "k15_matmul_amx"
 PANEL = 32  # columns per panel of a packed weight (decode_step.cc's matmul reads 32-column slabs)
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-return-type")
 
@@ -59,23 +60,54 @@ def pack(w_KxN):
   return jnp.moveaxis(w.reshape(*lead, K, P, PANEL), -2, -3)
 
 
-def pack_pairs(w_Kx2N):
-  """The two halves of ...xKx2N (gate and up) packed each and the panels concatenated: panel j of the gate and
-  panel j of the up projection cover the same columns, so one thread computes both (and silu(gate) * up)."""
+def split_bf16(x, pieces: int):
+  """float32 x as `pieces` bfloat16 arrays whose sum is x to 8 * pieces significant bits (each piece rounds
+  what the ones before it left, to nearest even): with 3, every bit of a float32 significand."""
+  out = []
+  for _ in range(pieces):
+    out.append(x.astype(jnp.bfloat16))
+    x = x - out[-1].astype(jnp.float32)
+  return out
+
+
+def pack_amx(w_KxN, pieces: int):
+  """...xKxN float32 -> ...xPxK/32x`pieces`x2x16x32 bfloat16, decode_step.cc's AMX layout: per 32-column panel
+  and per 32 rows of K (zero-padded to a multiple of 32), each bfloat16 piece (`split_bf16`) as two tiles of 16
+  columns, a tile's row r holding rows 2r and 2r + 1 of K interleaved column by column (AMX's pair layout)."""
+  *lead, K, N = w_KxN.shape
+  P, Kb = -(-N // PANEL), -(-K // 32)
+  w = jnp.pad(w_KxN.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, Kb * 32 - K), (0, P * PANEL - N)])
+  w = jnp.stack(split_bf16(w, pieces), axis=-3)  # ...x pieces x Kp x Np
+  w = w.reshape(*lead, pieces, Kb, 16, 2, P, 2, 16)  # k = 32 kb + 2 r + parity, n = 32 p + 16 tile + column
+  n = len(lead)
+  order = (*range(n), n + 4, n + 1, n, n + 5, n + 2, n + 6, n + 3)  # P, Kb, pieces, tile, r, column, parity
+  return jnp.transpose(w, order).reshape(*lead, P, Kb, pieces, 2, 16, 32)
+
+
+def pack_pairs(w_Kx2N, packer=pack):
+  """The two halves of ...xKx2N (gate and up) packed each, their panels interleaved (gate 0, up 0, gate 1, ...):
+  panel j of the gate and of the up projection cover the same columns, so one thread computes both (and
+  silu(gate) * up) from one run of memory."""
   N = w_Kx2N.shape[-1] // 2
-  return jnp.concatenate([pack(w_Kx2N[..., :N]), pack(w_Kx2N[..., N:])], axis=-3)
+  axis = w_Kx2N.ndim - 2  # the panels'
+  both = jnp.stack([packer(w_Kx2N[..., :N]), packer(w_Kx2N[..., N:])], axis=axis + 1)
+  return both.reshape(*both.shape[:axis], -1, *both.shape[axis + 2:])
 
 
-def decode_weights(cfg: ModelConfig, params) -> NativeWeights:
-  """The model's weights in the native step's layout (float32); build once per sampling run, not per step."""
+def decode_weights(cfg: ModelConfig, params, pieces: int = 0) -> NativeWeights:
+  """The model's weights in the native step's layout; build once per sampling run, not per step.
+
+  `pieces`: 0 packs the matmul weights in float32 for the step's FMA matmuls; 2 or 3 splits them into that
+  many bfloat16 pieces for its AMX matmuls (`pack_amx`; see `matmul_pieces`)."""
   fused = xla_step.decode_weights(cfg, params)
   stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
   E = fused["layers"][0]["qkv_DxE"].shape[1]
   bias = stack("qkv_bias_E") if cfg.qkv_bias else jnp.zeros((cfg.n_layers, E), jnp.float32)
   f32 = lambda a: a.astype(jnp.float32)
-  return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), pack(stack("qkv_DxE")), bias,
-                       pack(stack("o_NHxD")), stack("mlp_norm"), pack_pairs(stack("gate_up_Dx2F")),
-                       pack(stack("down_FxD")), f32(params["final_norm"]["scale"]), pack(f32(fused["head_DxV"])))
+  packer = functools.partial(pack_amx, pieces=pieces) if pieces else pack
+  return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), packer(stack("qkv_DxE")), bias,
+                       packer(stack("o_NHxD")), stack("mlp_norm"), pack_pairs(stack("gate_up_Dx2F"), packer),
+                       packer(stack("down_FxD")), f32(params["final_norm"]["scale"]), packer(f32(fused["head_DxV"])))
 
 
 def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, tokens_B, positions_B, threads: int = 0,
@@ -100,8 +132,32 @@ def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, toke
   call = jax.ffi.ffi_call(target, results, input_output_aliases={12 + i: 4 + i for i in range(2 * L)})
   out = call(tokens_B.astype(jnp.int32), positions_B.astype(jnp.int32), *weights, *caches,
              eps=np.float32(cfg.rms_norm_eps), theta=np.float32(cfg.rope_theta), n_heads=np.int64(cfg.n_heads),
-             n_kv_heads=np.int64(cfg.n_kv_heads), threads=np.int64(threads))
+             n_kv_heads=np.int64(cfg.n_kv_heads), d_ff=np.int64(cfg.d_ff), pieces=np.int64(pieces_of(weights)),
+             threads=np.int64(threads))
   return out[0], LogitStats(*out[1:4]), tuple(out[4:4 + L]), tuple(out[4 + L:])
+
+
+def matmul(x, w, n_cols: int, layer: int = 0, swiglu: bool = False, threads: int = 0):
+  """x (...xK, float32) times a weight packed by `pack_amx` (layer `layer` of a stack), on AMX tiles: ...x`n_cols`
+  float32. With `swiglu`, `w` holds gate and up panels alternating (`pack_pairs`) and the result is
+  silu(x Wgate) * (x Wup). Prefill's matmuls (many rows); needs `amx_available()`."""
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"the native matmul is unavailable: {reason}")
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], n_cols), jnp.float32)
+  return jax.ffi.ffi_call(MATMUL_TARGET, out)(x.astype(jnp.float32), w, layer=np.int64(layer), n_cols=np.int64(n_cols),
+                                                swiglu=bool(swiglu), threads=np.int64(threads))
+
+
+def pieces_of(weights: NativeWeights) -> int:
+  """The bfloat16 pieces of the packed weights (`decode_weights`), 0 for float32."""
+  return 0 if weights.qkv.dtype == jnp.float32 else weights.qkv.shape[-4]
+
+
+def amx_available() -> bool:
+  """Whether the native step can use AMX tiles here: the build targets a CPU with AMX (bf16) and the kernel
+  lets this process use them."""
+  return _load() is None and bool(_LIBRARIES[TARGET].K15AmxAvailable())
 
 
 class BuildError(RuntimeError):
@@ -149,6 +205,8 @@ def _cache_dir() -> pathlib.Path:
 def _register(target: str, library: pathlib.Path) -> ctypes.CDLL:
   lib = ctypes.cdll.LoadLibrary(str(library))  # RTLD_LOCAL: variants' symbols do not clash
   jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.K15DecodeStepF32), platform="cpu")
+  if target == TARGET:
+    jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.K15MatmulAmx), platform="cpu")
   _LIBRARIES[target] = lib  # keep it loaded
   return lib
 
@@ -207,22 +265,38 @@ def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:
   return None
 
 
-def choose(kernel: str, cfg: ModelConfig, devices) -> str:
-  """The decode kernel that SamplingConfig.decode_kernel `kernel` means here: "native" or "xla".
+# SamplingConfig.native_matmul -> bfloat16 pieces of each matmul operand (0: float32 FMAs).
+MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3}
+
+
+def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
+  """The decode kernel that SamplingConfig.decode_kernel `kernel` and native_matmul `matmul` mean here: "xla",
+  or "native" followed by the native step's matmuls ("native", "native_bf16x3", "native_bf16x6"; `pieces`).
 
   "auto" falls back to XLA quietly where the native step does not apply (off CPU, below float32), with a
-  warning where it applies but failed to build."""
+  warning where it applies but failed to build. The native step's matmuls: `matmul` "auto" takes bf16x6 where
+  the CPU has AMX, else float32; bf16x3 or bf16x6 on a CPU without AMX warns and takes float32."""
   if kernel == "xla":
     return "xla"
   unsupported = _unsupported(cfg, devices)
   reason = unsupported or _load()
   if reason is None:
-    return "native"
+    if matmul == "auto":
+      matmul = "bf16x6" if amx_available() else "float32"
+    elif matmul != "float32" and not amx_available():
+      _warn_once(f"k15: SamplingConfig.native_matmul={matmul!r} needs a CPU with AMX; using float32 FMAs")
+      matmul = "float32"
+    return "native" if matmul == "float32" else f"native_{matmul}"
   if kernel == "native":
     raise ValueError(f"SamplingConfig.decode_kernel='native' is unavailable: {reason}")
   if unsupported is None:
     _warn_once(f"k15: decoding with XLA's step; the native CPU step is unavailable: {reason}")
   return "xla"
+
+
+def pieces(kernel: str) -> int:
+  """The bfloat16 pieces of a `choose` result's matmul operands (0: float32)."""
+  return MATMUL_PIECES[kernel.removeprefix("native").removeprefix("_") or "float32"]
 
 
 @functools.cache

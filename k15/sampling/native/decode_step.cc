@@ -23,11 +23,21 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 #ifdef K15_PHASE_TIMES
 #include <chrono>
 #include <mutex>
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define K15_AMX 1  // the compiler targets a CPU with AMX tiles: the bf16-split matmuls below are built
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define K15_AMX 0
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -200,6 +210,137 @@ void matmul_strided(const float* A, int64_t lda, int64_t M, int64_t K, const flo
     }
 }
 
+// ---- Matmuls on AMX tiles, to float32 accuracy ----
+// A CPU with AMX multiplies bfloat16 tiles (16 rows x 32 products, float32 sums) at about 16 times the rate
+// of float32 FMAs. Split into bfloat16 pieces, x = x0 + x1 + x2 + (|x| 2^-24 or less: the 24 bits of a float32
+// significand, 8 in each piece), a float32 product is the sum of the piece products, and those of order 2 or
+// less (x0y0, x0y1, x1y0, x0y2, x1y1, x2y0) leave out less than float32's own rounding of one product: six
+// bfloat16 matmuls give a float32 matmul's result up to the order of its sums. With `pieces` = 2 only x0y0,
+// x0y1 and x1y0: 16 bits of each operand, about 1e-5 of each product.
+//
+// A packed weight (`native.pack_amx`) holds, per 32-column panel and per 32 rows of K (zero-padded to a
+// multiple of 32), each piece as two B tiles of 16 columns in AMX's pair-interleaved layout (row k/2 holds
+// columns 0..15 of rows k and k+1, interleaved): panel x K/32 x piece x 2 tiles x 16 x 32 bfloat16. A matmul's
+// left side is split once per phase, by the phase that produces it (`split_rows`), into piece x rows x K.
+constexpr int64_t kTile = 16;  // rows of a tile; a panel is two tiles of 16 columns
+
+bool amx_ready() {  // the kernel lets this process use AMX's tile data (Linux asks each process to request it)
+#if K15_AMX
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+#else
+  return false;
+#endif
+}
+
+#if K15_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Eight tiles of 16 rows x 64 bytes: 0-3 sums (two row tiles x two column tiles), 4-5 left (per row tile),
+// 6-7 right (per column tile). Static, initialized at load: GCC does not order a local's stores before the
+// ldtilecfg that reads it.
+constexpr TileConfig tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.bytes_per_row[t] = 64, cfg.rows[t] = kTile;
+  return cfg;
+}
+alignas(64) constexpr TileConfig kTileConfig = tile_config();
+
+void configure_tiles() { _tile_loadconfig(&kTileConfig); }
+
+// x[:n] into `pieces` bfloat16 pieces, `stride` elements apart (round to nearest even each).
+void split(const float* x, int64_t n, uint16_t* out, int64_t stride, int pieces) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    for (int q = 0; q < pieces; ++q) {
+      const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+      _mm256_mask_storeu_epi16(out + q * stride + i, m, b);
+      v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+  }
+}
+
+// Tile loads and products of the panel kernel. Tile numbers are immediates, so these are templates.
+template <bool TWO>  // the left side's piece for one or two row tiles (`lda` elements per row)
+inline void load_left(const uint16_t* a, int64_t lda) {
+  _tile_loadd(4, a, 2 * lda);
+  if (TWO) _tile_loadd(5, a + kTile * lda, 2 * lda);
+}
+inline void load_right(const uint16_t* b) {  // a piece of the panel's k-block: its two column tiles
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, b + kTile * 32, 64);
+}
+template <bool TWO>
+inline void products() {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  if (TWO) {
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// out[rows x 32] = A B over 16 or 32 rows of A (TWO) for one packed panel B. A: `pieces` x Mp x Kp bfloat16
+// from its first row; out: rows of 32 floats. The products of pieces (left, right), in an order where
+// consecutive products share tiles: (0,0) (0,1) (1,0) for 2 pieces; (0,0) (0,1) (0,2) (1,1) (1,0) (2,0) for 3.
+// Written out, not looped over a table: the tile instructions take immediates, and a data-driven loop ran at
+// half the rate. The weights stream from memory: a tile load waits for its lines, and the products wait for
+// the load, so the next k-block's lines are fetched a few after each group of products (a burst of prefetches
+// stalls the loads instead).
+template <int P, bool TWO>
+void amx_rows(const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, float* out) {
+  constexpr int64_t R = 2 * kTile * 32;  // elements of one piece of a k-block of the panel: two B tiles
+  constexpr int64_t lines = P * R * 2 / 64, groups = P == 2 ? 3 : 6, per_group = (lines + groups - 1) / groups;
+  const int64_t piece = Mp * Kp, blocks = Kp / 32;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (TWO) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* b = panel + kb * P * R;  // piece q's two tiles at b + q R
+    const uint16_t* a = A + 32 * kb;
+    const char* ahead = reinterpret_cast<const char*>(b + P * R);  // the next k-block (or panel)
+    int64_t fetched = 0;
+    auto fetch = [&] {
+      for (int64_t i = 0; i < per_group && fetched < lines; ++i) _mm_prefetch(ahead + 64 * fetched++, _MM_HINT_T0);
+    };
+    if constexpr (P == 2) {
+      load_left<TWO>(a, Kp), load_right(b), products<TWO>(), fetch();
+      load_right(b + R), products<TWO>(), fetch();
+      load_left<TWO>(a + piece, Kp), load_right(b), products<TWO>(), fetch();
+    } else {
+      load_left<TWO>(a, Kp), load_right(b), products<TWO>(), fetch();
+      load_right(b + R), products<TWO>(), fetch();
+      load_right(b + 2 * R), products<TWO>(), fetch();
+      load_left<TWO>(a + piece, Kp), load_right(b + R), products<TWO>(), fetch();
+      load_right(b), products<TWO>(), fetch();
+      load_left<TWO>(a + 2 * piece, Kp), products<TWO>(), fetch();
+    }
+  }
+  _tile_stored(0, out, 128);
+  _tile_stored(1, out + 16, 128);
+  if (TWO) {
+    _tile_stored(2, out + kTile * 32, 128);
+    _tile_stored(3, out + kTile * 32 + 16, 128);
+  }
+}
+
+// out[Mp x 32] = A B for one packed panel B: all Mp rows (a multiple of 16), two row tiles at a time.
+template <int P>
+void amx_panel(const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, float* out) {
+  int64_t r = 0;
+  for (; r + 2 * kTile <= Mp; r += 2 * kTile) amx_rows<P, true>(A + r * Kp, Mp, Kp, panel, out + r * 32);
+  if (r < Mp) amx_rows<P, false>(A + r * Kp, Mp, Kp, panel, out + r * 32);
+}
+#endif
+
 // out = scale * x / rms(x), row by row (HF order: normalize, then scale).
 void rms_norm(const float* x, int64_t B, int64_t D, const float* scale, float eps, float* out) {
   for (int64_t b = 0; b < B; ++b) {
@@ -295,7 +436,9 @@ void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, flo
 struct Step {
   const int32_t* tokens;
   const int32_t* positions;
-  const float *embed, *attn_norm, *qkv, *qkv_bias, *o, *mlp_norm, *gate_up, *down, *final_norm, *head;
+  const float *embed, *attn_norm, *qkv_bias, *mlp_norm, *final_norm;
+  const void *qkv, *o, *gate_up, *down, *head;  // packed: float32 (pieces 0) or bfloat16 pieces for AMX
+  int pieces;  // 0: float32 FMAs; 2 or 3: bfloat16 pieces of each operand on AMX tiles
   std::vector<float*> k_caches, v_caches;
   float* logits;
   int32_t* argmax;
@@ -304,7 +447,23 @@ struct Step {
   int64_t B, L, V, D, N, KV, H, S, F;
 };
 
-inline int64_t padded(int64_t n) { return (n + 31) / 32 * 32; }  // columns of a packed weight
+// std::vector's storage on 64-byte lines: an AMX tile row that straddles two lines loads at a fraction of the rate.
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const LineAligned&) const { return true; }
+  bool operator!=(const LineAligned&) const { return false; }
+};
+template <class T>
+using Aligned = std::vector<T, LineAligned<T>>;
+
+inline int64_t padded(int64_t n) { return (n + 31) / 32 * 32; }  // columns of a packed weight (K too, on AMX)
+inline int64_t padded_rows(int64_t B) { return (B + kTile - 1) / kTile * kTile; }  // whole row tiles
 
 // A step as a sequence of phases, each a set of independent items (a few slots, or a few 32-column panels
 // of a matmul over every slot) that any thread may take. A matmul split by columns reads each weight once
@@ -316,14 +475,21 @@ class PhasedStep {
   explicit PhasedStep(const Step& p) : p_(p) {
     const int64_t B = p.B;
     x_.resize(B * p.D), h_.resize(B * p.D), qkv_.resize(B * E()), att_.resize(B * p.N * p.H), act_.resize(B * p.F);
+    if (p.pieces) {  // the left sides of the AMX matmuls, split; zero past the B rows and the K columns
+      h16_.resize(p.pieces * Mp() * padded(p.D)), att16_.resize(p.pieces * Mp() * padded(p.N * p.H));
+      act16_.resize(p.pieces * Mp() * padded(p.F));
+    }
     cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2);
     phases_ = 3 + 7 * p.L;
     counters_.reset(new Counter[phases_]);
   }
 
   void work() {
-    Scratch scratch{std::vector<float>((p_.N / p_.KV) * p_.S), std::vector<float>(p_.B * 32),
-                    std::vector<float>(p_.B * 32)};
+    Scratch scratch{Aligned<float>((p_.N / p_.KV) * p_.S), Aligned<float>(Mp() * 32), Aligned<float>(Mp() * 32),
+                    Aligned<float>(Mp() * 32)};
+#if K15_AMX
+    if (p_.pieces) configure_tiles();  // per thread
+#endif
 #ifdef K15_PHASE_TIMES
     double times[2 * kPhaseKinds] = {};
 #endif
@@ -354,6 +520,9 @@ class PhasedStep {
       times[2 * k] += seconds(start, ran), times[2 * k + 1] += seconds(ran, Clock::now());
 #endif
     }
+#if K15_AMX
+    if (p_.pieces) _tile_release();
+#endif
 #ifdef K15_PHASE_TIMES
     std::lock_guard<std::mutex> lock(g_times_mutex);
     for (int i = 0; i < 2 * kPhaseKinds; ++i) g_times[i] += times[i];
@@ -366,13 +535,45 @@ class PhasedStep {
     alignas(64) std::atomic<int64_t> done{0};
   };
   struct Scratch {  // per thread
-    std::vector<float> scores, gate, up;
+    Aligned<float> scores, gate, up, out;  // out: an AMX panel's Mp x 32 results
   };
-  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2;
+  static constexpr int64_t kSlotsPerItem = 2;
+#ifndef AMX_PANELS
+#define AMX_PANELS 4
+#endif
+  // Panels per matmul item: AMX streams longer runs of a weight faster; at least 8 items per phase.
+  int64_t per_item(int64_t cols) const { return p_.pieces && ceil_div(cols, 32) >= 8 * AMX_PANELS ? AMX_PANELS : 2; }
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
+  int64_t Mp() const { return p_.pieces ? padded_rows(p_.B) : p_.B; }
+
+  // Rows [b0, b1) of x (row stride ldx), columns [c0, c0 + n), into the split left side A16 (Kp columns).
+  void split_rows(const float* x, int64_t ldx, int64_t b0, int64_t b1, int64_t c0, int64_t n, uint16_t* A16,
+                  int64_t Kp) const {
+#if K15_AMX
+    for (int64_t b = b0; b < b1; ++b) split(x + b * ldx + c0, n, A16 + b * Kp + c0, Mp() * Kp, p_.pieces);
+#endif
+  }
+
+  // The rows of C[BxN] (+)= the AMX panel results `out` (Mp x 32), its first `cols` columns from column n.
+  void store_panel(const float* out, float* C, int64_t N, int64_t n, int64_t cols, bool add) const {
+    for (int64_t b = 0; b < p_.B; ++b)
+      for (int64_t j = 0; j < cols; ++j) C[b * N + n + j] = add ? C[b * N + n + j] + out[b * 32 + j] : out[b * 32 + j];
+  }
+
+  // AMX: out = A16 (split, Kp columns) times panel j of packed weight W (bfloat16 pieces; layer l of its stack
+  // of `panels` panels per layer).
+  void amx_matmul(const uint16_t* A16, int64_t Kp, const void* W, int64_t panels, int64_t l, int64_t j,
+                  float* out) const {
+#if K15_AMX
+    const int64_t panel_elems = p_.pieces * Kp * 32;
+    const uint16_t* panel = static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems;
+    if (p_.pieces == 2) amx_panel<2>(A16, Mp(), Kp, panel, out);
+    else amx_panel<3>(A16, Mp(), Kp, panel, out);
+#endif
+  }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-  int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), kPanelsPerItem); }
+  int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), per_item(cols)); }
 
   // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); then the head;
   // last the logits' stats. kind(ph) numbers them in that order, 0 to 9 (the layer's phases 1 to 7).
@@ -394,9 +595,20 @@ class PhasedStep {
     }
   }
 
-  // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed; item `next` (-1: none) runs next.
-  void matmul_item(int64_t i, int64_t next, const float* A, int64_t K, const float* W, int64_t N, float* C, bool add) {
+  // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed (layer l of a stack); item `next`
+  // (-1: none) runs next. On AMX, A16 is A split (`split_rows`).
+  void matmul_item(int64_t i, int64_t next, const float* A, const uint16_t* A16, int64_t K, const void* W_stack,
+                   int64_t l, int64_t N, float* C, bool add, Scratch& scratch) {
+    const int64_t kPanelsPerItem = per_item(N);
     const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(N, n0 + kPanelsPerItem * 32);
+    if (p_.pieces) {
+      for (int64_t n = n0; n < n1; n += 32) {
+        amx_matmul(A16, padded(K), W_stack, padded(N) / 32, l, n / 32, scratch.out.data());
+        store_panel(scratch.out.data(), C, N, n, std::min<int64_t>(32, N - n), add);
+      }
+      return;
+    }
+    const float* W = static_cast<const float*>(W_stack) + l * K * padded(N);
     for (int64_t n = n0; n < n1; n += 32) {
       const float* panel = W + (n / 32) * K * 32;
       const float* after = n + 32 < n1 ? panel + K * 32 : next >= 0 ? W + next * kPanelsPerItem * K * 32 : nullptr;
@@ -422,10 +634,11 @@ class PhasedStep {
         }
       }
       rms_norm(x_.data() + b0 * D, b1 - b0, D, p.attn_norm, p.eps, h_.data() + b0 * D);
+      split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
       return;
     }
     if (ph == phases_ - 2) {
-      matmul_item(i, next, h_.data(), D, p.head, p.V, p.logits, false);
+      matmul_item(i, next, h_.data(), h16_.data(), D, p.head, 0, p.V, p.logits, false, scratch);
       return;
     }
     if (ph == phases_ - 1) {
@@ -433,11 +646,10 @@ class PhasedStep {
       return;
     }
     const int64_t l = (ph - 1) / 7;
-    const int64_t qkv_l = D * padded(E), o_l = NH * padded(D), gu_l = 2 * D * padded(F), down_l = F * padded(D);
     switch ((ph - 1) % 7) {
       case 0: {  // qkv = h Wqkv + bias
-        matmul_item(i, next, h_.data(), D, p.qkv + l * qkv_l, E, qkv_.data(), false);
-        const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(E, n0 + kPanelsPerItem * 32);
+        matmul_item(i, next, h_.data(), h16_.data(), D, p.qkv, l, E, qkv_.data(), false, scratch);
+        const int64_t n0 = i * per_item(E) * 32, n1 = std::min(E, n0 + per_item(E) * 32);
         const float* bias = p.qkv_bias + l * E;
         for (int64_t b = 0; b < B; ++b)
           for (int64_t e = n0; e < n1; ++e) qkv_[b * E + e] += bias[e];
@@ -474,26 +686,35 @@ class PhasedStep {
                    keys, values);
           }
         }
+        split_rows(att_.data(), NH, b0, b1, 0, NH, att16_.data(), padded(NH));
         return;
       }
       case 2:
-        matmul_item(i, next, att_.data(), NH, p.o + l * o_l, D, x_.data(), true);
+        matmul_item(i, next, att_.data(), att16_.data(), NH, p.o, l, D, x_.data(), true, scratch);
         return;
       case 3:
         rms_norm(x_.data() + b0 * D, b1 - b0, D, p.mlp_norm + l * D, p.eps, h_.data() + b0 * D);
+        split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
         return;
       case 4: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
+        const int64_t kPanelsPerItem = per_item(F);
         const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(F, n0 + kPanelsPerItem * 32);
-        const float* W = p.gate_up + l * gu_l;
         float* gate = scratch.gate.data();
         float* up = scratch.up.data();
         for (int64_t n = n0; n < n1; n += 32) {
           const int64_t cols = std::min<int64_t>(32, n1 - n);
-          const float* up_panel = W + (padded(F) + n) / 32 * D * 32;
-          slab(h_.data(), D, B, D, W + (n / 32) * D * 32, 32, gate, 32, false, cols, up_panel);
-          const float* after = n + 32 < n1 ? W + (n / 32 + 1) * D * 32
-                             : next >= 0 ? W + next * kPanelsPerItem * D * 32 : nullptr;
-          slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
+          if (p.pieces) {  // the layer's 2 padded(F) / 32 panels, gate's and up's alternating
+            amx_matmul(h16_.data(), padded(D), p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32), gate);
+            amx_matmul(h16_.data(), padded(D), p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32) + 1, up);
+          } else {
+            const float* W = static_cast<const float*>(p.gate_up) + l * 2 * D * padded(F);
+            const float* gate_panel = W + 2 * (n / 32) * D * 32;
+            const float* up_panel = gate_panel + D * 32;
+            slab(h_.data(), D, B, D, gate_panel, 32, gate, 32, false, cols, up_panel);
+            const float* after = n + 32 < n1 ? up_panel + D * 32
+                               : next >= 0 ? W + 2 * next * kPanelsPerItem * D * 32 : nullptr;
+            slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
+          }
           for (int64_t b = 0; b < B; ++b) {
             const float* gv = gate + b * 32;
             const float* uv = up + b * 32;
@@ -507,15 +728,17 @@ class PhasedStep {
               for (int64_t j = 0; j < cols; ++j) a[j] = gv[j] * (1.0f / (1.0f + exp1(-gv[j]))) * uv[j];
             }
           }
+          split_rows(act_.data(), F, 0, B, n, cols, act16_.data(), padded(F));
         }
         return;
       }
       case 5:
-        matmul_item(i, next, act_.data(), F, p.down + l * down_l, D, x_.data(), true);
+        matmul_item(i, next, act_.data(), act16_.data(), F, p.down, l, D, x_.data(), true, scratch);
         return;
       case 6: {
         const float* scale = l + 1 < p.L ? p.attn_norm + (l + 1) * D : p.final_norm;
         rms_norm(x_.data() + b0 * D, b1 - b0, D, scale, p.eps, h_.data() + b0 * D);
+        split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
         return;
       }
     }
@@ -523,12 +746,13 @@ class PhasedStep {
 
   Step p_;
   std::vector<float> x_, h_, qkv_, att_, act_, cos_, sin_;
+  Aligned<uint16_t> h16_, att16_, act16_;  // on AMX: h, att and act split (pieces x Mp x padded K)
   int64_t phases_;
   std::unique_ptr<Counter[]> counters_;
 };
 
-ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, int64_t KV, int64_t threads,
-                      ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, int64_t KV, int64_t F, int64_t pieces,
+                      int64_t threads, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   std::vector<ffi::AnyBuffer> in;
   for (size_t i = 0; i < args.size(); ++i) {
     auto a = args.get<ffi::AnyBuffer>(i);
@@ -543,22 +767,36 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   }
   if (in.size() < 14 || (in.size() - 12) % 2 != 0 || outs.size() != in.size() - 8)
     return ffi::Error::InvalidArgument("k15 decode step: wrong number of arguments or results");
+  if (pieces != 0 && pieces != 2 && pieces != 3)
+    return ffi::Error::InvalidArgument("k15 decode step: pieces must be 0 (float32), 2 or 3 (AMX)");
+  if (pieces && !amx_ready())
+    return ffi::Error::InvalidArgument("k15 decode step: AMX weights, but this build or this CPU has no AMX");
+  const bool packed[] = {false, false, false, false, true, false, true, false, true, true, false, true};
   for (size_t i = 2; i < in.size(); ++i)
-    if (in[i].element_type() != ffi::F32)
-      return ffi::Error::InvalidArgument("k15 decode step: weights and caches must be float32");
+    if (in[i].element_type() != (i < 12 && packed[i] && pieces ? ffi::BF16 : ffi::F32))
+      return ffi::Error::InvalidArgument("k15 decode step: caches, norms and embedding must be float32, packed "
+                                         "weights float32 (pieces 0) or bfloat16 (AMX pieces)");
   auto f32 = [&](int i) { return reinterpret_cast<const float*>(in[i].untyped_data()); };
   Step p;
   p.L = (in.size() - 12) / 2;
   p.V = in[2].dimensions()[0], p.D = in[2].dimensions()[1];
   p.S = in[12].dimensions()[3], p.H = in[12].dimensions()[2];
-  p.F = in[9].dimensions()[2], p.N = N, p.KV = KV, p.eps = eps, p.theta = theta;
-  if (N % KV != 0 || p.H % 2 != 0 || in[5].dimensions()[1] != (N + 2 * KV) * p.H || in[6].dimensions()[2] != N * p.H ||
-      in[11].dimensions()[1] != p.D)
-    return ffi::Error::InvalidArgument("k15 decode step: weight shapes do not match the head counts");
+  p.F = F, p.N = N, p.KV = KV, p.eps = eps, p.theta = theta, p.pieces = static_cast<int>(pieces);
+  const int64_t E = (N + 2 * KV) * p.H;
+  // The elements of a packed KxN weight, `copies` of it per layer over `layers` layers.
+  auto packed_size = [&](int64_t layers, int64_t copies, int64_t K, int64_t n) {
+    return layers * copies * (pieces ? pieces * padded(K) : K) * padded(n);
+  };
+  if (N % KV != 0 || p.H % 2 != 0 || in[5].dimensions()[1] != E ||
+      in[4].element_count() != packed_size(p.L, 1, p.D, E) || in[6].element_count() != packed_size(p.L, 1, N * p.H, p.D) ||
+      in[8].element_count() != packed_size(p.L, 2, p.D, F) || in[9].element_count() != packed_size(p.L, 1, F, p.D) ||
+      in[11].element_count() != packed_size(1, 1, p.D, p.V))
+    return ffi::Error::InvalidArgument("k15 decode step: weight shapes do not match the head counts and d_ff");
   p.tokens = reinterpret_cast<const int32_t*>(in[0].untyped_data());
   p.positions = reinterpret_cast<const int32_t*>(in[1].untyped_data());
-  p.embed = f32(2), p.attn_norm = f32(3), p.qkv = f32(4), p.qkv_bias = f32(5), p.o = f32(6), p.mlp_norm = f32(7);
-  p.gate_up = f32(8), p.down = f32(9), p.final_norm = f32(10), p.head = f32(11);
+  p.embed = f32(2), p.attn_norm = f32(3), p.qkv_bias = f32(5), p.mlp_norm = f32(7), p.final_norm = f32(10);
+  p.qkv = in[4].untyped_data(), p.o = in[6].untyped_data(), p.gate_up = in[8].untyped_data();
+  p.down = in[9].untyped_data(), p.head = in[11].untyped_data();
   for (int64_t l = 0; l < p.L; ++l) {
     p.k_caches.push_back(reinterpret_cast<float*>(outs[4 + l].untyped_data()));
     p.v_caches.push_back(reinterpret_cast<float*>(outs[4 + p.L + l].untyped_data()));
@@ -581,6 +819,116 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   return ffi::Error::Success();
 }
 
+
+// ---- Matmul on AMX tiles (prefill) ----
+// y[M x N] = x[M x K] W for a packed weight W (`native.pack_amx`, layer `layer` of its stack) on AMX tiles; with
+// `swiglu`, W holds gate and up panels alternating (`native.pack_pairs`) and y[M x N] = silu(x Wgate) * (x Wup).
+// Prefill's matmuls have thousands of rows: the work is split into items of (a block of rows, a group of output
+// panels) that XLA's CPU threads take from a counter; each item splits its rows into bfloat16 pieces (kept in
+// L2 while its panels stream past) and runs `amx_rows` over them. The caller never waits on a pool task that
+// has not started: it runs items too and waits only for items taken.
+// Rows per item: a block's bfloat16 pieces take about 256 KB, so they stay in L2 while the panels stream past
+// (128 KB and 512 KB measured no faster on prefill's shapes).
+inline int64_t row_block(int64_t K, int64_t pieces) {
+  return std::clamp<int64_t>(256 * 1024 / (2 * pieces * padded(K)) / 32 * 32, 32, 512);
+}
+
+// dst[:cols] = silu(gate) * up for one row of a panel (cols <= 32).
+inline void swiglu_row(const float* gate, const float* up, int64_t cols, float* dst) {
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const v16 g = load(gate + c);
+    store(dst + c, g * (1.0f / (1.0f + vexp(-g))) * load(up + c));
+  }
+  for (; c < cols; ++c) dst[c] = gate[c] * (1.0f / (1.0f + exp1(-gate[c]))) * up[c];
+}
+
+struct MatmulJob {
+  const float* x;
+  const uint16_t* w;  // the layer's panels
+  float* y;
+  int64_t M, K, N, pieces, out_panels, groups, items;
+  bool swiglu;
+  std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
+
+  void work() {
+#if K15_AMX
+    configure_tiles();
+    const int64_t Kp = padded(K), rb_rows = row_block(K, pieces), Mb = std::min(rb_rows, padded_rows(M));
+    Aligned<uint16_t> A(pieces * Mb * Kp);
+    Aligned<float> out(2 * kTile * 32), gate(2 * kTile * 32);
+    for (int64_t i; (i = next.fetch_add(1)) < items;) {
+      const int64_t rb = i / groups, g = i % groups;
+      const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
+      std::fill(A.begin(), A.end(), 0);  // the padding rows and columns
+      for (int64_t r = 0; r < rows; ++r) split(x + (r0 + r) * K, K, A.data() + r * Kp, Mp * Kp, pieces);
+      const int64_t p0 = g * out_panels / groups, p1 = (g + 1) * out_panels / groups;
+      const int64_t panel = pieces * Kp * 32;
+      for (int64_t j = p0; j < p1; ++j) {
+        const int64_t cols = std::min<int64_t>(32, N - 32 * j);
+        for (int64_t r = 0; r < Mp; r += 2 * kTile) {
+          const bool two = r + kTile < Mp;
+          const int64_t n = std::min(2 * kTile, rows - r);
+          const uint16_t* a = A.data() + r * Kp;
+          auto run = [&](int64_t w_panel, float* o) {
+            if (pieces == 2) two ? amx_rows<2, true>(a, Mp, Kp, w + w_panel * panel, o)
+                                 : amx_rows<2, false>(a, Mp, Kp, w + w_panel * panel, o);
+            else two ? amx_rows<3, true>(a, Mp, Kp, w + w_panel * panel, o)
+                     : amx_rows<3, false>(a, Mp, Kp, w + w_panel * panel, o);
+          };
+          float* dst = y + (r0 + r) * N + 32 * j;
+          if (swiglu) {
+            run(2 * j, gate.data());
+            run(2 * j + 1, out.data());
+            for (int64_t b = 0; b < n; ++b) swiglu_row(gate.data() + b * 32, out.data() + b * 32, cols, dst + b * N);
+          } else {
+            run(j, out.data());
+            for (int64_t b = 0; b < n; ++b) std::copy(out.data() + b * 32, out.data() + b * 32 + cols, dst + b * N);
+          }
+        }
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+    _tile_release();
+#endif
+  }
+};
+
+ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swiglu, int64_t threads, ffi::AnyBuffer x,
+                  ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  if (!amx_ready()) return ffi::Error::InvalidArgument("k15 matmul: this build or this CPU has no AMX");
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (x.element_type() != ffi::F32 || w.element_type() != ffi::BF16 || y->element_type() != ffi::F32 ||
+      wd.size() < 6 || wd[wd.size() - 3] != 2 || wd[wd.size() - 2] != kTile || wd[wd.size() - 1] != 32)
+    return ffi::Error::InvalidArgument("k15 matmul: x float32 (... x K), w packed bfloat16 pieces (pack_amx)");
+  const int64_t K = xd[xd.size() - 1], M = x.element_count() / K, pieces = wd[wd.size() - 4];
+  const int64_t layers = wd.size() == 7 ? wd[0] : 1, panels = wd[wd.size() - 6];
+  const int64_t out_panels = (n_cols + 31) / 32;
+  if ((pieces != 2 && pieces != 3) || wd[wd.size() - 5] * 32 != padded(K) || layer < 0 || layer >= layers ||
+      panels != (swiglu ? 2 : 1) * out_panels || y->element_count() != M * n_cols)
+    return ffi::Error::InvalidArgument("k15 matmul: shapes of x, w and y do not match");
+  auto job = std::make_shared<MatmulJob>();
+  job->x = reinterpret_cast<const float*>(x.untyped_data());
+  job->w = reinterpret_cast<const uint16_t*>(w.untyped_data()) + layer * (w.element_count() / layers);
+  job->y = reinterpret_cast<float*>(y->untyped_data());
+  job->M = M, job->K = K, job->N = n_cols, job->pieces = pieces, job->out_panels = out_panels, job->swiglu = swiglu;
+  int64_t parts = pool.num_threads();
+  if (threads > 0) parts = std::min(parts, threads);
+  const int64_t row_blocks = (M + row_block(K, pieces) - 1) / row_block(K, pieces);
+  job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * std::max<int64_t>(parts, 1) + row_blocks - 1) / row_blocks));
+  job->items = row_blocks * job->groups;
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
+    if (spins > 4096) std::this_thread::yield();
+#if defined(__x86_64__)
+    else __builtin_ia32_pause();
+#endif
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
@@ -590,9 +938,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
                                   .Attr<float>("theta")
                                   .Attr<int64_t>("n_heads")
                                   .Attr<int64_t>("n_kv_heads")
+                                  .Attr<int64_t>("d_ff")
+                                  .Attr<int64_t>("pieces")
                                   .Attr<int64_t>("threads")
                                   .RemainingArgs()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(K15MatmulAmx, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("layer")
+                                  .Attr<int64_t>("n_cols")
+                                  .Attr<bool>("swiglu")
+                                  .Attr<int64_t>("threads")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+// 1 when this build and this CPU can run the AMX matmuls (and this process may use AMX's tiles), else 0.
+extern "C" int K15AmxAvailable() { return amx_ready() ? 1 : 0; }
 
 #ifdef K15_PHASE_TIMES
 // Copies the (running, waiting) seconds per phase kind and the number of calls since the last read into
