@@ -41,7 +41,7 @@ setuptools.setup(
     version="0.1.0",
     description="The Kimi k1.5 reinforcement-learning recipe in JAX",
     packages=setuptools.find_packages(include=["k15", "k15.*", "experiments", "experiments.*"]),
-    package_data={"k15.sampling.native": ["decode_step.cc"]},  # compiled on first use
+    package_data={"k15.sampling.native": ["kernels.cc"]},  # compiled on first use
     python_requires=">=3.11",
     install_requires=CORE + DATA,
     extras_require={

@@ -1,17 +1,17 @@
 """Where the native decode step's time goes, and A/B runs of variants of it against the repo's step.
 
   python benchmarks/decode_step.py                # time per phase kind of one step (a profiling build)
-  python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of decode_step.cc against the repo's step
+  python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of kernels.cc against the repo's step
 
 On the sampler benchmark's model (width 256, 4 layers, 8 / 4 heads, MLP 1024, vocab 1024), `--batch` slots
 at `--context` cached positions, `--steps` greedy steps per jitted loop (the token of each step feeds the next).
 
-The default run builds decode_step.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
+The default run builds kernels.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
 layer's qkv / attention / o / norms / matmuls summed over layers, the output head, the logit stats), the time
 a step spends running its items and waiting at the barrier that ends the phase, per thread (the threads'
 seconds summed and divided by their number). The timers cost the step a few percent; the shares hold.
 
-With variants: each file (same FFI arguments and results as decode_step.cc) is built and checked for
+With variants: each file (same FFI arguments and results as kernels.cc) is built and checked for
 bit-identical logits and caches against the repo's step, then all are timed interleaved, `--rounds` rounds,
 best of each; prints ms per step and the ratio to the repo's step. The host's speed drifts: compare ratios.
 """
@@ -30,7 +30,7 @@ from k15.sampling import native
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("variants", nargs="*", type=pathlib.Path, help="variants of decode_step.cc to A/B")
+  p.add_argument("variants", nargs="*", type=pathlib.Path, help="variants of kernels.cc to A/B")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--context", type=int, default=192, help="cached positions (the sampler benchmark's mean)")
   p.add_argument("--steps", type=int, default=64, help="steps per timed loop")

@@ -7,9 +7,12 @@ Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix)
 as a fraction of a 2048-square float32 matmul's, and on a long-tailed length workload, slot refill with
 partial rollouts against static batching (wall time, slot utilization).
 
-k15 runs twice: with its native CPU decode step (`decode_kernel="native"`, one device, the slots split
-over the cores), and with XLA's step in its fastest CPU setup (a mesh of one fake CPU device per core,
-slots sharded and params replicated, each device decoding its slots in a loop of its own).
+k15 runs as a user gets it on CPU (the native decode step, one device, the slots split over the cores; on a CPU
+with AMX its matmuls and prefill's run on AMX tiles with float32's accuracy), then with the native step's
+float32 FMAs and with the opt-in 16-bit AMX matmuls (`native_matmul="bf16x3"`) where the CPU has AMX, and with
+XLA's step in its fastest CPU setup (a mesh of one fake CPU device per core, slots sharded and params
+replicated, each device decoding its slots in a loop of its own). Each k15 run's log-probs are compared with
+a float32 forward over its tokens.
 """
 import argparse
 import collections
@@ -173,13 +176,31 @@ def replicate(params, mesh):
   return params if mesh is None else jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
-def bench_k15(cfg, params, prompts, args, kernel, mesh=None):
+def bench_k15(cfg, params, prompts, args, fields, mesh=None):
+  """A generate of the workload with SamplingConfig `fields`, its tokens, and the largest gap between its
+  log-probs and those of a float32 forward over prompt + response."""
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
-                                 max_length=args.prompt + args.new, decode_kernel=kernel)
+                                 max_length=args.prompt + args.new, **fields)
   params = replicate(params, mesh)
   run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0), mesh=mesh)
   out = run()  # compiles every shape it meets
-  return run, np.stack([t.response_tokens for t in out])
+  full = jax.jit(models.token_logprobs, static_argnums=0)(cfg, params, np.stack([t.tokens for t in out]))
+  full = np.asarray(full)  # row i, column j: log p(token j + 1 | tokens up to j)
+  gap = max(np.abs(t.logprobs - full[i, len(t.prompt_tokens) - 1:][:len(t.logprobs)]).max() for i, t in enumerate(out))
+  return run, np.stack([t.response_tokens for t in out]), float(gap)
+
+
+def k15_setups(cfg, mesh):
+  """{name: (SamplingConfig fields, mesh, the decode kernel it resolves to)}: k15 as a user gets it first."""
+  setups = {"k15": dict(decode_kernel="native")}
+  if native.amx_available():
+    setups["k15, float32 FMAs"] = dict(decode_kernel="native", native_matmul="float32")
+    setups["k15, bf16x3 (opt-in)"] = dict(decode_kernel="native", native_matmul="bf16x3")
+  out = {name: (fields, None) for name, fields in setups.items()}
+  if mesh is not None:
+    out[f"k15, XLA step, {jax.device_count()} devices"] = (dict(decode_kernel="xla"), mesh)
+  return {name: (fields, m, native.choose(fields["decode_kernel"], cfg, jax.devices(), fields.get("native_matmul", "auto")))
+          for name, (fields, m) in out.items()}
 
 
 # The rollout engine's device calls (k15.sampling.slots), in the order a generate makes them.
@@ -355,11 +376,10 @@ def main():
           f"head_dim {cfg.head_dim}, MLP {cfg.d_ff}, vocab {cfg.vocab_size}; workload: batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy, no early stop")
 
-    mesh = device_mesh()
-    k15_setups = {"k15": ("native", None)}  # the default on CPU: the native step
-    if mesh is not None:
-      k15_setups[f"k15, XLA step, {jax.device_count()} devices"] = ("xla", mesh)
-    systems = {name: bench_k15(cfg, params, prompts, args, kernel, m) for name, (kernel, m) in k15_setups.items()}
+    setups = k15_setups(cfg, device_mesh())
+    systems, gaps = {}, {}
+    for name, (fields, m, _) in setups.items():
+      *systems[name], gaps[name] = bench_k15(cfg, params, prompts, args, fields, m)
     systems["transformers"] = bench_hf(torch_model, prompts, args)
     if not args.skip_tunix:
       systems["tunix"] = bench_tunix(path, cfg, prompts, args)
@@ -369,20 +389,21 @@ def main():
     weight_bytes = weights_bytes(cfg)
     cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * 4
     runs["matmul"], runs["stream"] = matmul_run(), stream_run(weight_bytes + cache_bytes)
-    for name, (kernel, m) in k15_setups.items():
+    for name, (_, m, kernel) in setups.items():
       runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, kernel, m)
     best = interleaved_best(runs, args.repeats)
-    breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in k15_setups}
+    breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in setups}
 
-  k15_names = list(k15_setups)
+  k15_names = list(setups)
   k15_tokens = systems["k15"][1]
   peers = [name for name in systems if name not in k15_names]
   mm = MATMUL_FLOPS / best["matmul"]
   print(f"\n== decode throughput (new tokens / s, best of {args.repeats} interleaved rounds, prefill included) ==")
   for name, (_, tokens) in systems.items():
     agree = np.mean(tokens[:, :16] == k15_tokens[:, :16])
+    gap = f"; log-probs within {gaps[name]:.1e} of a float32 forward" if name in gaps else ""
     print(f"{name:>26}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
-          f"{agree:.0%})")
+          f"{agree:.0%}{gap})")
   flops = useful_flops(cfg, args.batch, args.prompt, args.new)
   flops_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
   for k15 in k15_names:
@@ -401,16 +422,21 @@ def main():
 
   print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean) against the "
         f"machine's floors ==")
-  for k15 in k15_names:
-    print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms")
   bandwidth = STREAM_PASSES * (weight_bytes + cache_bytes) / best["stream"]
+  for k15 in k15_names:
+    kernel = setups[k15][2]
+    pieces = native.pieces(kernel) if kernel != "xla" else 0
+    step_bytes = cache_bytes + (weight_bytes // 2 * pieces if pieces else weight_bytes)  # AMX: bfloat16 pieces
+    print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms; reads {step_bytes / 1e6:.1f} MB "
+          f"({step_bytes / bandwidth * 1e3:.2f} ms at the streaming rate)")
   read_s = (weight_bytes + cache_bytes) / bandwidth
   compute_s = args.batch * matmul_flops_per_token(cfg) / mm
-  print(f"a step reads the float32 weights ({weight_bytes / 1e6:.1f} MB) and KV cache ({cache_bytes / 1e6:.1f} MB), "
+  print(f"a step reads the weights ({weight_bytes / 1e6:.1f} MB in float32, {1.5 * weight_bytes / 1e6:.1f} MB as 3 "
+        f"bfloat16 pieces) and KV cache ({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
         f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s: stream.cc reading as many "
-        f"bytes on every core); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 matmul's rate")
+        f"bytes on every core); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 float32 matmul's rate")
   step_s = best[("k15", "step")] / steps
-  for what, seconds in [("k15's native step", step_s), ("reads and matmuls one after the other", read_s + compute_s),
+  for what, seconds in [("k15's step", step_s), ("reads and matmuls one after the other", read_s + compute_s),
                         ("reads and matmuls fully overlapped", max(read_s, compute_s))]:
     decode_s = args.new * seconds
     print(f"  a decode at the pace of {what} (prefill free): {n_tokens / decode_s:.0f} tok/s = " +
@@ -420,7 +446,7 @@ def main():
     return
   results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
   print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
-        f"(k15's native step, 1 device); response "
+        f"(k15 as a user gets it: {setups['k15'][2]}, 1 device); response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
         f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
   base = results["static batching"]

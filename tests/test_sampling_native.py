@@ -50,7 +50,7 @@ def test_unknown_decode_kernel_is_rejected():
 
 
 def test_a_failed_build_names_the_command(tmp_path):
-  with pytest.raises(native.BuildError, match="compiling decode_step.cc failed.*false"):
+  with pytest.raises(native.BuildError, match="compiling kernels.cc failed.*false"):
     native._build("false", tmp_path)  # pylint: disable=protected-access
   assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
 
@@ -170,7 +170,7 @@ def test_a_variant_that_does_not_compile_names_its_file(needs_native_step, tmp_p
 
 def test_a_variant_without_a_compiler_says_so(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-  with pytest.raises(native.BuildError, match="no C.. compiler to build decode_step.cc.*no-such-compiler"):
+  with pytest.raises(native.BuildError, match="no C.. compiler to build kernels.cc.*no-such-compiler"):
     native.load_variant("nocompiler")
 
 

@@ -28,7 +28,7 @@ class SamplingConfig:
   # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill in XLA), "bf16x6" (AMX tiles: each
   # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "bf16x3" (2 pieces, 3 products: 16 bits of each
   # operand, log-probs within ~1e-3; faster), or "auto" (bf16x6 on a CPU with AMX, else float32). See
-  # k15/sampling/native/decode_step.cc.
+  # k15/sampling/native/kernels.cc.
   native_matmul: str = "auto"
 
   def __post_init__(self):

@@ -1,15 +1,22 @@
-"""A hand-written CPU decode step for float32 models (C++ through XLA's FFI): the sampler's fast path on CPU.
+"""Hand-written CPU kernels for float32 models (C++ through XLA's FFI): the sampler's fast path on CPU.
 
 On a CPU, XLA runs a small model's decode step as dozens of separate kernels, and its matmuls with one row
-per slot run well below the machine's matmul rate. `decode_step.cc` does the whole step in one call:
+per slot run well below the machine's matmul rate. `kernels.cc` does the whole step in one call:
 register-blocked matmuls over weights packed for them, attention that reads each slot's cache only up to
 its own position, the caches written in place, the work shared by XLA's CPU threads phase by phase. It computes
 what `k15.sampling.step.decode_step` computes (the tests hold them to each other and to transformers).
 
+On a CPU with AMX tiles (Sapphire Rapids and later), the step's matmuls can run on the tiles instead: each
+float32 operand split into bfloat16 pieces, the pieces' products summed in float32 (`MATMUL_PIECES`). Three
+pieces and 6 products keep float32's accuracy; prefill's matmuls (`matmul`, thousands of rows) then run faster
+than XLA's float32 dots, and the step as fast as with FMAs. Two pieces and 3 products keep 16 bits of each
+operand (opt-in: faster, log-probs within ~1e-3).
+
 It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
 library is cached in $K15_NATIVE_CACHE (default ~/.cache/k15/native), keyed by the source, the flags, the
-compiler, jaxlib and the CPU. `SamplingConfig.decode_kernel` chooses (`choose`): "auto" takes it on CPU devices
-with a float32 model when it builds, "native" requires it, "xla" never uses it.
+compiler, jaxlib and the CPU. `SamplingConfig.decode_kernel` and `native_matmul` choose (`choose`): "auto" takes
+the native step on CPU devices with a float32 model when it builds (on AMX tiles where the CPU has them),
+"native" requires it, "xla" never uses it.
 """
 import ctypes
 import functools
@@ -30,10 +37,10 @@ from k15.models import ModelConfig
 from k15.sampling import step as xla_step
 from k15.sampling.select import LogitStats
 
-SOURCE = pathlib.Path(__file__).with_name("decode_step.cc")
+SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 TARGET = "k15_decode_step_f32"
 MATMUL_TARGET = "k15_matmul_amx"
-PANEL = 32  # columns per panel of a packed weight (decode_step.cc's matmul reads 32-column slabs)
+PANEL = 32  # columns per panel of a packed weight (kernels.cc's matmul reads 32-column slabs)
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-return-type")
 
 
@@ -71,7 +78,7 @@ def split_bf16(x, pieces: int):
 
 
 def pack_amx(w_KxN, pieces: int):
-  """...xKxN float32 -> ...xPxK/32x`pieces`x2x16x32 bfloat16, decode_step.cc's AMX layout: per 32-column panel
+  """...xKxN float32 -> ...xPxK/32x`pieces`x2x16x32 bfloat16, kernels.cc's AMX layout: per 32-column panel
   and per 32 rows of K (zero-padded to a multiple of 32), each bfloat16 piece (`split_bf16`) as two tiles of 16
   columns, a tile's row r holding rows 2r and 2r + 1 of K interleaved column by column (AMX's pair layout)."""
   *lead, K, N = w_KxN.shape
@@ -227,7 +234,7 @@ _LIBRARIES = {}
 
 
 def load_variant(name: str, source=SOURCE, defines=()) -> str:
-  """Builds `source` (a variant of decode_step.cc: same arguments and results) with macros `defines` and
+  """Builds `source` (a variant of kernels.cc: same arguments and results) with macros `defines` and
   registers it as FFI target "k15_decode_step_<name>"; returns the target, for `decode_step(target=...)`.
   For benchmarks that compare variants in one process; raises BuildError when it does not compile."""
   target = f"{TARGET}_{name}"

@@ -1,19 +1,22 @@
-// One decode step of the k15 transformer on CPU in float32, as an XLA FFI handler.
+// The k15 transformer's CPU kernels in float32, as XLA FFI handlers: one decode step (K15DecodeStepF32) and, on
+// CPUs with AMX tiles, prefill's matmuls (K15MatmulAmx).
 //
 // XLA's CPU backend runs a decode step of a small model as dozens of separate kernels (each matmul, norm,
 // rotary, cache write and softmax its own dispatch), and its matmuls with one row per slot run well below
-// the machine's matmul rate. This handler does the whole step in one call: register-blocked matmuls over the
-// fused weights, attention that reads each slot's cache only up to its own position, and the cache
+// the machine's matmul rate. The step handler does the whole step in one call: register-blocked matmuls over
+// the fused weights, attention that reads each slot's cache only up to its own position, and the cache
 // written in place (the cache inputs alias the cache outputs). The threads of XLA's CPU pool share the work
 // phase by phase (`PhasedStep`): matmuls split by columns, attention by slots. It computes the same function as
-// `k15.sampling.step.decode_step`; tests compare the two logit for logit.
+// `k15.sampling.step.decode_step`; tests compare the two logit for logit. Its matmuls run either as float32
+// FMAs (`pieces` 0) or on AMX tiles over bfloat16 pieces of both operands (`pieces` 2 or 3; see "Matmuls on AMX
+// tiles" below).
 //
-// Arguments, in order (float32 unless noted; "packed" is `slab`'s layout of a KxN weight, ceil(N/32) Kx32
-// panels, stacked over layers as LxPxKx32):
+// Step arguments, in order (float32 unless noted; "packed" is `slab`'s layout of a KxN weight, ceil(N/32) Kx32
+// panels, stacked over layers as LxPxKx32, or with pieces, `native.pack_amx`'s bfloat16 layout):
 //   tokens_B (int32), positions_B (int32), embed_VxD, attn_norm_LxD, qkv (packed, N = E = (n_heads + 2
 //   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (gate
-//   and up packed each, N = F, the up panels after the gate panels), down (packed, K = F), final_norm_D, head
-//   (packed PxDx32, N = V), then L key caches BxKxHxS and L value caches BxKxSxH.
+//   and up packed each, N = F, their panels alternating), down (packed, K = F), final_norm_D, head (packed,
+//   K = D, N = V), then L key caches BxKxHxS and L value caches BxKxSxH.
 // Results: logits_BxV; per slot the first index of its largest logit (int32, V - 1 when a logit is NaN, as
 // `select.first_argmax`), that logit and log sum exp(logits - it) (float32 each); then the L key caches and
 // L value caches (aliasing the inputs). The sampling loop takes the greedy token and log-probs from these.
