@@ -4,7 +4,8 @@
   python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of kernels.cc against the repo's step
 
 On the sampler benchmark's model (width 256, 4 layers, 8 / 4 heads, MLP 1024, vocab 1024), `--batch` slots
-at `--context` cached positions, `--steps` greedy steps per jitted loop (the token of each step feeds the next).
+at `--context` cached positions, `--steps` greedy steps per jitted loop (the token of each step feeds the next);
+`--matmul` picks the step's matmuls (float32 FMAs, or bfloat16 pieces on AMX tiles).
 
 The default run builds kernels.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
 layer's qkv / attention / o / norms / matmuls summed over layers, the output head, the logit stats), the time
@@ -36,6 +37,8 @@ def parse_args():
   p.add_argument("--steps", type=int, default=64, help="steps per timed loop")
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--threads", type=int, default=0, help="0: XLA's whole CPU thread pool")
+  p.add_argument("--matmul", choices=list(native.MATMUL_PIECES), default="float32",
+                 help="the step's matmuls: float32 FMAs, or bfloat16 pieces on AMX tiles (SamplingConfig.native_matmul)")
   return p.parse_args()
 
 
@@ -69,7 +72,7 @@ def inputs(args):
   K, H, S = CFG.n_kv_heads, CFG.head_dim, args.context
   cache_k = tuple(jnp.asarray(rng.normal(size=(args.batch, K, H, S)), jnp.float32) for _ in range(CFG.n_layers))
   cache_v = tuple(jnp.asarray(rng.normal(size=(args.batch, K, S, H)), jnp.float32) for _ in range(CFG.n_layers))
-  return native.decode_weights(CFG, params), cache_k, cache_v
+  return native.decode_weights(CFG, params, native.MATMUL_PIECES[args.matmul]), cache_k, cache_v
 
 
 def phases(args):
@@ -125,6 +128,8 @@ def main():
   reason = native._load()  # pylint: disable=protected-access
   if reason is not None:
     raise SystemExit(f"the native decode step is unavailable: {reason}")
+  if args.matmul != "float32" and not native.amx_available():
+    raise SystemExit(f"--matmul={args.matmul} needs a CPU with AMX tiles")
   ab(args) if args.variants else phases(args)
 
 

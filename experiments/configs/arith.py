@@ -64,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampling.num_slots = 32  # concurrent trajectories in the rollout engine
   c.sampling.repeat_ngram = 8  # n-gram size for repeat detection
   c.sampling.repeat_count = 4  # an n-gram seen this often stops the trajectory with reason "repeat"
+  c.sampling.decode_kernel = "auto"  # "auto": the native CPU step where it runs, else XLA's; "native"; "xla"
+  c.sampling.native_matmul = "auto"  # the native step's matmuls: "auto", "float32", "bf16x6" / "bf16x3" (AMX)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.iterations = 3 if smoke else 40

@@ -15,7 +15,7 @@ def sampling_config(config, tokenizer, max_length: int, *, temperature=None, max
       temperature=max(temperature, 1e-6), greedy=temperature == 0, top_p=s.top_p, top_k=s.top_k,
       max_new_tokens=config.rl.max_response_len if max_new_tokens is None else max_new_tokens,
       chunk_size=s.chunk_size, stop_ids=(tokenizer.eos_id,), repeat_ngram=s.repeat_ngram,
-      repeat_count=s.repeat_count, max_length=max_length)
+      repeat_count=s.repeat_count, max_length=max_length, decode_kernel=s.decode_kernel, native_matmul=s.native_matmul)
 
 
 def newest_segment_start(traj: sampling.Trajectory) -> int:

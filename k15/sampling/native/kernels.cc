@@ -450,6 +450,17 @@ struct Step {
   int64_t B, L, V, D, N, KV, H, S, F;
 };
 
+// Spins until `done` reaches n: items other threads took and are running (yielding after a while, as the
+// other threads may not be running).
+inline void wait_for(const std::atomic<int64_t>& done, int64_t n) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins > 4096) std::this_thread::yield();
+#if defined(__x86_64__)
+    else __builtin_ia32_pause();
+#endif
+  }
+}
+
 // std::vector's storage on 64-byte lines: an AMX tile row that straddles two lines loads at a fraction of the rate.
 template <class T>
 struct LineAligned {
@@ -513,12 +524,7 @@ class PhasedStep {
 #ifdef K15_PHASE_TIMES
       const auto ran = Clock::now();
 #endif
-      for (int spins = 0; c.done.load(std::memory_order_acquire) < n; ++spins) {
-        if (spins > 4096) std::this_thread::yield();  // the other threads may not be running
-#if defined(__x86_64__)
-        else __builtin_ia32_pause();
-#endif
-      }
+      wait_for(c.done, n);
 #ifdef K15_PHASE_TIMES
       times[2 * k] += seconds(start, ran), times[2 * k + 1] += seconds(ran, Clock::now());
 #endif
@@ -923,12 +929,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swig
   job->items = row_blocks * job->groups;
   for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
-    if (spins > 4096) std::this_thread::yield();
-#if defined(__x86_64__)
-    else __builtin_ia32_pause();
-#endif
-  }
+  wait_for(job->done, job->items);
   return ffi::Error::Success();
 }
 
