@@ -131,9 +131,9 @@ def test_decode_step_matches_forward_llama_style(kernel_, request):
     _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
 
 
-def _check_prefill(cfg, params, pieces=0, atol=1e-5):
+def _check_prefill(cfg, params, pieces=None, atol=1e-5):
   """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens;
-  with `pieces`, prefill's matmuls on AMX tiles (the native step's weights of that many bfloat16 pieces)."""
+  with `pieces`, prefill's native kernels (the native step's weights of that many bfloat16 pieces, 0: float32)."""
   lengths = [9, 3, 12]
   tokens = np.array(jax.random.randint(jax.random.key(4), (len(lengths), 12), 1, cfg.vocab_size), np.int32)
   positions = np.where(np.arange(12)[None] < np.array(lengths)[:, None], np.arange(12)[None], 12)
@@ -141,7 +141,7 @@ def _check_prefill(cfg, params, pieces=0, atol=1e-5):
     tokens[row, n:] = 0  # padding (position 12 for the reference: past its cache, not written)
   _, ref = jax.jit(models.forward_with_cache, static_argnums=0)(cfg, params, tokens, positions,
                                                                 models.KVCache.zeros(cfg, len(lengths), 12))
-  weights = native.decode_weights(cfg, params, pieces) if pieces else None
+  weights = native.decode_weights(cfg, params, pieces) if pieces is not None else None
   keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens, weights)
   ref_k, ref_v = step.keys_from_model(ref.k), step.values_from_model(ref.v)
   for l in range(cfg.n_layers):
@@ -157,9 +157,12 @@ def test_prefill_matches_forward_with_cache(hf_model):
   _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
 
 
-@pytest.mark.parametrize("pieces,atol", [(3, 1e-5), (2, 2e-4)])
-def test_amx_prefill_matches_forward_with_cache(hf_model, needs_amx, pieces, atol):
-  """Prefill's matmuls on AMX tiles: with 3 pieces as close as XLA's float32 matmuls, with 2 within 16 bits."""
+@pytest.mark.parametrize("pieces,atol", [(0, 1e-5), (3, 1e-5), (2, 2e-4)])
+def test_native_prefill_matches_forward_with_cache(hf_model, needs_native_step, request, pieces, atol):
+  """Prefill with the native step's weights: attention in C++; with pieces, the matmuls on AMX tiles too (3 pieces
+  as close as XLA's float32 matmuls, 2 within 16 bits)."""
+  if pieces:
+    request.getfixturevalue("needs_amx")
   _, cfg, params = hf_model
   _check_prefill(cfg, params, pieces, atol)
   llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)

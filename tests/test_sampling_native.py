@@ -204,3 +204,16 @@ def test_amx_matmul_names_a_shape_mismatch(needs_amx):
   packed = native.pack_amx(np.zeros((64, 32), np.float32), 3)
   with pytest.raises(Exception, match="k15 matmul: shapes of x, w and y do not match"):
     jax.block_until_ready(jax.jit(lambda a: native.matmul(a, packed, 32))(np.zeros((4, 96), np.float32)))
+
+
+@pytest.mark.parametrize("P,T,N,K,H", [(3, 37, 6, 2, 8), (2, 70, 4, 4, 40), (1, 1, 2, 1, 16), (2, 100, 8, 4, 32)])
+def test_prefill_attention_matches_the_models_attend(needs_native_step, P, T, N, K, H):
+  """native.prefill_attention against the model's attention with a causal mask: grouped queries (up to 3 per kv
+  head), head sizes under, over and at 32 (a slab's width), positions in part-filled 32-position blocks."""
+  from k15.models.transformer import attend  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  q, k, v = (rng.normal(size=(P, T, n, H)).astype(np.float32) for n in (N, K, K))
+  positions = np.arange(T)
+  want = jax.jit(attend)(q, k, v, np.broadcast_to(positions[None, :] <= positions[:, None], (P, T, T)))
+  got = jax.jit(native.prefill_attention)(q, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)

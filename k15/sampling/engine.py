@@ -219,9 +219,10 @@ class RolloutEngine:
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
       # With local decode loops (replicated params) the devices also split the prefill's rows.
       rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
-      # AMX weights also serve prefill's matmuls, on one device (the custom call does not split over a mesh).
-      amx = weights if kernel != "xla" and native.pieces(kernel) and self.sharding is None else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, amx)
+      # The native step's weights also serve prefill's native kernels, on one device (custom calls do not split
+      # over a mesh).
+      native_weights = weights if kernel != "xla" and self.sharding is None else None
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, native_weights)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1

@@ -19,9 +19,9 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
   """Per layer, the keys (PxKxHxT) and values (PxKxTxH) of left-aligned sequences at positions 0..T-1.
 
   Causal: a row's K/V at its real tokens do not depend on the padding after them (the padding's own K/V
-  are garbage; decode overwrites or never attends them). `weights`: the native step's AMX weights
-  (`native.decode_weights` with bfloat16 pieces), whose matmuls then run on AMX tiles (`native.matmul`);
-  None: XLA's matmuls on `params`.
+  are garbage; decode overwrites or never attends them). `weights`: the native CPU step's weights
+  (`native.decode_weights`): attention then runs in `native.prefill_attention`, and with bfloat16 pieces the
+  matmuls on AMX tiles (`native.matmul`); None: XLA throughout.
   """
   P, T = tokens_PxT.shape
   dtype = cfg.jnp_dtype
@@ -34,7 +34,8 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
     attn, mlp = p["attn"], p["mlp"]
     h_PxTxD = norm(cfg, p["attn_norm"]["scale"], x_PxTxD)
 
-    if weights is None:
+    amx = weights is not None and native.pieces_of(weights) > 0
+    if not amx:
       def project(name, h=h_PxTxD, attn=attn):
         out = jnp.einsum("btd,dnh->btnh", h, attn[f"{name}_kernel"])
         return out + attn[f"{name}_bias"] if cfg.qkv_bias else out
@@ -47,8 +48,11 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
     if l == cfg.n_layers - 1:  # the rest of the last layer feeds only the logits
       break
     q_PxTxNxH = rotary(project("q"), positions_PxT, cfg.rope_theta)
-    out_PxTxNxH = attend(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, causal_PxTxT)
     if weights is None:
+      out_PxTxNxH = attend(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, causal_PxTxT)
+    else:
+      out_PxTxNxH = native.prefill_attention(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH)
+    if not amx:
       x_PxTxD = x_PxTxD + jnp.einsum("btnh,nhd->btd", out_PxTxNxH, attn["o_kernel"])
       h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
       gated_PxTxF = jax.nn.silu(h_PxTxD @ mlp["gate"]["kernel"]) * (h_PxTxD @ mlp["up"]["kernel"])

@@ -72,18 +72,18 @@ def init_state(cfg: ModelConfig, num_slots: int, length: int, capacity: int,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT, amx_weights=None):
+def encode_prefixes(cfg: ModelConfig, rows: Optional[NamedSharding], params, tokens_PxT, native_weights=None):
   """K/V (per layer: keys PxKxHxT, values PxKxTxH) of left-aligned sequences; `load_slots` loads them.
 
   Past a sequence's end (padding) they are garbage, never attended: decode writes each position from the
   sequence's last token on (which it feeds) before attending to it. Separate from `load_slots` so this heavy
   compile depends only on (P, T), not on the cache capacity. `rows`: a sharding that splits the P sequences
-  over devices (each encodes its share), or None. `amx_weights`: the native step's AMX weights, for its
-  matmuls on AMX tiles (`prefill.encode`), or None.
+  over devices (each encodes its share), or None. `native_weights`: the native step's weights, for prefill's
+  native CPU kernels (`prefill.encode`), or None.
   """
   if rows is not None:
     tokens_PxT = _constrain(tokens_PxT, rows)
-  return prefill.encode(cfg, params, tokens_PxT, amx_weights)
+  return prefill.encode(cfg, params, tokens_PxT, native_weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))

@@ -40,6 +40,7 @@ from k15.sampling.select import LogitStats
 SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 TARGET = "k15_decode_step_f32"
 MATMUL_TARGET = "k15_matmul_amx"
+ATTENTION_TARGET = "k15_prefill_attention"
 PANEL = 32  # columns per panel of a packed weight (kernels.cc's matmul reads 32-column slabs)
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-return-type")
 
@@ -156,6 +157,18 @@ def matmul(x, w, n_cols: int, layer: int = 0, swiglu: bool = False, threads: int
                                                 swiglu=bool(swiglu), threads=np.int64(threads))
 
 
+def prefill_attention(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, threads: int = 0):
+  """Causal grouped-query attention of left-aligned rows over their positions 0..T-1 (float32): what
+  `k15.models.transformer.attend` computes with a causal mask, in one call (XLA runs it as many small dots)."""
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"the native prefill attention is unavailable: {reason}")
+  out = jax.ShapeDtypeStruct(q_PxTxNxH.shape, jnp.float32)
+  f32 = lambda a: a.astype(jnp.float32)
+  return jax.ffi.ffi_call(ATTENTION_TARGET, out)(f32(q_PxTxNxH), f32(k_PxTxKxH), f32(v_PxTxKxH),
+                                                 threads=np.int64(threads))
+
+
 def pieces_of(weights: NativeWeights) -> int:
   """The bfloat16 pieces of the packed weights (`decode_weights`), 0 for float32."""
   return 0 if weights.qkv.dtype == jnp.float32 else weights.qkv.shape[-4]
@@ -214,6 +227,7 @@ def _register(target: str, library: pathlib.Path) -> ctypes.CDLL:
   jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.K15DecodeStepF32), platform="cpu")
   if target == TARGET:
     jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.K15MatmulAmx), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.K15PrefillAttention), platform="cpu")
   _LIBRARIES[target] = lib  # keep it loaded
   return lib
 

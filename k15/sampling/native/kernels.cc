@@ -368,37 +368,40 @@ void rotary(float* x, int64_t heads, int64_t H, const float* cos, const float* s
   }
 }
 
+// x[:n] = softmax(scale * x[:n]), in place. The last n % 16 values go through one vector whose other lanes hold
+// -inf (exp gives 0 there): short rows (prefill's first positions) would spend most of their time in scalar exps.
+void softmax(float* x, int64_t n, float scale) {
+  const int64_t body = n / 16 * 16;
+  alignas(64) float tail[16];
+  for (int64_t i = 0; i < 16; ++i) tail[i] = body + i < n ? x[body + i] * scale : -INFINITY;
+  v16 mxv = load(tail);
+  for (int64_t s = 0; s < body; s += 16) {
+    v16 v = load(x + s) * scale;
+    store(x + s, v);
+    mxv = v > mxv ? v : mxv;
+  }
+  float mx = -INFINITY;
+  for (int i = 0; i < 16; ++i) mx = std::max(mx, mxv[i]);
+  v16 sumv = vexp(load(tail) - mx);
+  store(tail, sumv);
+  for (int64_t s = 0; s < body; s += 16) {
+    v16 e = vexp(load(x + s) - mx);
+    store(x + s, e);
+    sumv += e;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < 16; ++i) sum += sumv[i];
+  for (int64_t s = 0; s < body; s += 16) store(x + s, load(x + s) / sum);
+  for (int64_t i = 0; body + i < n; ++i) x[body + i] = tail[i] / sum;
+}
+
 // out_GxH = softmax(q_GxH k_HxS[:, :n] / sqrt(H)) v_SxH[:n]: the G query heads of one kv head over positions < n.
 // `keys` and `values`: the next kv head's cache, fetched while the score and value products run.
 void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v, int64_t S, int64_t n,
             float* scores, float* out, Ahead& keys, Ahead& values) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   matmul_strided(q, H, G, H, k, S, n, scores, S, &keys);
   keys.rest();
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * S;
-    v16 mxv = splat(-INFINITY);
-    int64_t s = 0;
-    for (; s + 16 <= n; s += 16) {
-      v16 x = load(sg + s) * scale;
-      store(sg + s, x);
-      mxv = x > mxv ? x : mxv;
-    }
-    float mx = -INFINITY;
-    for (int i = 0; i < 16; ++i) mx = std::max(mx, mxv[i]);
-    for (; s < n; ++s) mx = std::max(mx, sg[s] *= scale);
-    v16 sumv = splat(0.0f);
-    for (s = 0; s + 16 <= n; s += 16) {
-      v16 e = vexp(load(sg + s) - mx);
-      store(sg + s, e);
-      sumv += e;
-    }
-    float sum = 0.0f;
-    for (int i = 0; i < 16; ++i) sum += sumv[i];
-    for (; s < n; ++s) sum += (sg[s] = exp1(sg[s] - mx));
-    for (s = 0; s + 16 <= n; s += 16) store(sg + s, load(sg + s) / sum);
-    for (; s < n; ++s) sg[s] /= sum;
-  }
+  for (int64_t g = 0; g < G; ++g) softmax(scores + g * S, n, 1.0f / std::sqrt(static_cast<float>(H)));
   matmul_strided(scores, S, G, n, v, H, H, out, H, &values);
   values.rest();
 }
@@ -829,6 +832,34 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
 }
 
 
+// Items [0, items) shared by XLA's CPU threads: each thread takes the next from a counter (`run_items`). The
+// caller runs items too and then waits only for items taken (`run_parallel`), so it never waits on a pool task
+// that has not started; a task that starts late finds nothing left.
+struct Parallel {
+  int64_t items = 0;
+  std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
+
+  template <class F>
+  void run_items(F&& run) {
+    for (int64_t i; (i = next.fetch_add(1)) < items;) {
+      run(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// job->work() (which calls run_items) on up to `threads` threads (0: all of the pool's) and the caller; returns
+// once every item is done.
+template <class Job>
+void run_parallel(ffi::ThreadPool& pool, int64_t threads, const std::shared_ptr<Job>& job) {
+  int64_t parts = pool.num_threads();
+  if (threads > 0) parts = std::min(parts, threads);
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  wait_for(job->done, job->items);
+}
+
 // ---- Matmul on AMX tiles (prefill) ----
 // y[M x N] = x[M x K] W for a packed weight W (`native.pack_amx`, layer `layer` of its stack) on AMX tiles; with
 // `swiglu`, W holds gate and up panels alternating (`native.pack_pairs`) and y[M x N] = silu(x Wgate) * (x Wup).
@@ -852,14 +883,12 @@ inline void swiglu_row(const float* gate, const float* up, int64_t cols, float* 
   for (; c < cols; ++c) dst[c] = gate[c] * (1.0f / (1.0f + exp1(-gate[c]))) * up[c];
 }
 
-struct MatmulJob {
+struct MatmulJob : Parallel {
   const float* x;
   const uint16_t* w;  // the layer's panels
   float* y;
-  int64_t M, K, N, pieces, out_panels, groups, items;
+  int64_t M, K, N, pieces, out_panels, groups;
   bool swiglu;
-  std::atomic<int64_t> next{0};
-  alignas(64) std::atomic<int64_t> done{0};
 
   void work() {
 #if K15_AMX
@@ -867,7 +896,7 @@ struct MatmulJob {
     const int64_t Kp = padded(K), rb_rows = row_block(K, pieces), Mb = std::min(rb_rows, padded_rows(M));
     Aligned<uint16_t> A(pieces * Mb * Kp);
     Aligned<float> out(2 * kTile * 32), gate(2 * kTile * 32);
-    for (int64_t i; (i = next.fetch_add(1)) < items;) {
+    run_items([&](int64_t i) {
       const int64_t rb = i / groups, g = i % groups;
       const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
       std::fill(A.begin(), A.end(), 0);  // the padding rows and columns
@@ -897,8 +926,7 @@ struct MatmulJob {
           }
         }
       }
-      done.fetch_add(1, std::memory_order_release);
-    }
+    });
     _tile_release();
 #endif
   }
@@ -922,14 +950,74 @@ ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swig
   job->w = reinterpret_cast<const uint16_t*>(w.untyped_data()) + layer * (w.element_count() / layers);
   job->y = reinterpret_cast<float*>(y->untyped_data());
   job->M = M, job->K = K, job->N = n_cols, job->pieces = pieces, job->out_panels = out_panels, job->swiglu = swiglu;
-  int64_t parts = pool.num_threads();
-  if (threads > 0) parts = std::min(parts, threads);
+  const int64_t parts = std::max<int64_t>(1, threads > 0 ? std::min<int64_t>(threads, pool.num_threads())
+                                                         : pool.num_threads());
   const int64_t row_blocks = (M + row_block(K, pieces) - 1) / row_block(K, pieces);
-  job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * std::max<int64_t>(parts, 1) + row_blocks - 1) / row_blocks));
+  job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * parts + row_blocks - 1) / row_blocks));  // 4 per thread
   job->items = row_blocks * job->groups;
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  wait_for(job->done, job->items);
+  run_parallel(pool, threads, job);
+  return ffi::Error::Success();
+}
+
+
+// ---- Causal attention for prefill ----
+// out[p, t] = softmax(q[p, t] k[p, :t + 1]^T / sqrt(H)) v[p, :t + 1] for every row p, position t and query head,
+// grouped-query (n_heads / n_kv_heads query heads per kv head). XLA runs prefill's attention as many small
+// batched dots, far below the machine's matmul rate; here each item is one (row, kv head): its keys (transposed)
+// and values copied once into scratch blocks, then per query head and block of kBlockRows positions the scores
+// against the positions before the block's end (register-blocked `slab`s), their softmax and the weighted sum
+// of the values.
+struct AttentionJob : Parallel {
+  const float *q, *k, *v;
+  float* out;
+  int64_t T, N, KV, H;
+
+  void work() {
+    constexpr int64_t kBlockRows = 32;
+    const int64_t G = N / KV, Tp = padded(T), Hp = padded(H);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+    // A slab reads whole 32-column panels: keys as HxTp, values as TxHp, scores as rows of Tp (zero padding).
+    Aligned<float> keys(H * Tp), values(T * Hp), scores(kBlockRows * Tp);
+    run_items([&](int64_t item) {
+      const int64_t p = item / KV, kv = item % KV;
+      for (int64_t s = 0; s < T; ++s) {
+        const float* ks = k + ((p * T + s) * KV + kv) * H;
+        for (int64_t h = 0; h < H; ++h) keys[h * Tp + s] = ks[h];
+        std::copy(v + ((p * T + s) * KV + kv) * H, v + ((p * T + s) * KV + kv + 1) * H, values.data() + s * Hp);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t0 = 0; t0 < T; t0 += kBlockRows) {
+          const int64_t rows = std::min(kBlockRows, T - t0), n = t0 + rows;  // positions < n
+          const float* queries = q + ((p * T + t0) * N + kv * G + g) * H;
+          float* o = out + ((p * T + t0) * N + kv * G + g) * H;
+          for (int64_t c = 0; c < n; c += 32)
+            slab(queries, N * H, rows, H, keys.data() + c, Tp, scores.data() + c, Tp, false, std::min<int64_t>(32, n - c));
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = scores.data() + r * Tp;
+            softmax(row, t0 + r + 1, scale);
+            std::fill(row + t0 + r + 1, row + padded(n), 0.0f);  // the future, and the slab's padding: no weight
+          }
+          for (int64_t c = 0; c < H; c += 32)
+            slab(scores.data(), Tp, rows, n, values.data() + c, Hp, o + c, N * H, false, std::min<int64_t>(32, H - c));
+        }
+    });
+  }
+};
+
+ffi::Error PrefillAttention(ffi::ThreadPool pool, int64_t threads, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 || v.element_type() != ffi::F32 ||
+      qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || qd[2] % kd[2] != 0 ||
+      v.element_count() != k.element_count() || out->element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("k15 prefill attention: q PxTxNxH, k and v PxTxKxH float32, N a multiple of K");
+  auto job = std::make_shared<AttentionJob>();
+  job->q = reinterpret_cast<const float*>(q.untyped_data());
+  job->k = reinterpret_cast<const float*>(k.untyped_data());
+  job->v = reinterpret_cast<const float*>(v.untyped_data());
+  job->out = reinterpret_cast<float*>(out->untyped_data());
+  job->T = qd[1], job->N = qd[2], job->KV = kd[2], job->H = qd[3], job->items = qd[0] * kd[2];
+  run_parallel(pool, threads, job);
   return ffi::Error::Success();
 }
 
@@ -947,6 +1035,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
                                   .Attr<int64_t>("threads")
                                   .RemainingArgs()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PrefillAttention, PrefillAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("threads")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K15MatmulAmx, Matmul,
                               ffi::Ffi::Bind()
