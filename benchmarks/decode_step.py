@@ -38,7 +38,7 @@ def parse_args():
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--threads", type=int, default=0, help="0: XLA's whole CPU thread pool")
   p.add_argument("--matmul", choices=list(native.MATMUL_PIECES), default="float32",
-                 help="the step's matmuls: float32 FMAs, or bfloat16 pieces on AMX tiles (SamplingConfig.native_matmul)")
+                 help="the step's matmuls: float32 FMAs, or bfloat16 pieces on AMX tiles (native_matmul)")
   return p.parse_args()
 
 

@@ -199,8 +199,8 @@ def k15_setups(cfg, mesh):
   out = {name: (fields, None) for name, fields in setups.items()}
   if mesh is not None:
     out[f"k15, XLA step, {jax.device_count()} devices"] = (dict(decode_kernel="xla"), mesh)
-  return {name: (fields, m, native.choose(fields["decode_kernel"], cfg, jax.devices(), fields.get("native_matmul", "auto")))
-          for name, (fields, m) in out.items()}
+  kernel = lambda f: native.choose(f["decode_kernel"], cfg, jax.devices(), f.get("native_matmul", "auto"))
+  return {name: (fields, m, kernel(fields)) for name, (fields, m) in out.items()}
 
 
 # The rollout engine's device calls (k15.sampling.slots), in the order a generate makes them.

@@ -217,3 +217,15 @@ def test_prefill_attention_matches_the_models_attend(needs_native_step, P, T, N,
   want = jax.jit(attend)(q, k, v, np.broadcast_to(positions[None, :] <= positions[:, None], (P, T, T)))
   got = jax.jit(native.prefill_attention)(q, k, v)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_native_step_names_weights_that_do_not_match_the_config(needs_native_step):
+  """Weights packed for one model, stepped with another's config (here a different d_ff): a clear error, not a
+  read past the buffers."""
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(CFG))
+  weights = native.decode_weights(CFG, params)
+  other = dataclasses.replace(CFG, d_ff=96)
+  caches = (np.zeros((2, 1, 16, 8), np.float32),), (np.zeros((2, 1, 8, 16), np.float32),)
+  tokens, positions = np.zeros((2,), np.int32), np.zeros((2,), np.int32)
+  with pytest.raises(Exception, match="weight shapes do not match the head counts and d_ff"):
+    jax.block_until_ready(jax.jit(lambda: native.decode_step(other, weights, *caches, tokens, positions))())

@@ -25,7 +25,7 @@ class SamplingConfig:
   # The decode step: "native" (k15.sampling.native: C++ for CPU, float32), "xla" (k15.sampling.step: any
   # backend), or "auto" (native where it can run: CPU, float32, a C++ compiler; else xla).
   decode_kernel: str = "auto"
-  # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill in XLA), "bf16x6" (AMX tiles: each
+  # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill's in XLA), "bf16x6" (AMX tiles: each
   # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "bf16x3" (2 pieces, 3 products: 16 bits of each
   # operand, log-probs within ~1e-3; faster), or "auto" (bf16x6 on a CPU with AMX, else float32). See
   # k15/sampling/native/kernels.cc.

@@ -118,8 +118,9 @@ class RolloutEngine:
     self._state = None
 
   def _decode_kernel(self, local_loops: bool) -> str:
-    """"xla" or a native kernel (SamplingConfig.decode_kernel, native_matmul; `native.choose`). The native step is a custom call XLA cannot split
-    over a mesh: with one, it needs the params replicated (each device then decodes its slots itself)."""
+    """"xla" or a native kernel (SamplingConfig.decode_kernel and native_matmul; `native.choose`). The native
+    step is a custom call XLA cannot split over a mesh: with one, it needs the params replicated (each device then
+    decodes its slots itself)."""
     devices = jax.devices() if self.sharding is None else list(self.sharding.mesh.devices.flat)
     if self.sharding is not None and self._shards > 1 and not local_loops:
       if self.scfg.decode_kernel == "native":

@@ -135,7 +135,9 @@ def _stop_hit(tokens_B, stop_ids: Tuple[int, ...]):
 def decode_weights(kernel: str, cfg: ModelConfig, params):
   """The weights the decode step of `kernel` ("xla" or a native kernel of `native.choose`) reads, in its layout;
   built once per rollout run (a copy of every weight), then passed to each `decode_chunk`."""
-  return decode_weights_xla(cfg, params) if kernel == "xla" else native.decode_weights(cfg, params, native.pieces(kernel))
+  if kernel == "xla":
+    return decode_weights_xla(cfg, params)
+  return native.decode_weights(cfg, params, native.pieces(kernel))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))

@@ -10,7 +10,8 @@ On a CPU with AMX tiles (Sapphire Rapids and later), the step's matmuls can run 
 float32 operand split into bfloat16 pieces, the pieces' products summed in float32 (`MATMUL_PIECES`). Three
 pieces and 6 products keep float32's accuracy; prefill's matmuls (`matmul`, thousands of rows) then run faster
 than XLA's float32 dots, and the step as fast as with FMAs. Two pieces and 3 products keep 16 bits of each
-operand (opt-in: faster, log-probs within ~1e-3).
+operand (opt-in: faster, log-probs within ~1e-3). Prefill's attention (`prefill_attention`) runs here too, with
+any native step: XLA runs it as many small batched dots.
 
 It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
 library is cached in $K15_NATIVE_CACHE (default ~/.cache/k15/native), keyed by the source, the flags, the
@@ -106,7 +107,7 @@ def decode_weights(cfg: ModelConfig, params, pieces: int = 0) -> NativeWeights:
   """The model's weights in the native step's layout; build once per sampling run, not per step.
 
   `pieces`: 0 packs the matmul weights in float32 for the step's FMA matmuls; 2 or 3 splits them into that
-  many bfloat16 pieces for its AMX matmuls (`pack_amx`; see `matmul_pieces`)."""
+  many bfloat16 pieces for its AMX matmuls (`pack_amx`; `MATMUL_PIECES`)."""
   fused = xla_step.decode_weights(cfg, params)
   stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
   E = fused["layers"][0]["qkv_DxE"].shape[1]

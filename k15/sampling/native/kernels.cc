@@ -799,10 +799,12 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   auto packed_size = [&](int64_t layers, int64_t copies, int64_t K, int64_t n) {
     return layers * copies * (pieces ? pieces * padded(K) : K) * padded(n);
   };
-  if (N % KV != 0 || p.H % 2 != 0 || in[5].dimensions()[1] != E ||
-      in[4].element_count() != packed_size(p.L, 1, p.D, E) || in[6].element_count() != packed_size(p.L, 1, N * p.H, p.D) ||
-      in[8].element_count() != packed_size(p.L, 2, p.D, F) || in[9].element_count() != packed_size(p.L, 1, F, p.D) ||
-      in[11].element_count() != packed_size(1, 1, p.D, p.V))
+  const bool shapes_match = in[5].dimensions()[1] == E && in[4].element_count() == packed_size(p.L, 1, p.D, E) &&
+                            in[6].element_count() == packed_size(p.L, 1, N * p.H, p.D) &&
+                            in[8].element_count() == packed_size(p.L, 2, p.D, F) &&
+                            in[9].element_count() == packed_size(p.L, 1, F, p.D) &&
+                            in[11].element_count() == packed_size(1, 1, p.D, p.V);
+  if (N % KV != 0 || p.H % 2 != 0 || !shapes_match)
     return ffi::Error::InvalidArgument("k15 decode step: weight shapes do not match the head counts and d_ff");
   p.tokens = reinterpret_cast<const int32_t*>(in[0].untyped_data());
   p.positions = reinterpret_cast<const int32_t*>(in[1].untyped_data());
@@ -991,7 +993,8 @@ struct AttentionJob : Parallel {
           const float* queries = q + ((p * T + t0) * N + kv * G + g) * H;
           float* o = out + ((p * T + t0) * N + kv * G + g) * H;
           for (int64_t c = 0; c < n; c += 32)
-            slab(queries, N * H, rows, H, keys.data() + c, Tp, scores.data() + c, Tp, false, std::min<int64_t>(32, n - c));
+            slab(queries, N * H, rows, H, keys.data() + c, Tp, scores.data() + c, Tp, false,
+                 std::min<int64_t>(32, n - c));
           for (int64_t r = 0; r < rows; ++r) {
             float* row = scores.data() + r * Tp;
             softmax(row, t0 + r + 1, scale);
