@@ -170,6 +170,9 @@ class RolloutEngine:
                                            for leaf in jax.tree.leaves(params))
     kernel = self._decode_kernel(local_loops)
     weights = slots_lib.decode_weights(kernel, cfg, params)
+    # The native step's weights also serve prefill's native kernels, on one device (custom calls do not split
+    # over a mesh).
+    prefill_weights = weights if kernel != "xla" and self.sharding is None else None
 
     def fit_capacity(longest: int):
       """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: XLA's step attends
@@ -220,10 +223,7 @@ class RolloutEngine:
         slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
       # With local decode loops (replicated params) the devices also split the prefill's rows.
       rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
-      # The native step's weights also serve prefill's native kernels, on one device (custom calls do not split
-      # over a mesh).
-      native_weights = weights if kernel != "xla" and self.sharding is None else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, native_weights)
+      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, prefill_weights)
       self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
                                          remaining, slots_P, seeds, rng)
       stats.prefills += 1

@@ -25,23 +25,15 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
   """
   P, T = tokens_PxT.shape
   dtype = cfg.jnp_dtype
+  amx_weights = weights if weights is not None and native.pieces_of(weights) else None  # matmuls on AMX tiles
   positions_PxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
   causal_PxTxT = positions_PxT[:, None, :] <= positions_PxT[:, :, None]
   x_PxTxD = params["embed"]["embedding"][tokens_PxT].astype(dtype)
   keys, values = [], []
   for l in range(cfg.n_layers):
     p = jax.tree.map(lambda a, l=l: a[l].astype(dtype), params["layers"])
-    attn, mlp = p["attn"], p["mlp"]
     h_PxTxD = norm(cfg, p["attn_norm"]["scale"], x_PxTxD)
-
-    amx = weights is not None and native.pieces_of(weights) > 0
-    if not amx:
-      def project(name, h=h_PxTxD, attn=attn):
-        out = jnp.einsum("btd,dnh->btnh", h, attn[f"{name}_kernel"])
-        return out + attn[f"{name}_bias"] if cfg.qkv_bias else out
-    else:
-      project = _amx_qkv(cfg, weights, l, h_PxTxD)
-
+    project = _xla_qkv(cfg, p["attn"], h_PxTxD) if amx_weights is None else _amx_qkv(cfg, amx_weights, l, h_PxTxD)
     k_PxTxKxH, v_PxTxKxH = rotary(project("k"), positions_PxT, cfg.rope_theta), project("v")
     keys.append(jnp.transpose(k_PxTxKxH, (0, 2, 3, 1)))
     values.append(jnp.swapaxes(v_PxTxKxH, 1, 2))
@@ -52,18 +44,33 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
       out_PxTxNxH = attend(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, causal_PxTxT)
     else:
       out_PxTxNxH = native.prefill_attention(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH)
-    if not amx:
-      x_PxTxD = x_PxTxD + jnp.einsum("btnh,nhd->btd", out_PxTxNxH, attn["o_kernel"])
-      h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
-      gated_PxTxF = jax.nn.silu(h_PxTxD @ mlp["gate"]["kernel"]) * (h_PxTxD @ mlp["up"]["kernel"])
-      x_PxTxD = x_PxTxD + gated_PxTxF @ mlp["down"]["kernel"]
-    else:
-      D = cfg.d_model
-      x_PxTxD = x_PxTxD + native.matmul(out_PxTxNxH.reshape(P, T, -1), weights.o, D, layer=l)
-      h_PxTxD = norm(cfg, p["mlp_norm"]["scale"], x_PxTxD)
-      gated_PxTxF = native.matmul(h_PxTxD, weights.gate_up, cfg.d_ff, layer=l, swiglu=True)
-      x_PxTxD = x_PxTxD + native.matmul(gated_PxTxF, weights.down, D, layer=l)
+    o_packed, o_NHxD = None if amx_weights is None else amx_weights.o, p["attn"]["o_kernel"].reshape(-1, cfg.d_model)
+    x_PxTxD = x_PxTxD + _matmul(o_packed, out_PxTxNxH.reshape(P, T, -1), o_NHxD, l)
+    x_PxTxD = x_PxTxD + _mlp(cfg, amx_weights, p["mlp"], l, norm(cfg, p["mlp_norm"]["scale"], x_PxTxD))
   return tuple(keys), tuple(values)
+
+
+def _matmul(packed, x, kernel, l: int):
+  """x @ kernel: on AMX tiles with `packed` (the native step's stacked copy of it; layer l), or in XLA (None)."""
+  return x @ kernel if packed is None else native.matmul(x, packed, kernel.shape[-1], layer=l)
+
+
+def _mlp(cfg: ModelConfig, amx_weights, mlp, l: int, h_PxTxD):
+  """silu(h Wgate) * (h Wup) Wdown: on AMX tiles with the native step's `amx_weights` (gate and up fused), or in
+  XLA (None)."""
+  if amx_weights is None:
+    gated_PxTxF = jax.nn.silu(h_PxTxD @ mlp["gate"]["kernel"]) * (h_PxTxD @ mlp["up"]["kernel"])
+    return gated_PxTxF @ mlp["down"]["kernel"]
+  gated_PxTxF = native.matmul(h_PxTxD, amx_weights.gate_up, cfg.d_ff, layer=l, swiglu=True)
+  return _matmul(amx_weights.down, gated_PxTxF, mlp["down"]["kernel"], l)
+
+
+def _xla_qkv(cfg: ModelConfig, attn, h_PxTxD):
+  """`project`: name ("q", "k", "v") -> that projection of h (PxTxheadsxH), in XLA."""
+  def project(name):
+    out = jnp.einsum("btd,dnh->btnh", h_PxTxD, attn[f"{name}_kernel"])
+    return out + attn[f"{name}_bias"] if cfg.qkv_bias else out
+  return project
 
 
 def _amx_qkv(cfg: ModelConfig, weights, l: int, h_PxTxD):

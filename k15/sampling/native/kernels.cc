@@ -335,12 +335,16 @@ void amx_rows(const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, 
   }
 }
 
-// out[Mp x 32] = A B for one packed panel B: all Mp rows (a multiple of 16), two row tiles at a time.
+// out[Mp x 32] = A B for one packed panel B: all Mp rows (a multiple of 16), two row tiles at a time; A and the
+// panel in `pieces` (2 or 3) bfloat16 pieces.
 template <int P>
 void amx_panel(const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, float* out) {
   int64_t r = 0;
   for (; r + 2 * kTile <= Mp; r += 2 * kTile) amx_rows<P, true>(A + r * Kp, Mp, Kp, panel, out + r * 32);
   if (r < Mp) amx_rows<P, false>(A + r * Kp, Mp, Kp, panel, out + r * 32);
+}
+void amx_panel(int64_t pieces, const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, float* out) {
+  pieces == 2 ? amx_panel<2>(A, Mp, Kp, panel, out) : amx_panel<3>(A, Mp, Kp, panel, out);
 }
 #endif
 
@@ -549,12 +553,12 @@ class PhasedStep {
   struct Scratch {  // per thread
     Aligned<float> scores, gate, up, out;  // out: an AMX panel's Mp x 32 results
   };
-  static constexpr int64_t kSlotsPerItem = 2;
-#ifndef AMX_PANELS
-#define AMX_PANELS 4
-#endif
-  // Panels per matmul item: AMX streams longer runs of a weight faster; at least 8 items per phase.
-  int64_t per_item(int64_t cols) const { return p_.pieces && ceil_div(cols, 32) >= 8 * AMX_PANELS ? AMX_PANELS : 2; }
+  static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kAmxPanelsPerItem = 4;
+  // Panels per matmul item: AMX tile loads stream longer runs of a weight faster, while a phase keeps at least
+  // 8 items for the threads to share.
+  int64_t per_item(int64_t cols) const {
+    return p_.pieces && ceil_div(cols, 32) >= 8 * kAmxPanelsPerItem ? kAmxPanelsPerItem : kPanelsPerItem;
+  }
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
   int64_t Mp() const { return p_.pieces ? padded_rows(p_.B) : p_.B; }
@@ -579,9 +583,7 @@ class PhasedStep {
                   float* out) const {
 #if K15_AMX
     const int64_t panel_elems = p_.pieces * Kp * 32;
-    const uint16_t* panel = static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems;
-    if (p_.pieces == 2) amx_panel<2>(A16, Mp(), Kp, panel, out);
-    else amx_panel<3>(A16, Mp(), Kp, panel, out);
+    amx_panel(p_.pieces, A16, Mp(), Kp, static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems, out);
 #endif
   }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -611,8 +613,8 @@ class PhasedStep {
   // (-1: none) runs next. On AMX, A16 is A split (`split_rows`).
   void matmul_item(int64_t i, int64_t next, const float* A, const uint16_t* A16, int64_t K, const void* W_stack,
                    int64_t l, int64_t N, float* C, bool add, Scratch& scratch) {
-    const int64_t kPanelsPerItem = per_item(N);
-    const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(N, n0 + kPanelsPerItem * 32);
+    const int64_t panels = per_item(N);
+    const int64_t n0 = i * panels * 32, n1 = std::min(N, n0 + panels * 32);
     if (p_.pieces) {
       for (int64_t n = n0; n < n1; n += 32) {
         amx_matmul(A16, padded(K), W_stack, padded(N) / 32, l, n / 32, scratch.out.data());
@@ -623,7 +625,7 @@ class PhasedStep {
     const float* W = static_cast<const float*>(W_stack) + l * K * padded(N);
     for (int64_t n = n0; n < n1; n += 32) {
       const float* panel = W + (n / 32) * K * 32;
-      const float* after = n + 32 < n1 ? panel + K * 32 : next >= 0 ? W + next * kPanelsPerItem * K * 32 : nullptr;
+      const float* after = n + 32 < n1 ? panel + K * 32 : next >= 0 ? W + next * panels * K * 32 : nullptr;
       slab(A, K, p_.B, K, panel, 32, C + n, N, add, std::min<int64_t>(32, N - n), after);
     }
   }
@@ -709,8 +711,8 @@ class PhasedStep {
         split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
         return;
       case 4: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
-        const int64_t kPanelsPerItem = per_item(F);
-        const int64_t n0 = i * kPanelsPerItem * 32, n1 = std::min(F, n0 + kPanelsPerItem * 32);
+        const int64_t panels = per_item(F);
+        const int64_t n0 = i * panels * 32, n1 = std::min(F, n0 + panels * 32);
         float* gate = scratch.gate.data();
         float* up = scratch.up.data();
         for (int64_t n = n0; n < n1; n += 32) {
@@ -724,7 +726,7 @@ class PhasedStep {
             const float* up_panel = gate_panel + D * 32;
             slab(h_.data(), D, B, D, gate_panel, 32, gate, 32, false, cols, up_panel);
             const float* after = n + 32 < n1 ? up_panel + D * 32
-                               : next >= 0 ? W + 2 * next * kPanelsPerItem * D * 32 : nullptr;
+                               : next >= 0 ? W + 2 * next * panels * D * 32 : nullptr;
             slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
           }
           for (int64_t b = 0; b < B; ++b) {
@@ -897,7 +899,7 @@ struct MatmulJob : Parallel {
     configure_tiles();
     const int64_t Kp = padded(K), rb_rows = row_block(K, pieces), Mb = std::min(rb_rows, padded_rows(M));
     Aligned<uint16_t> A(pieces * Mb * Kp);
-    Aligned<float> out(2 * kTile * 32), gate(2 * kTile * 32);
+    Aligned<float> out(Mb * 32), gate(Mb * 32);
     run_items([&](int64_t i) {
       const int64_t rb = i / groups, g = i % groups;
       const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
@@ -907,25 +909,14 @@ struct MatmulJob : Parallel {
       const int64_t panel = pieces * Kp * 32;
       for (int64_t j = p0; j < p1; ++j) {
         const int64_t cols = std::min<int64_t>(32, N - 32 * j);
-        for (int64_t r = 0; r < Mp; r += 2 * kTile) {
-          const bool two = r + kTile < Mp;
-          const int64_t n = std::min(2 * kTile, rows - r);
-          const uint16_t* a = A.data() + r * Kp;
-          auto run = [&](int64_t w_panel, float* o) {
-            if (pieces == 2) two ? amx_rows<2, true>(a, Mp, Kp, w + w_panel * panel, o)
-                                 : amx_rows<2, false>(a, Mp, Kp, w + w_panel * panel, o);
-            else two ? amx_rows<3, true>(a, Mp, Kp, w + w_panel * panel, o)
-                     : amx_rows<3, false>(a, Mp, Kp, w + w_panel * panel, o);
-          };
-          float* dst = y + (r0 + r) * N + 32 * j;
-          if (swiglu) {
-            run(2 * j, gate.data());
-            run(2 * j + 1, out.data());
-            for (int64_t b = 0; b < n; ++b) swiglu_row(gate.data() + b * 32, out.data() + b * 32, cols, dst + b * N);
-          } else {
-            run(j, out.data());
-            for (int64_t b = 0; b < n; ++b) std::copy(out.data() + b * 32, out.data() + b * 32 + cols, dst + b * N);
-          }
+        float* dst = y + r0 * N + 32 * j;
+        if (swiglu) {
+          amx_panel(pieces, A.data(), Mp, Kp, w + 2 * j * panel, gate.data());
+          amx_panel(pieces, A.data(), Mp, Kp, w + (2 * j + 1) * panel, out.data());
+          for (int64_t b = 0; b < rows; ++b) swiglu_row(gate.data() + b * 32, out.data() + b * 32, cols, dst + b * N);
+        } else {
+          amx_panel(pieces, A.data(), Mp, Kp, w + j * panel, out.data());
+          for (int64_t b = 0; b < rows; ++b) std::copy(out.data() + b * 32, out.data() + b * 32 + cols, dst + b * N);
         }
       }
     });
