@@ -72,7 +72,7 @@ def inputs(args):
   K, H, S = CFG.n_kv_heads, CFG.head_dim, args.context
   cache_k = tuple(jnp.asarray(rng.normal(size=(args.batch, K, H, S)), jnp.float32) for _ in range(CFG.n_layers))
   cache_v = tuple(jnp.asarray(rng.normal(size=(args.batch, K, S, H)), jnp.float32) for _ in range(CFG.n_layers))
-  return native.decode_weights(CFG, params, native.MATMUL_PIECES[args.matmul]), cache_k, cache_v
+  return native.decode_weights(CFG, params, args.matmul), cache_k, cache_v
 
 
 def phases(args):

@@ -36,17 +36,17 @@ def hf_model(tmp_path_factory):
 
 
 # The decode steps under test, as SamplingConfig fields: the C++ CPU step with float32 FMAs, the same step (and
-# prefill's matmuls) on AMX tiles with float32's accuracy (bfloat16 pieces, 6 products), and XLA's step.
+# prefill's matmuls) on AMX tiles with float32's accuracy (bfloat16 pieces or int8 slices, 6 products), and XLA's.
 KERNELS = {"native": dict(decode_kernel="native", native_matmul="float32"),
            "amx": dict(decode_kernel="native", native_matmul="bf16x6"),
+           "int8": dict(decode_kernel="native", native_matmul="int8x6"),
            "xla": dict(decode_kernel="xla")}
-PIECES = {"native": 0, "amx": 3}  # the native step's weights (native.decode_weights)
 
 
 def _require(kernel, request):
   if kernel != "xla":
     request.getfixturevalue("needs_native_step")
-  if kernel == "amx":
+  if kernel in ("amx", "int8"):
     request.getfixturevalue("needs_amx")
 
 
@@ -98,7 +98,7 @@ def _check_decode_step(cfg, params, kernel):
   ref_cache = models.KVCache.zeros(cfg, B, S)
   cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
   if kernel != "xla":
-    weights = native.decode_weights(cfg, params, PIECES[kernel])
+    weights = native.decode_weights(cfg, params, KERNELS[kernel]["native_matmul"])
     step_fn = jax.jit(lambda ck, cv, tok, pos: _drop_stats(native.decode_step(cfg, weights, ck, cv, tok, pos)))
   else:
     step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
@@ -131,9 +131,9 @@ def test_decode_step_matches_forward_llama_style(kernel_, request):
     _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
 
 
-def _check_prefill(cfg, params, pieces=None, atol=1e-5):
+def _check_prefill(cfg, params, matmul=None, atol=1e-5):
   """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens;
-  with `pieces`, prefill's native kernels (the native step's weights of that many bfloat16 pieces, 0: float32)."""
+  with `matmul`, prefill's native kernels (the native step's weights for that native_matmul)."""
   lengths = [9, 3, 12]
   tokens = np.array(jax.random.randint(jax.random.key(4), (len(lengths), 12), 1, cfg.vocab_size), np.int32)
   positions = np.where(np.arange(12)[None] < np.array(lengths)[:, None], np.arange(12)[None], 12)
@@ -141,7 +141,7 @@ def _check_prefill(cfg, params, pieces=None, atol=1e-5):
     tokens[row, n:] = 0  # padding (position 12 for the reference: past its cache, not written)
   _, ref = jax.jit(models.forward_with_cache, static_argnums=0)(cfg, params, tokens, positions,
                                                                 models.KVCache.zeros(cfg, len(lengths), 12))
-  weights = native.decode_weights(cfg, params, pieces) if pieces is not None else None
+  weights = native.decode_weights(cfg, params, matmul) if matmul is not None else None
   keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens, weights)
   ref_k, ref_v = step.keys_from_model(ref.k), step.values_from_model(ref.v)
   for l in range(cfg.n_layers):
@@ -157,16 +157,16 @@ def test_prefill_matches_forward_with_cache(hf_model):
   _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
 
 
-@pytest.mark.parametrize("pieces,atol", [(0, 1e-5), (3, 1e-5), (2, 2e-4)])
-def test_native_prefill_matches_forward_with_cache(hf_model, needs_native_step, request, pieces, atol):
-  """Prefill with the native step's weights: attention in C++; with pieces, the matmuls on AMX tiles too (3 pieces
-  as close as XLA's float32 matmuls, 2 within 16 bits)."""
-  if pieces:
+@pytest.mark.parametrize("matmul,atol", [("float32", 1e-5), ("bf16x6", 1e-5), ("int8x6", 1e-5), ("bf16x3", 2e-4)])
+def test_native_prefill_matches_forward_with_cache(hf_model, needs_native_step, request, matmul, atol):
+  """Prefill with the native step's weights: attention in C++; on AMX tiles, the matmuls too (bf16x6 and int8x6
+  as close as XLA's float32 matmuls, bf16x3 within 16 bits)."""
+  if matmul != "float32":
     request.getfixturevalue("needs_amx")
   _, cfg, params = hf_model
-  _check_prefill(cfg, params, pieces, atol)
+  _check_prefill(cfg, params, matmul, atol)
   llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
-  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1), pieces, atol)
+  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1), matmul, atol)
 
 
 def test_greedy_matches_transformers(hf_model, greedy_run):

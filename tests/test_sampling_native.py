@@ -20,7 +20,9 @@ def test_auto_takes_the_native_step_on_cpu_in_float32(needs_native_step):
   assert native.choose("native", CFG, jax.devices(), "float32") == "native"
   assert native.choose("native", CFG, jax.devices(), "bf16x3") == ("native_bf16x3" if amx else "native")
   assert native.choose("xla", CFG, jax.devices(), "bf16x6") == "xla"
-  assert [native.pieces(k) for k in ("native", "native_bf16x3", "native_bf16x6")] == [0, 2, 3]
+  assert native.choose("native", CFG, jax.devices(), "int8x6") == ("native_int8x6" if amx else "native")
+  assert [native.matmul_of(k) for k in ("native", "native_bf16x3", "native_int8x6")] == ["float32", "bf16x3",
+                                                                                          "int8x6"]
 
 
 def test_amx_matmuls_without_amx_fall_back_to_float32_with_a_warning(needs_native_step, monkeypatch, caplog):
@@ -67,7 +69,7 @@ def test_native_with_sharded_params_is_an_error(needs_native_step):
 
 # The native step's matmuls (weight pieces) and how close to XLA's float32 step each must be: float32 FMAs and 6
 # products of 3 bfloat16 pieces as float32; 3 products of 2 pieces keep 16 bits of each operand.
-MATMULS = {"float32": (0, 2e-5), "bf16x6": (3, 2e-5), "bf16x3": (2, 2e-4)}
+MATMULS = {"float32": 2e-5, "bf16x6": 2e-5, "int8x6": 2e-5, "bf16x3": 2e-4}
 
 
 @pytest.mark.parametrize("matmul", list(MATMULS))
@@ -77,8 +79,8 @@ def test_native_step_equals_xla_step_over_many_slots(needs_native_step, request,
   cache length): logits and written caches match XLA's step; inactive slots leave their cache untouched.
   d_ff 80 and vocab 80 end in part-filled weight panels; 23 and 13 slots split into row blocks of 12 + 11 and 7 + 6
   (FMAs), and into two row tiles and one (AMX, the rows padded to whole tiles of 16)."""
-  pieces, tol = MATMULS[matmul]
-  if pieces:
+  tol = MATMULS[matmul]
+  if matmul != "float32":
     request.getfixturevalue("needs_amx")
   from k15.sampling import step  # pylint: disable=g-import-not-at-top
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=d_ff,
@@ -91,7 +93,7 @@ def test_native_step_equals_xla_step_over_many_slots(needs_native_step, request,
   tokens = rng.randint(0, 80, B).astype(np.int32)
   positions = rng.randint(0, S, B).astype(np.int32)
   positions[[3, B - 1]] = [S, S + 5]  # inactive
-  weights = native.decode_weights(cfg, params, pieces)
+  weights = native.decode_weights(cfg, params, matmul)
   nat = jax.jit(lambda ck, cv: native.decode_step(cfg, weights, ck, cv, tokens, positions))(cache_k, cache_v)
   ref = jax.jit(lambda ck, cv: step.decode_step(cfg, params, ck, cv, tokens, positions))(cache_k, cache_v)
   active = positions < S

@@ -137,7 +137,7 @@ def decode_weights(kernel: str, cfg: ModelConfig, params):
   built once per rollout run (a copy of every weight), then passed to each `decode_chunk`."""
   if kernel == "xla":
     return decode_weights_xla(cfg, params)
-  return native.decode_weights(cfg, params, native.pieces(kernel))
+  return native.decode_weights(cfg, params, native.matmul_of(kernel))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7,))

@@ -93,6 +93,47 @@ def pack_amx(w_KxN, pieces: int):
   return jnp.transpose(w, order).reshape(*lead, P, Kb, pieces, 2, 16, 32)
 
 
+INT8_SLICES = 3
+INT8_BASE = 254  # one int8 slice to the next (kernels.cc's kBase)
+INT8_HEADER = 4 * PANEL  # bytes of a packed int8 panel's column scales
+
+
+def split_int8(x, axis: int):
+  """float32 x as (3 int8 slices stacked on a new first axis, scale): x = scale (x0 + x1 / 254 + x2 / 254^2) to
+  about 2^-23 of the largest |x| sharing a scale. The scale, one per slice along `axis` (kept as size 1), is the
+  power of two that brings the largest |x| to at most 127; each slice is the nearest integer to what the ones
+  before left, times 254 (so all lie in [-127, 127]). kernels.cc's `split_int8`, for weights."""
+  x = x.astype(jnp.float32)
+  largest = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  _, e = jnp.frexp(largest)
+  scale = jnp.where(largest > 0, jnp.ldexp(jnp.float32(1), e - 7), jnp.float32(1))
+  scale = jnp.where(largest / scale > 127, 2 * scale, scale)
+  v = x / scale  # exact: a power of two
+  slices = []
+  for _ in range(INT8_SLICES):
+    r = jnp.round(v)
+    slices.append(r.astype(jnp.int8))
+    v = (v - r) * INT8_BASE
+  return jnp.stack(slices), scale
+
+
+def pack_int8(w_KxN):
+  """...xKxN float32 -> ...xPx(128 + 2 x K/64 x 3 x 16 x 64) int8, kernels.cc's int8 AMX layout: per 32-column
+  panel the columns' scales (float32 bytes), then per tile of 16 columns and per 64 rows of K (zero-padded to a
+  multiple of 64) each int8 slice (`split_int8`, a scale per column) as a tile whose row r holds rows 4r..4r+3 of
+  K column by column (AMX's quad layout)."""
+  *lead, K, N = w_KxN.shape
+  P, Kb = -(-N // PANEL), -(-K // 64)
+  w = jnp.pad(w_KxN.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, Kb * 64 - K), (0, P * PANEL - N)])
+  q, scale = split_int8(w, axis=-2)  # 3 x ... x Kp x Np, ... x 1 x Np
+  q = jnp.moveaxis(q, 0, -3).reshape(*lead, INT8_SLICES, Kb, 16, 4, P, 2, 16)  # k = 64 kb + 4 r + quad
+  n = len(lead)
+  order = (*range(n), n + 4, n + 5, n + 1, n, n + 2, n + 6, n + 3)  # P, tile, Kb, slice, r, column, quad
+  q = jnp.transpose(q, order).reshape(*lead, P, 2 * Kb * INT8_SLICES * 16 * 64)
+  header = jax.lax.bitcast_convert_type(scale.reshape(*lead, P, PANEL), jnp.int8).reshape(*lead, P, INT8_HEADER)
+  return jnp.concatenate([header, q], axis=-1)
+
+
 def pack_pairs(w_Kx2N, packer=pack):
   """The two halves of ...xKx2N (gate and up) packed each, their panels interleaved (gate 0, up 0, gate 1, ...):
   panel j of the gate and of the up projection cover the same columns, so one thread computes both (and
@@ -103,17 +144,18 @@ def pack_pairs(w_Kx2N, packer=pack):
   return both.reshape(*both.shape[:axis], -1, *both.shape[axis + 2:])
 
 
-def decode_weights(cfg: ModelConfig, params, pieces: int = 0) -> NativeWeights:
+def decode_weights(cfg: ModelConfig, params, matmul: str = "float32") -> NativeWeights:
   """The model's weights in the native step's layout; build once per sampling run, not per step.
 
-  `pieces`: 0 packs the matmul weights in float32 for the step's FMA matmuls; 2 or 3 splits them into that
-  many bfloat16 pieces for its AMX matmuls (`pack_amx`; `MATMUL_PIECES`)."""
+  `matmul` (`MATMULS`): "float32" packs the matmul weights in float32 for the step's FMA matmuls; "bf16x3" and
+  "bf16x6" split them into 2 or 3 bfloat16 pieces (`pack_amx`), "int8x6" into 3 int8 slices (`pack_int8`), for
+  its AMX matmuls."""
   fused = xla_step.decode_weights(cfg, params)
   stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
   E = fused["layers"][0]["qkv_DxE"].shape[1]
   bias = stack("qkv_bias_E") if cfg.qkv_bias else jnp.zeros((cfg.n_layers, E), jnp.float32)
   f32 = lambda a: a.astype(jnp.float32)
-  packer = functools.partial(pack_amx, pieces=pieces) if pieces else pack
+  packer = _PACKERS[matmul]
   return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), packer(stack("qkv_DxE")), bias,
                        packer(stack("o_NHxD")), stack("mlp_norm"), pack_pairs(stack("gate_up_Dx2F"), packer),
                        packer(stack("down_FxD")), f32(params["final_norm"]["scale"]), packer(f32(fused["head_DxV"])))
@@ -171,7 +213,10 @@ def prefill_attention(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, threads: int = 0):
 
 
 def pieces_of(weights: NativeWeights) -> int:
-  """The bfloat16 pieces of the packed weights (`decode_weights`), 0 for float32."""
+  """The pieces of each operand of the packed weights' matmuls (`decode_weights`): bfloat16 pieces or int8
+  slices; 0 for float32."""
+  if weights.qkv.dtype == jnp.int8:
+    return INT8_SLICES
   return 0 if weights.qkv.dtype == jnp.float32 else weights.qkv.shape[-4]
 
 
@@ -266,7 +311,7 @@ def build(source, defines=()) -> pathlib.Path:
   return _build(_compiler(), _cache_dir(), pathlib.Path(source), tuple(defines))
 
 
-PHASE_KINDS = ("embed", "qkv", "attention", "o", "mlp norm", "gate_up", "down", "norm", "head", "stats")
+PHASE_KINDS = ("embed", "qkv", "attention", "o", "mlp norm", "gate_up", "act split", "down", "norm", "head", "stats")
 
 
 def phase_times(target: str):
@@ -287,8 +332,10 @@ def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:
   return None
 
 
-# SamplingConfig.native_matmul -> bfloat16 pieces of each matmul operand (0: float32 FMAs).
-MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3}
+# SamplingConfig.native_matmul -> the pieces of each matmul operand (0: float32 FMAs).
+MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3, "int8x6": INT8_SLICES}
+_PACKERS = {"float32": pack, "bf16x3": functools.partial(pack_amx, pieces=2),
+            "bf16x6": functools.partial(pack_amx, pieces=3), "int8x6": pack_int8}
 
 
 def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
@@ -316,9 +363,9 @@ def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
   return "xla"
 
 
-def pieces(kernel: str) -> int:
-  """The bfloat16 pieces of a `choose` result's matmul operands (0: float32)."""
-  return MATMUL_PIECES[kernel.removeprefix("native").removeprefix("_") or "float32"]
+def matmul_of(kernel: str) -> str:
+  """The native step's matmuls (a `MATMUL_PIECES` key) of a `choose` result."""
+  return kernel.removeprefix("native").removeprefix("_") or "float32"
 
 
 @functools.cache

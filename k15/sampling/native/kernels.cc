@@ -52,7 +52,7 @@ namespace {
 #ifdef K15_PHASE_TIMES
 // A profiling build (benchmarks/decode_step.py): seconds each thread spends running and waiting in each
 // kind of phase, summed over threads and calls until K15PhaseTimes reads and clears them.
-constexpr int kPhaseKinds = 10;  // PhasedStep::Kind; native.PHASE_KINDS names them
+constexpr int kPhaseKinds = 11;  // PhasedStep::Kind; native.PHASE_KINDS names them
 std::mutex g_times_mutex;
 double g_times[2 * kPhaseKinds + 1];  // (running, waiting) per kind, then the number of calls
 using Clock = std::chrono::steady_clock;
@@ -346,6 +346,103 @@ void amx_panel(const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel,
 void amx_panel(int64_t pieces, const uint16_t* A, int64_t Mp, int64_t Kp, const uint16_t* panel, float* out) {
   pieces == 2 ? amx_panel<2>(A, Mp, Kp, panel, out) : amx_panel<3>(A, Mp, Kp, panel, out);
 }
+
+// ---- Matmuls on AMX int8 tiles, to float32 accuracy ----
+// AMX multiplies int8 tiles (16 rows x 64 products, int32 sums) at twice its bfloat16 rate, and an int8 weight
+// slice is a quarter of a float32 weight. Scaled by a power of two s (per weight column, per row of the left
+// side) so its largest value is at most 127, a float32 x is s (x0 + x1 / B + x2 / B^2 + ...) with B = 254: int8
+// slices in [-127, 127], each the nearest integer to what the ones before left, times B (a residual is at most
+// 1/2, so the next slice at most 127). Weights take 3 slices, the left side 4: its rows can hold a few values far
+// above the rest, and the slices resolve each row relative to its largest value (4 slices: about 2^-31 of it).
+// A product's slice pairs of order 3 or less (x0y0; x0y1, x1y0; x0y2, x1y1, x2y0; x1y2, x2y1, x3y0: nine int8
+// matmuls) are summed exactly in int32 per order, and the four sums scaled and added in float32: the result
+// holds to about 2^-24 of the row's largest |x| times the column's largest |w| per product, float32's accuracy
+// (tests hold it to float64 within a few times XLA's float32 error). The int32 sums stay exact for K below
+// 2^31 / (3 127^2).
+//
+// A packed weight (`native.pack_int8`), per 32-column panel: the 32 column scales (float32), then per column tile
+// of 16 and per 64 rows of K (zero-padded to a multiple of 64) each slice as a B tile in AMX's quad layout (tile
+// row r holds rows 4r..4r+3 of K for each column in turn): kPanelHeader + 2 x K/64 x 3 x 16 x 64 bytes, each
+// column tile's run contiguous. The left side (`split_int8`): slice x Mp x Kp int8, with a scale per row.
+constexpr int64_t kSlices = 3, kLeftSlices = 4, kPanelHeader = 32 * sizeof(float), kMaxInt8K = 32768;
+constexpr float kBase = 254.0f;  // the scale from one slice to the next
+inline int64_t padded64(int64_t n) { return (n + 63) / 64 * 64; }  // K of an int8 matmul
+
+// x[:n] into kLeftSlices int8 slices, `stride` bytes apart, and its scale (a power of two; 1 for a zero row).
+// native.split_int8 does the same for weights (3 slices).
+void split_int8(const float* x, int64_t n, int8_t* out, int64_t stride, float* scale) {
+  __m512 big = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    big = _mm512_max_ps(big, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+  const float largest = _mm512_reduce_max_ps(big);
+  int e = 0;
+  std::frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1): largest / 2^(e - 7) in [64, 128)
+  float s = largest > 0.0f ? std::ldexp(1.0f, e - 7) : 1.0f;
+  if (largest / s > 127.0f) s *= 2.0f;
+  *scale = s;
+  const __m512 inv = _mm512_set1_ps(1.0f / s), base = _mm512_set1_ps(kBase);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv);  // exact: a power of two
+    for (int q = 0; q < kLeftSlices; ++q) {
+      const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_mask_storeu_epi8(out + q * stride + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+      v = _mm512_mul_ps(_mm512_sub_ps(v, r), base);  // what is left (exact), scaled up
+    }
+  }
+}
+
+// out[Mp x 32] = A W for one int8 panel: per column tile and per row tile, the four orders' int32 sums in tiles
+// 0-3, the panel's three slices in tiles 5-7, the left side's slices in tile 4 by turns; then scaled into float32.
+void int8_panel(const int8_t* A, const float* a_scale, int64_t Mp, int64_t Kp, const int8_t* panel, float* out) {
+  const float* w_scale = reinterpret_cast<const float*>(panel);
+  const int8_t* W = panel + kPanelHeader;
+  const int64_t piece = Mp * Kp, blocks = Kp / 64;
+  alignas(64) int32_t sums[kLeftSlices][kTile * kTile];
+  const __m512 inv_base = _mm512_set1_ps(1.0f / kBase);
+  for (int64_t c = 0; c < 2; ++c) {
+    const int8_t* Wc = W + c * blocks * kSlices * 1024;  // the column tile's blocks, in order
+    for (int64_t r = 0; r < Mp; r += kTile) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        const int8_t* a = A + r * Kp + 64 * kb;
+        const int8_t* w = Wc + kb * kSlices * 1024;
+        _tile_loadd(5, w, 64);
+        _tile_loadd(6, w + 1024, 64);
+        _tile_loadd(7, w + 2048, 64);
+        _tile_loadd(4, a, Kp);
+        _tile_dpbssd(0, 4, 5);  // order 0: x0 y0
+        _tile_dpbssd(1, 4, 6);  // order 1: x0 y1
+        _tile_dpbssd(2, 4, 7);  // order 2: x0 y2
+        _tile_loadd(4, a + piece, Kp);
+        _tile_dpbssd(1, 4, 5);  // x1 y0
+        _tile_dpbssd(2, 4, 6);  // x1 y1
+        _tile_dpbssd(3, 4, 7);  // order 3: x1 y2
+        _tile_loadd(4, a + 2 * piece, Kp);
+        _tile_dpbssd(2, 4, 5);  // x2 y0
+        _tile_dpbssd(3, 4, 6);  // x2 y1
+        _tile_loadd(4, a + 3 * piece, Kp);
+        _tile_dpbssd(3, 4, 5);  // x3 y0
+      }
+      _tile_stored(0, sums[0], 64);
+      _tile_stored(1, sums[1], 64);
+      _tile_stored(2, sums[2], 64);
+      _tile_stored(3, sums[3], 64);
+      const __m512 ws = _mm512_loadu_ps(w_scale + 16 * c);
+      for (int64_t i = 0; i < kTile; ++i) {
+        __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(sums[kLeftSlices - 1] + i * kTile));
+        for (int t = kLeftSlices - 2; t >= 0; --t)  // Horner: s0 + (s1 + (s2 + s3 / B) / B) / B
+          sum = _mm512_fmadd_ps(sum, inv_base, _mm512_cvtepi32_ps(_mm512_load_si512(sums[t] + i * kTile)));
+        _mm512_storeu_ps(out + (r + i) * 32 + 16 * c, _mm512_mul_ps(sum, _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[r + i]))));
+      }
+    }
+  }
+}
 #endif
 
 // out = scale * x / rms(x), row by row (HF order: normalize, then scale).
@@ -448,7 +545,8 @@ struct Step {
   const int32_t* positions;
   const float *embed, *attn_norm, *qkv_bias, *mlp_norm, *final_norm;
   const void *qkv, *o, *gate_up, *down, *head;  // packed: float32 (pieces 0) or bfloat16 pieces for AMX
-  int pieces;  // 0: float32 FMAs; 2 or 3: bfloat16 pieces of each operand on AMX tiles
+  int pieces;  // 0: float32 FMAs; 2 or 3: bfloat16 pieces (or with `int8`, 3 int8 slices) of each operand on AMX
+  bool int8;  // the packed weights are int8 slices (`pack_int8`)
   std::vector<float*> k_caches, v_caches;
   float* logits;
   int32_t* argmax;
@@ -497,11 +595,10 @@ class PhasedStep {
     const int64_t B = p.B;
     x_.resize(B * p.D), h_.resize(B * p.D), qkv_.resize(B * E()), att_.resize(B * p.N * p.H), act_.resize(B * p.F);
     if (p.pieces) {  // the left sides of the AMX matmuls, split; zero past the B rows and the K columns
-      h16_.resize(p.pieces * Mp() * padded(p.D)), att16_.resize(p.pieces * Mp() * padded(p.N * p.H));
-      act16_.resize(p.pieces * Mp() * padded(p.F));
+      h16_ = left_k(p.D), att16_ = left_k(p.N * p.H), act16_ = left_k(p.F);
     }
     cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2);
-    phases_ = 3 + 7 * p.L;
+    phases_ = 3 + kLayerPhases * p.L;
     counters_.reset(new Counter[phases_]);
   }
 
@@ -562,12 +659,32 @@ class PhasedStep {
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
   int64_t Mp() const { return p_.pieces ? padded_rows(p_.B) : p_.B; }
+  int64_t Kp(int64_t K) const { return p_.int8 ? padded64(K) : padded(K); }  // columns of a split left side
 
-  // Rows [b0, b1) of x (row stride ldx), columns [c0, c0 + n), into the split left side A16 (Kp columns).
-  void split_rows(const float* x, int64_t ldx, int64_t b0, int64_t b1, int64_t c0, int64_t n, uint16_t* A16,
-                  int64_t Kp) const {
+  // An AMX matmul's left side, split: bfloat16 pieces (pieces x Mp x Kp), or int8 slices (the same layout in
+  // bytes) with a scale per row.
+  struct Left {
+    Aligned<uint16_t> data;
+    std::vector<float> scale;
+  };
+  Left left_k(int64_t K) const {
+    Left left;
+    left.data.resize(p_.pieces * Mp() * Kp(K)), left.scale.resize(Mp(), 1.0f);
+    return left;
+  }
+
+  // Rows [b0, b1) of x (row stride ldx), columns [c0, c0 + n) of K, into the split left side. int8 slices share
+  // a scale per row: they take whole rows (c0 = 0, n = K).
+  void split_rows(const float* x, int64_t ldx, int64_t b0, int64_t b1, int64_t c0, int64_t n, Left& left,
+                  int64_t K) const {
 #if K15_AMX
-    for (int64_t b = b0; b < b1; ++b) split(x + b * ldx + c0, n, A16 + b * Kp + c0, Mp() * Kp, p_.pieces);
+    const int64_t kp = Kp(K);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (p_.int8)
+        split_int8(x + b * ldx, n, reinterpret_cast<int8_t*>(left.data.data()) + b * kp, Mp() * kp, &left.scale[b]);
+      else
+        split(x + b * ldx + c0, n, left.data.data() + b * kp + c0, Mp() * kp, p_.pieces);
+    }
 #endif
   }
 
@@ -577,26 +694,37 @@ class PhasedStep {
       for (int64_t j = 0; j < cols; ++j) C[b * N + n + j] = add ? C[b * N + n + j] + out[b * 32 + j] : out[b * 32 + j];
   }
 
-  // AMX: out = A16 (split, Kp columns) times panel j of packed weight W (bfloat16 pieces; layer l of its stack
-  // of `panels` panels per layer).
-  void amx_matmul(const uint16_t* A16, int64_t Kp, const void* W, int64_t panels, int64_t l, int64_t j,
+  // AMX: out = the split left side (K columns) times panel j of packed weight W (layer l of its stack of
+  // `panels` panels per layer).
+  void amx_matmul(const Left& left, int64_t K, const void* W, int64_t panels, int64_t l, int64_t j,
                   float* out) const {
 #if K15_AMX
-    const int64_t panel_elems = p_.pieces * Kp * 32;
-    amx_panel(p_.pieces, A16, Mp(), Kp, static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems, out);
+    const int64_t kp = Kp(K);
+    if (p_.int8) {
+      const int64_t panel_bytes = kPanelHeader + kSlices * kp * 32;
+      int8_panel(reinterpret_cast<const int8_t*>(left.data.data()), left.scale.data(), Mp(), kp,
+                 static_cast<const int8_t*>(W) + (l * panels + j) * panel_bytes, out);
+      return;
+    }
+    const int64_t panel_elems = p_.pieces * kp * 32;
+    amx_panel(p_.pieces, left.data.data(), Mp(), kp, static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems,
+              out);
 #endif
   }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), per_item(cols)); }
 
-  // Phase ph: 0 embeds; then per layer 7 phases (qkv, attention, o, norm, gate_up, down, norm); then the head;
-  // last the logits' stats. kind(ph) numbers them in that order, 0 to 9 (the layer's phases 1 to 7).
-  enum Kind { kEmbed, kQkv, kAttention, kO, kMlpNorm, kGateUp, kDown, kNorm, kHead, kStats };
+  // Phase ph: 0 embeds; then per layer 8 phases (qkv, attention, o, norm, gate_up, act split, down, norm); then
+  // the head; last the logits' stats. kind(ph) numbers them in that order, 0 to 10 (the layer's phases 1 to 8).
+  // The act split has items with int8 slices only (their scale per row needs all of gate_up's columns); the
+  // other matmuls split act panel by panel in gate_up.
+  enum Kind { kEmbed, kQkv, kAttention, kO, kMlpNorm, kGateUp, kActSplit, kDown, kNorm, kHead, kStats };
+  static constexpr int64_t kLayerPhases = 8;
   Kind kind(int64_t ph) const {
     if (ph == 0) return kEmbed;
     if (ph == phases_ - 2) return kHead;
     if (ph == phases_ - 1) return kStats;
-    return static_cast<Kind>(1 + (ph - 1) % 7);
+    return static_cast<Kind>(1 + (ph - 1) % kLayerPhases);
   }
 
   int64_t items(int64_t ph) const {
@@ -605,19 +733,20 @@ class PhasedStep {
       case kO: case kDown: return panel_items(p_.D);
       case kGateUp: return panel_items(p_.F);
       case kHead: return panel_items(p_.V);
+      case kActSplit: return p_.int8 ? ceil_div(p_.B, kSlotsPerItem) : 0;
       default: return ceil_div(p_.B, kSlotsPerItem);  // embedding, attention, norms, stats
     }
   }
 
   // Columns [32 kPanelsPerItem i, ...) of C[BxN] (+)= A[BxK] W, W packed (layer l of a stack); item `next`
   // (-1: none) runs next. On AMX, A16 is A split (`split_rows`).
-  void matmul_item(int64_t i, int64_t next, const float* A, const uint16_t* A16, int64_t K, const void* W_stack,
+  void matmul_item(int64_t i, int64_t next, const float* A, const Left& A16, int64_t K, const void* W_stack,
                    int64_t l, int64_t N, float* C, bool add, Scratch& scratch) {
     const int64_t panels = per_item(N);
     const int64_t n0 = i * panels * 32, n1 = std::min(N, n0 + panels * 32);
     if (p_.pieces) {
       for (int64_t n = n0; n < n1; n += 32) {
-        amx_matmul(A16, padded(K), W_stack, padded(N) / 32, l, n / 32, scratch.out.data());
+        amx_matmul(A16, K, W_stack, padded(N) / 32, l, n / 32, scratch.out.data());
         store_panel(scratch.out.data(), C, N, n, std::min<int64_t>(32, N - n), add);
       }
       return;
@@ -648,21 +777,21 @@ class PhasedStep {
         }
       }
       rms_norm(x_.data() + b0 * D, b1 - b0, D, p.attn_norm, p.eps, h_.data() + b0 * D);
-      split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
+      split_rows(h_.data(), D, b0, b1, 0, D, h16_, D);
       return;
     }
     if (ph == phases_ - 2) {
-      matmul_item(i, next, h_.data(), h16_.data(), D, p.head, 0, p.V, p.logits, false, scratch);
+      matmul_item(i, next, h_.data(), h16_, D, p.head, 0, p.V, p.logits, false, scratch);
       return;
     }
     if (ph == phases_ - 1) {
       for (int64_t b = b0; b < b1; ++b) logit_stats(p.logits + b * p.V, p.V, p.argmax + b, p.max + b, p.lse + b);
       return;
     }
-    const int64_t l = (ph - 1) / 7;
-    switch ((ph - 1) % 7) {
+    const int64_t l = (ph - 1) / kLayerPhases;
+    switch ((ph - 1) % kLayerPhases) {
       case 0: {  // qkv = h Wqkv + bias
-        matmul_item(i, next, h_.data(), h16_.data(), D, p.qkv, l, E, qkv_.data(), false, scratch);
+        matmul_item(i, next, h_.data(), h16_, D, p.qkv, l, E, qkv_.data(), false, scratch);
         const int64_t n0 = i * per_item(E) * 32, n1 = std::min(E, n0 + per_item(E) * 32);
         const float* bias = p.qkv_bias + l * E;
         for (int64_t b = 0; b < B; ++b)
@@ -700,15 +829,15 @@ class PhasedStep {
                    keys, values);
           }
         }
-        split_rows(att_.data(), NH, b0, b1, 0, NH, att16_.data(), padded(NH));
+        split_rows(att_.data(), NH, b0, b1, 0, NH, att16_, NH);
         return;
       }
       case 2:
-        matmul_item(i, next, att_.data(), att16_.data(), NH, p.o, l, D, x_.data(), true, scratch);
+        matmul_item(i, next, att_.data(), att16_, NH, p.o, l, D, x_.data(), true, scratch);
         return;
       case 3:
         rms_norm(x_.data() + b0 * D, b1 - b0, D, p.mlp_norm + l * D, p.eps, h_.data() + b0 * D);
-        split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
+        split_rows(h_.data(), D, b0, b1, 0, D, h16_, D);
         return;
       case 4: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
         const int64_t panels = per_item(F);
@@ -718,8 +847,8 @@ class PhasedStep {
         for (int64_t n = n0; n < n1; n += 32) {
           const int64_t cols = std::min<int64_t>(32, n1 - n);
           if (p.pieces) {  // the layer's 2 padded(F) / 32 panels, gate's and up's alternating
-            amx_matmul(h16_.data(), padded(D), p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32), gate);
-            amx_matmul(h16_.data(), padded(D), p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32) + 1, up);
+            amx_matmul(h16_, D, p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32), gate);
+            amx_matmul(h16_, D, p.gate_up, 2 * padded(F) / 32, l, 2 * (n / 32) + 1, up);
           } else {
             const float* W = static_cast<const float*>(p.gate_up) + l * 2 * D * padded(F);
             const float* gate_panel = W + 2 * (n / 32) * D * 32;
@@ -742,17 +871,20 @@ class PhasedStep {
               for (int64_t j = 0; j < cols; ++j) a[j] = gv[j] * (1.0f / (1.0f + exp1(-gv[j]))) * uv[j];
             }
           }
-          split_rows(act_.data(), F, 0, B, n, cols, act16_.data(), padded(F));
+          if (!p.int8) split_rows(act_.data(), F, 0, B, n, cols, act16_, F);
         }
         return;
       }
-      case 5:
-        matmul_item(i, next, act_.data(), act16_.data(), F, p.down, l, D, x_.data(), true, scratch);
+      case 5:  // int8 slices only: act's rows, once gate_up has written all their columns
+        split_rows(act_.data(), F, b0, b1, 0, F, act16_, F);
         return;
-      case 6: {
+      case 6:
+        matmul_item(i, next, act_.data(), act16_, F, p.down, l, D, x_.data(), true, scratch);
+        return;
+      case 7: {
         const float* scale = l + 1 < p.L ? p.attn_norm + (l + 1) * D : p.final_norm;
         rms_norm(x_.data() + b0 * D, b1 - b0, D, scale, p.eps, h_.data() + b0 * D);
-        split_rows(h_.data(), D, b0, b1, 0, D, h16_.data(), padded(D));
+        split_rows(h_.data(), D, b0, b1, 0, D, h16_, D);
         return;
       }
     }
@@ -760,7 +892,7 @@ class PhasedStep {
 
   Step p_;
   std::vector<float> x_, h_, qkv_, att_, act_, cos_, sin_;
-  Aligned<uint16_t> h16_, att16_, act16_;  // on AMX: h, att and act split (pieces x Mp x padded K)
+  Left h16_, att16_, act16_;  // on AMX: h, att and act split
   int64_t phases_;
   std::unique_ptr<Counter[]> counters_;
 };
@@ -786,19 +918,22 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
   if (pieces && !amx_ready())
     return ffi::Error::InvalidArgument("k15 decode step: AMX weights, but this build or this CPU has no AMX");
   const bool packed[] = {false, false, false, false, true, false, true, false, true, true, false, true};
+  const bool int8 = pieces == 3 && in[4].element_type() == ffi::S8;
+  const auto packed_type = int8 ? ffi::S8 : pieces ? ffi::BF16 : ffi::F32;
   for (size_t i = 2; i < in.size(); ++i)
-    if (in[i].element_type() != (i < 12 && packed[i] && pieces ? ffi::BF16 : ffi::F32))
+    if (in[i].element_type() != (i < 12 && packed[i] ? packed_type : ffi::F32))
       return ffi::Error::InvalidArgument("k15 decode step: caches, norms and embedding must be float32, packed "
-                                         "weights float32 (pieces 0) or bfloat16 (AMX pieces)");
+                                         "weights float32 (pieces 0), bfloat16 pieces or int8 slices (AMX, 3)");
   auto f32 = [&](int i) { return reinterpret_cast<const float*>(in[i].untyped_data()); };
   Step p;
   p.L = (in.size() - 12) / 2;
   p.V = in[2].dimensions()[0], p.D = in[2].dimensions()[1];
   p.S = in[12].dimensions()[3], p.H = in[12].dimensions()[2];
-  p.F = F, p.N = N, p.KV = KV, p.eps = eps, p.theta = theta, p.pieces = static_cast<int>(pieces);
+  p.F = F, p.N = N, p.KV = KV, p.eps = eps, p.theta = theta, p.pieces = static_cast<int>(pieces), p.int8 = int8;
   const int64_t E = (N + 2 * KV) * p.H;
   // The elements of a packed KxN weight, `copies` of it per layer over `layers` layers.
   auto packed_size = [&](int64_t layers, int64_t copies, int64_t K, int64_t n) {
+    if (int8) return layers * copies * padded(n) / 32 * (kPanelHeader + kSlices * padded64(K) * 32);
     return layers * copies * (pieces ? pieces * padded(K) : K) * padded(n);
   };
   const bool shapes_match = in[5].dimensions()[1] == E && in[4].element_count() == packed_size(p.L, 1, p.D, E) &&
@@ -806,7 +941,7 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
                             in[8].element_count() == packed_size(p.L, 2, p.D, F) &&
                             in[9].element_count() == packed_size(p.L, 1, F, p.D) &&
                             in[11].element_count() == packed_size(1, 1, p.D, p.V);
-  if (N % KV != 0 || p.H % 2 != 0 || !shapes_match)
+  if (N % KV != 0 || p.H % 2 != 0 || !shapes_match || (int8 && std::max({p.D, N * p.H, F}) > kMaxInt8K))
     return ffi::Error::InvalidArgument("k15 decode step: weight shapes do not match the head counts and d_ff");
   p.tokens = reinterpret_cast<const int32_t*>(in[0].untyped_data());
   p.positions = reinterpret_cast<const int32_t*>(in[1].untyped_data());
@@ -873,8 +1008,9 @@ void run_parallel(ffi::ThreadPool& pool, int64_t threads, const std::shared_ptr<
 // has not started: it runs items too and waits only for items taken.
 // Rows per item: a block's bfloat16 pieces take about 256 KB, so they stay in L2 while the panels stream past
 // (128 KB and 512 KB measured no faster on prefill's shapes).
-inline int64_t row_block(int64_t K, int64_t pieces) {
-  return std::clamp<int64_t>(256 * 1024 / (2 * pieces * padded(K)) / 32 * 32, 32, 512);
+inline int64_t row_block(int64_t K, int64_t pieces, bool int8) {
+  const int64_t row_bytes = int8 ? kLeftSlices * padded64(K) : 2 * pieces * padded(K);
+  return std::clamp<int64_t>(256 * 1024 / row_bytes / 32 * 32, 32, 512);
 }
 
 // dst[:cols] = silu(gate) * up for one row of a panel (cols <= 32).
@@ -889,33 +1025,48 @@ inline void swiglu_row(const float* gate, const float* up, int64_t cols, float* 
 
 struct MatmulJob : Parallel {
   const float* x;
-  const uint16_t* w;  // the layer's panels
+  const void* w;  // the layer's panels
   float* y;
   int64_t M, K, N, pieces, out_panels, groups;
-  bool swiglu;
+  bool swiglu, int8;
 
   void work() {
 #if K15_AMX
     configure_tiles();
-    const int64_t Kp = padded(K), rb_rows = row_block(K, pieces), Mb = std::min(rb_rows, padded_rows(M));
-    Aligned<uint16_t> A(pieces * Mb * Kp);
+    const int64_t Kp = int8 ? padded64(K) : padded(K), rb_rows = row_block(K, pieces, int8);
+    const int64_t Mb = std::min(rb_rows, padded_rows(M));
+    Aligned<uint16_t> A(pieces * Mb * Kp);  // int8 slices (kLeftSlices < 2 pieces) use part of it
+    std::vector<float> scale(Mb, 1.0f);
     Aligned<float> out(Mb * 32), gate(Mb * 32);
+    // out = the row block's split rows (Mp of them) times panel j
+    auto panel = [&](int64_t Mp, int64_t j, float* out) {
+      if (int8) {
+        const int8_t* W = static_cast<const int8_t*>(w) + j * (kPanelHeader + kSlices * Kp * 32);
+        int8_panel(reinterpret_cast<const int8_t*>(A.data()), scale.data(), Mp, Kp, W, out);
+      } else {
+        amx_panel(pieces, A.data(), Mp, Kp, static_cast<const uint16_t*>(w) + j * pieces * Kp * 32, out);
+      }
+    };
     run_items([&](int64_t i) {
       const int64_t rb = i / groups, g = i % groups;
       const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
       std::fill(A.begin(), A.end(), 0);  // the padding rows and columns
-      for (int64_t r = 0; r < rows; ++r) split(x + (r0 + r) * K, K, A.data() + r * Kp, Mp * Kp, pieces);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (int8)
+          split_int8(x + (r0 + r) * K, K, reinterpret_cast<int8_t*>(A.data()) + r * Kp, Mp * Kp, &scale[r]);
+        else
+          split(x + (r0 + r) * K, K, A.data() + r * Kp, Mp * Kp, pieces);
+      }
       const int64_t p0 = g * out_panels / groups, p1 = (g + 1) * out_panels / groups;
-      const int64_t panel = pieces * Kp * 32;
       for (int64_t j = p0; j < p1; ++j) {
         const int64_t cols = std::min<int64_t>(32, N - 32 * j);
         float* dst = y + r0 * N + 32 * j;
         if (swiglu) {
-          amx_panel(pieces, A.data(), Mp, Kp, w + 2 * j * panel, gate.data());
-          amx_panel(pieces, A.data(), Mp, Kp, w + (2 * j + 1) * panel, out.data());
+          panel(Mp, 2 * j, gate.data());
+          panel(Mp, 2 * j + 1, out.data());
           for (int64_t b = 0; b < rows; ++b) swiglu_row(gate.data() + b * 32, out.data() + b * 32, cols, dst + b * N);
         } else {
-          amx_panel(pieces, A.data(), Mp, Kp, w + j * panel, out.data());
+          panel(Mp, j, out.data());
           for (int64_t b = 0; b < rows; ++b) std::copy(out.data() + b * 32, out.data() + b * 32 + cols, dst + b * N);
         }
       }
@@ -929,23 +1080,31 @@ ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swig
                   ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   if (!amx_ready()) return ffi::Error::InvalidArgument("k15 matmul: this build or this CPU has no AMX");
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (x.element_type() != ffi::F32 || w.element_type() != ffi::BF16 || y->element_type() != ffi::F32 ||
-      wd.size() < 6 || wd[wd.size() - 3] != 2 || wd[wd.size() - 2] != kTile || wd[wd.size() - 1] != 32)
-    return ffi::Error::InvalidArgument("k15 matmul: x float32 (... x K), w packed bfloat16 pieces (pack_amx)");
-  const int64_t K = xd[xd.size() - 1], M = x.element_count() / K, pieces = wd[wd.size() - 4];
-  const int64_t layers = wd.size() == 7 ? wd[0] : 1, panels = wd[wd.size() - 6];
+  const bool int8 = w.element_type() == ffi::S8;
+  // bfloat16 pieces: [L x] P x K/32 x pieces x 2 x 16 x 32; int8 slices: [L x] P x (header + K/64 x 3 x 2 x 1024)
+  const size_t rank = int8 ? 2 : 6;
+  if (x.element_type() != ffi::F32 || (w.element_type() != ffi::BF16 && !int8) || y->element_type() != ffi::F32 ||
+      wd.size() < rank || wd.size() > rank + 1 ||
+      (!int8 && (wd[wd.size() - 3] != 2 || wd[wd.size() - 2] != kTile || wd[wd.size() - 1] != 32)))
+    return ffi::Error::InvalidArgument("k15 matmul: x float32 (... x K), w packed bfloat16 pieces (pack_amx) or "
+                                       "int8 slices (pack_int8)");
+  const int64_t K = xd[xd.size() - 1], M = x.element_count() / K, pieces = int8 ? kSlices : wd[wd.size() - 4];
+  const int64_t layers = wd.size() == rank + 1 ? wd[0] : 1, panels = wd[wd.size() - rank];
   const int64_t out_panels = (n_cols + 31) / 32;
-  if ((pieces != 2 && pieces != 3) || wd[wd.size() - 5] * 32 != padded(K) || layer < 0 || layer >= layers ||
+  const bool k_matches = int8 ? wd[wd.size() - 1] == kPanelHeader + kSlices * padded64(K) * 32 && K <= kMaxInt8K
+                              : wd[wd.size() - 5] * 32 == padded(K);
+  if ((pieces != 2 && pieces != 3) || !k_matches || layer < 0 || layer >= layers ||
       panels != (swiglu ? 2 : 1) * out_panels || y->element_count() != M * n_cols)
     return ffi::Error::InvalidArgument("k15 matmul: shapes of x, w and y do not match");
   auto job = std::make_shared<MatmulJob>();
   job->x = reinterpret_cast<const float*>(x.untyped_data());
-  job->w = reinterpret_cast<const uint16_t*>(w.untyped_data()) + layer * (w.element_count() / layers);
+  job->w = static_cast<const char*>(w.untyped_data()) + layer * (w.size_bytes() / layers);
   job->y = reinterpret_cast<float*>(y->untyped_data());
   job->M = M, job->K = K, job->N = n_cols, job->pieces = pieces, job->out_panels = out_panels, job->swiglu = swiglu;
+  job->int8 = int8;
   const int64_t parts = std::max<int64_t>(1, threads > 0 ? std::min<int64_t>(threads, pool.num_threads())
                                                          : pool.num_threads());
-  const int64_t row_blocks = (M + row_block(K, pieces) - 1) / row_block(K, pieces);
+  const int64_t block = row_block(K, pieces, int8), row_blocks = (M + block - 1) / block;
   job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * parts + row_blocks - 1) / row_blocks));  // 4 per thread
   job->items = row_blocks * job->groups;
   run_parallel(pool, threads, job);
