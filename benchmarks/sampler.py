@@ -8,8 +8,9 @@ as a fraction of a 2048-square float32 matmul's, and on a long-tailed length wor
 partial rollouts against static batching (wall time, slot utilization).
 
 k15 runs as a user gets it on CPU (the native decode step, one device, the slots split over the cores; on a CPU
-with AMX its matmuls and prefill's run on AMX tiles with float32's accuracy), then with the native step's
-float32 FMAs and with the opt-in 16-bit AMX matmuls (`native_matmul="bf16x3"`) where the CPU has AMX, and with
+with AMX its matmuls and prefill's run on AMX tiles over int8 slices, with float32's accuracy), then, where the
+CPU has AMX, with the native step's float32 FMAs, with bfloat16 pieces (`native_matmul="bf16x6"`, float32's
+accuracy) and with the opt-in 16-bit AMX matmuls (`native_matmul="bf16x3"`), and with
 XLA's step in its fastest CPU setup (a mesh of one fake CPU device per core, slots sharded and params
 replicated, each device decoding its slots in a loop of its own). Each k15 run's log-probs are compared with
 a float32 forward over its tokens.
@@ -190,11 +191,16 @@ def bench_k15(cfg, params, prompts, args, fields, mesh=None):
   return run, np.stack([t.response_tokens for t in out]), float(gap)
 
 
+# Bytes per weight the native step reads, per native_matmul: float32, bfloat16 pieces, int8 slices.
+WEIGHT_BYTES = {"float32": 4, "bf16x3": 4, "bf16x6": 6, "int8x6": 3}
+
+
 def k15_setups(cfg, mesh):
   """{name: (SamplingConfig fields, mesh, the decode kernel it resolves to)}: k15 as a user gets it first."""
   setups = {"k15": dict(decode_kernel="native")}
   if native.amx_available():
     setups["k15, float32 FMAs"] = dict(decode_kernel="native", native_matmul="float32")
+    setups["k15, bf16x6"] = dict(decode_kernel="native", native_matmul="bf16x6")
     setups["k15, bf16x3 (opt-in)"] = dict(decode_kernel="native", native_matmul="bf16x3")
   out = {name: (fields, None) for name, fields in setups.items()}
   if mesh is not None:
@@ -425,14 +431,14 @@ def main():
   bandwidth = STREAM_PASSES * (weight_bytes + cache_bytes) / best["stream"]
   for k15 in k15_names:
     kernel = setups[k15][2]
-    pieces = native.pieces(kernel) if kernel != "xla" else 0
-    step_bytes = cache_bytes + (weight_bytes // 2 * pieces if pieces else weight_bytes)  # AMX: bfloat16 pieces
+    matmul = native.matmul_of(kernel) if kernel != "xla" else "float32"
+    step_bytes = cache_bytes + weight_bytes * WEIGHT_BYTES[matmul] // 4
     print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms; reads {step_bytes / 1e6:.1f} MB "
           f"({step_bytes / bandwidth * 1e3:.2f} ms at the streaming rate)")
   read_s = (weight_bytes + cache_bytes) / bandwidth
   compute_s = args.batch * matmul_flops_per_token(cfg) / mm
   print(f"a step reads the weights ({weight_bytes / 1e6:.1f} MB in float32, {1.5 * weight_bytes / 1e6:.1f} MB as 3 "
-        f"bfloat16 pieces) and KV cache ({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
+        f"bfloat16 pieces, {0.75 * weight_bytes / 1e6:.1f} MB as 3 int8 slices) and KV cache ({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
         f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s: stream.cc reading as many "
         f"bytes on every core); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 float32 matmul's rate")
   step_s = best[("k15", "step")] / steps

@@ -16,7 +16,7 @@ CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_
 
 def test_auto_takes_the_native_step_on_cpu_in_float32(needs_native_step):
   amx = native.amx_available()
-  assert native.choose("auto", CFG, jax.devices()) == ("native_bf16x6" if amx else "native")
+  assert native.choose("auto", CFG, jax.devices()) == ("native_int8x6" if amx else "native")
   assert native.choose("native", CFG, jax.devices(), "float32") == "native"
   assert native.choose("native", CFG, jax.devices(), "bf16x3") == ("native_bf16x3" if amx else "native")
   assert native.choose("xla", CFG, jax.devices(), "bf16x6") == "xla"
@@ -180,11 +180,14 @@ def test_a_variant_without_a_compiler_says_so(monkeypatch, tmp_path):
                                           (600, 40, 33, False)])
 def test_amx_matmul_matches_float64(needs_amx, M, K, N, swiglu):
   """native.matmul (prefill's matmuls on AMX tiles) against numpy in float64, layer 1 of a stack of 2: with 3
-  bfloat16 pieces within float32's error (as XLA's float32 matmul), with 2 within 16 bits. Shapes cover a single
-  row, K padded to whole 32-row blocks, part-filled panels and row tiles, several row blocks (600 rows), and
-  the fused silu(x Wgate) * (x Wup) over gate and up panels alternating."""
+  bfloat16 pieces within float32's error (as XLA's float32 matmul), with 2 within 16 bits; int8 slices within
+  float32's error relative to each weight column's largest value (their scale). Shapes cover a single row, K
+  padded to whole 32- and 64-row blocks, part-filled panels and row tiles, several row blocks (600 rows), and the
+  fused silu(x Wgate) * (x Wup) over gate and up panels alternating. One input column is 100 times the others (an
+  activation outlier: a row's int8 slices resolve the rest relative to it)."""
   rng = np.random.RandomState(0)
   x = rng.normal(size=(M, K)).astype(np.float32)
+  x[:, K // 3] *= 100
   w = (rng.normal(size=(2, K, 2 * N if swiglu else N)) / np.sqrt(K)).astype(np.float32)
   x64, w64 = x.astype(np.float64), w[1].astype(np.float64)
   if swiglu:
@@ -193,19 +196,45 @@ def test_amx_matmul_matches_float64(needs_amx, M, K, N, swiglu):
     scale = (np.abs(x64) @ np.abs(w64[:, :N])) * (np.abs(x64) @ np.abs(w64[:, N:]))  # |gate| |up| bounds
   else:
     want, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)  # error bounds scale with the sum of |products|
+  # int8 slices: each |w| counts as its column's largest (their shared scale)
+  at_max = np.abs(x64) @ np.broadcast_to(np.abs(w64).max(axis=0, keepdims=True), w64.shape)
+  if swiglu:
+    g, u = np.abs(x64) @ np.abs(w64[:, :N]), np.abs(x64) @ np.abs(w64[:, N:])
+    int8_scale = at_max[:, :N] * u + g * at_max[:, N:]
+  else:
+    int8_scale = at_max
   xla_error = np.max(np.abs(np.asarray(jax.jit(lambda a, b: a @ b)(x, w[1][:, :N] if swiglu else w[1])) -
                             (x64 @ w64[:, :N] if swiglu else want)) / (np.abs(x64) @ np.abs(w64[:, :N])))
-  for pieces, bound in [(3, 4 * max(xla_error, 2 ** -24)), (2, 2 ** -14)]:
-    packed = native.pack_pairs(w, lambda a, p=pieces: native.pack_amx(a, p)) if swiglu else native.pack_amx(w, pieces)
+  float32 = 4 * max(xla_error, 2 ** -24)
+  for matmul, bound, norm in [("bf16x6", float32, scale), ("int8x6", float32, int8_scale), ("bf16x3", 2 ** -14, scale)]:
+    w_native = native.decode_weights_packer(matmul)
+    packed = native.pack_pairs(w, w_native) if swiglu else w_native(w)
     got = np.asarray(jax.jit(lambda a, b: native.matmul(a, b, N, layer=1, swiglu=swiglu))(x, packed))
     assert got.shape == (M, N)
-    assert np.max(np.abs(got - want) / scale) < bound, pieces
+    assert np.max(np.abs(got - want) / norm) < bound, matmul
 
 
-def test_amx_matmul_names_a_shape_mismatch(needs_amx):
-  packed = native.pack_amx(np.zeros((64, 32), np.float32), 3)
+def test_int8_slices_resolve_each_value_beside_a_row_outlier(needs_amx):
+  """int8x6: a row's slices share one scale (its largest value, here 1000 times the rest), so the others live in
+  the later slices; with four of them (and every product of order 3) each is still resolved to about 2^-31 of
+  the largest (here about 1e-6 of the others: float32 would keep 6e-8). Each output column picks one input column
+  (times a weight of 24 bits), so every result is one product. Dropping the fourth slice or an order-3 product
+  errs by 1e-5 and more."""
+  rng = np.random.RandomState(3)
+  M, K, N = 20, 96, 64
+  x = rng.uniform(0.5, 1.0, size=(M, K)).astype(np.float32) * rng.choice([-1, 1], size=(M, K))
+  x[:, 7] *= 1000
+  w = np.zeros((K, N), np.float32)
+  w[(np.arange(N) * 5 + 1) % K, np.arange(N)] = rng.uniform(0.5, 1.0, N)  # never row 7
+  got = np.asarray(jax.jit(lambda a, b: native.matmul(a, b, N))(x, native.pack_int8(w)))
+  np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=4e-6)
+
+
+@pytest.mark.parametrize("matmul", ["bf16x6", "int8x6"])
+def test_amx_matmul_names_a_shape_mismatch(needs_amx, matmul):
+  packed = native.decode_weights_packer(matmul)(np.zeros((64, 32), np.float32))
   with pytest.raises(Exception, match="k15 matmul: shapes of x, w and y do not match"):
-    jax.block_until_ready(jax.jit(lambda a: native.matmul(a, packed, 32))(np.zeros((4, 96), np.float32)))
+    jax.block_until_ready(jax.jit(lambda a: native.matmul(a, packed, 32))(np.zeros((4, 160), np.float32)))
 
 
 @pytest.mark.parametrize("P,T,N,K,H", [(3, 37, 6, 2, 8), (2, 70, 4, 4, 40), (1, 1, 2, 1, 16), (2, 100, 8, 4, 32)])

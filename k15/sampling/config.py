@@ -28,7 +28,7 @@ class SamplingConfig:
   # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill's in XLA), "bf16x6" (AMX tiles: each
   # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "int8x6" (3 int8 slices of each operand, a scale
   # per weight column and per row, 6 products: about 2^-23 of each row's largest value), "bf16x3" (2 pieces, 3
-  # products: 16 bits of each operand, log-probs within ~1e-3; faster), or "auto" (bf16x6 on a CPU with AMX, else
+  # products: 16 bits of each operand, log-probs within ~1e-3; faster), or "auto" (int8x6 on a CPU with AMX, else
   # float32). See k15/sampling/native/kernels.cc.
   native_matmul: str = "auto"
 

@@ -103,18 +103,25 @@ def split_int8(x, axis: int):
   about 2^-23 of the largest |x| sharing a scale. The scale, one per slice along `axis` (kept as size 1), is the
   power of two that brings the largest |x| to at most 127; each slice is the nearest integer to what the ones
   before left, times 254 (so all lie in [-127, 127]). kernels.cc's `split_int8`, for weights."""
-  x = x.astype(jnp.float32)
+  scale = _int8_scale(x.astype(jnp.float32), axis)
+  return jnp.stack(_int8_slices(x / scale)), scale
+
+
+def _int8_scale(x, axis: int):
   largest = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(largest)
   scale = jnp.where(largest > 0, jnp.ldexp(jnp.float32(1), e - 7), jnp.float32(1))
-  scale = jnp.where(largest / scale > 127, 2 * scale, scale)
-  v = x / scale  # exact: a power of two
+  return jnp.where(largest / scale > 127, 2 * scale, scale)
+
+
+def _int8_slices(v):
+  """The int8 slices of v (x / its scale: at most 127 in magnitude)."""
   slices = []
   for _ in range(INT8_SLICES):
     r = jnp.round(v)
     slices.append(r.astype(jnp.int8))
     v = (v - r) * INT8_BASE
-  return jnp.stack(slices), scale
+  return slices
 
 
 def pack_int8(w_KxN):
@@ -125,11 +132,13 @@ def pack_int8(w_KxN):
   *lead, K, N = w_KxN.shape
   P, Kb = -(-N // PANEL), -(-K // 64)
   w = jnp.pad(w_KxN.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, Kb * 64 - K), (0, P * PANEL - N)])
-  q, scale = split_int8(w, axis=-2)  # 3 x ... x Kp x Np, ... x 1 x Np
-  q = jnp.moveaxis(q, 0, -3).reshape(*lead, INT8_SLICES, Kb, 16, 4, P, 2, 16)  # k = 64 kb + 4 r + quad
+  scale = _int8_scale(w, axis=-2)  # ... x 1 x Np
   n = len(lead)
-  order = (*range(n), n + 4, n + 5, n + 1, n, n + 2, n + 6, n + 3)  # P, tile, Kb, slice, r, column, quad
-  q = jnp.transpose(q, order).reshape(*lead, P, 2 * Kb * INT8_SLICES * 16 * 64)
+  # Arranged in float32 (XLA moves 4-byte elements far faster than bytes), then sliced in place:
+  # k = 64 kb + 4 r + quad, n = 32 p + 16 tile + column -> P, tile, Kb, r, column, quad.
+  v = (w / scale).reshape(*lead, Kb, 16, 4, P, 2, 16)
+  v = jnp.transpose(v, (*range(n), n + 3, n + 4, n, n + 1, n + 5, n + 2))
+  q = jnp.stack(_int8_slices(v), axis=n + 3).reshape(*lead, P, 2 * Kb * INT8_SLICES * 16 * 64)
   header = jax.lax.bitcast_convert_type(scale.reshape(*lead, P, PANEL), jnp.int8).reshape(*lead, P, INT8_HEADER)
   return jnp.concatenate([header, q], axis=-1)
 
@@ -155,7 +164,7 @@ def decode_weights(cfg: ModelConfig, params, matmul: str = "float32") -> NativeW
   E = fused["layers"][0]["qkv_DxE"].shape[1]
   bias = stack("qkv_bias_E") if cfg.qkv_bias else jnp.zeros((cfg.n_layers, E), jnp.float32)
   f32 = lambda a: a.astype(jnp.float32)
-  packer = _PACKERS[matmul]
+  packer = decode_weights_packer(matmul)
   return NativeWeights(f32(params["embed"]["embedding"]), stack("attn_norm"), packer(stack("qkv_DxE")), bias,
                        packer(stack("o_NHxD")), stack("mlp_norm"), pack_pairs(stack("gate_up_Dx2F"), packer),
                        packer(stack("down_FxD")), f32(params["final_norm"]["scale"]), packer(f32(fused["head_DxV"])))
@@ -334,24 +343,29 @@ def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:
 
 # SamplingConfig.native_matmul -> the pieces of each matmul operand (0: float32 FMAs).
 MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3, "int8x6": INT8_SLICES}
-_PACKERS = {"float32": pack, "bf16x3": functools.partial(pack_amx, pieces=2),
-            "bf16x6": functools.partial(pack_amx, pieces=3), "int8x6": pack_int8}
+
+
+def decode_weights_packer(matmul: str):
+  """The function that packs a ...xKxN weight for the native step's `matmul` (a `MATMUL_PIECES` key)."""
+  if matmul not in MATMUL_PIECES:
+    raise ValueError(f"unknown native matmul {matmul!r}; expected one of {sorted(MATMUL_PIECES)}")
+  return {"float32": pack, "int8x6": pack_int8}.get(matmul, functools.partial(pack_amx, pieces=MATMUL_PIECES[matmul]))
 
 
 def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
   """The decode kernel that SamplingConfig.decode_kernel `kernel` and native_matmul `matmul` mean here: "xla",
-  or "native" followed by the native step's matmuls ("native", "native_bf16x3", "native_bf16x6"; `pieces`).
+  or "native" followed by the native step's matmuls ("native", "native_bf16x3", ...; `matmul_of`).
 
   "auto" falls back to XLA quietly where the native step does not apply (off CPU, below float32), with a
-  warning where it applies but failed to build. The native step's matmuls: `matmul` "auto" takes bf16x6 where
-  the CPU has AMX, else float32; bf16x3 or bf16x6 on a CPU without AMX warns and takes float32."""
+  warning where it applies but failed to build. The native step's matmuls: `matmul` "auto" takes int8x6 where
+  the CPU has AMX, else float32; an AMX choice on a CPU without AMX warns and takes float32."""
   if kernel == "xla":
     return "xla"
   unsupported = _unsupported(cfg, devices)
   reason = unsupported or _load()
   if reason is None:
     if matmul == "auto":
-      matmul = "bf16x6" if amx_available() else "float32"
+      matmul = "int8x6" if amx_available() else "float32"
     elif matmul != "float32" and not amx_available():
       _warn_once(f"k15: SamplingConfig.native_matmul={matmul!r} needs a CPU with AMX; using float32 FMAs")
       matmul = "float32"
