@@ -6,12 +6,14 @@ register-blocked matmuls over weights packed for them, attention that reads each
 its own position, the caches written in place, the work shared by XLA's CPU threads phase by phase. It computes
 what `k15.sampling.step.decode_step` computes (the tests hold them to each other and to transformers).
 
-On a CPU with AMX tiles (Sapphire Rapids and later), the step's matmuls can run on the tiles instead: each
-float32 operand split into bfloat16 pieces, the pieces' products summed in float32 (`MATMUL_PIECES`). Three
-pieces and 6 products keep float32's accuracy; prefill's matmuls (`matmul`, thousands of rows) then run faster
-than XLA's float32 dots, and the step as fast as with FMAs. Two pieces and 3 products keep 16 bits of each
-operand (opt-in: faster, log-probs within ~1e-3). Prefill's attention (`prefill_attention`) runs here too, with
-any native step: XLA runs it as many small batched dots.
+On a CPU with AMX tiles (Sapphire Rapids and later), the step's matmuls can run on the tiles instead
+(`MATMUL_PIECES`): each float32 operand split into int8 slices under a power-of-two scale (per weight column,
+per activation row), 9 slice products summed exactly in int32 per order ("int8x6", the default there: float32's
+accuracy relative to each column's largest weight), or into bfloat16 pieces whose products are summed in float32
+(3 pieces and 6 products keep float32's accuracy element by element; 2 pieces and 3 products keep 16 bits of each
+operand: opt-in, faster, log-probs within ~1e-3). Prefill's matmuls (`matmul`, thousands of rows) then run faster
+than XLA's float32 dots, and the step faster than with FMAs. Prefill's attention (`prefill_attention`) runs here
+too, with any native step: XLA runs it as many small batched dots.
 
 It is compiled on first use by the system C++ compiler ($CXX, default g++) for this machine's CPU, and the
 library is cached in $K15_NATIVE_CACHE (default ~/.cache/k15/native), keyed by the source, the flags, the

@@ -9,10 +9,10 @@
 // phase by phase (`PhasedStep`): matmuls split by columns, attention by slots. It computes the same function as
 // `k15.sampling.step.decode_step`; tests compare the two logit for logit. Its matmuls run either as float32
 // FMAs (`pieces` 0) or on AMX tiles over bfloat16 pieces of both operands (`pieces` 2 or 3; see "Matmuls on AMX
-// tiles" below).
+// tiles" below) or over int8 slices (int8 weights, `pieces` 3; "Matmuls on AMX int8 tiles").
 //
 // Step arguments, in order (float32 unless noted; "packed" is `slab`'s layout of a KxN weight, ceil(N/32) Kx32
-// panels, stacked over layers as LxPxKx32, or with pieces, `native.pack_amx`'s bfloat16 layout):
+// panels, stacked over layers as LxPxKx32, or with pieces, `native.pack_amx`'s bfloat16 or `pack_int8`'s layout):
 //   tokens_B (int32), positions_B (int32), embed_VxD, attn_norm_LxD, qkv (packed, N = E = (n_heads + 2
 //   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (gate
 //   and up packed each, N = F, their panels alternating), down (packed, K = F), final_norm_D, head (packed,
