@@ -192,7 +192,7 @@ def bench_k15(cfg, params, prompts, args, fields, mesh=None):
 
 
 # Bytes per weight the native step reads, per native_matmul: float32, bfloat16 pieces, int8 slices.
-WEIGHT_BYTES = {"float32": 4, "bf16x3": 4, "bf16x6": 6, "int8x6": 3}
+WEIGHT_BYTES = {"float32": 4, "bf16x3": 4, "bf16x6": 6, "int8x9": 3}
 
 
 def k15_setups(cfg, mesh):

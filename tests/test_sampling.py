@@ -39,7 +39,7 @@ def hf_model(tmp_path_factory):
 # prefill's matmuls) on AMX tiles with float32's accuracy (bfloat16 pieces or int8 slices, 6 products), and XLA's.
 KERNELS = {"native": dict(decode_kernel="native", native_matmul="float32"),
            "amx": dict(decode_kernel="native", native_matmul="bf16x6"),
-           "int8": dict(decode_kernel="native", native_matmul="int8x6"),
+           "int8": dict(decode_kernel="native", native_matmul="int8x9"),
            "xla": dict(decode_kernel="xla")}
 
 
@@ -157,9 +157,9 @@ def test_prefill_matches_forward_with_cache(hf_model):
   _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
 
 
-@pytest.mark.parametrize("matmul,atol", [("float32", 1e-5), ("bf16x6", 1e-5), ("int8x6", 1e-5), ("bf16x3", 2e-4)])
+@pytest.mark.parametrize("matmul,atol", [("float32", 1e-5), ("bf16x6", 1e-5), ("int8x9", 1e-5), ("bf16x3", 2e-4)])
 def test_native_prefill_matches_forward_with_cache(hf_model, needs_native_step, request, matmul, atol):
-  """Prefill with the native step's weights: attention in C++; on AMX tiles, the matmuls too (bf16x6 and int8x6
+  """Prefill with the native step's weights: attention in C++; on AMX tiles, the matmuls too (bf16x6 and int8x9
   as close as XLA's float32 matmuls, bf16x3 within 16 bits)."""
   if matmul != "float32":
     request.getfixturevalue("needs_amx")

@@ -16,13 +16,13 @@ CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_
 
 def test_auto_takes_the_native_step_on_cpu_in_float32(needs_native_step):
   amx = native.amx_available()
-  assert native.choose("auto", CFG, jax.devices()) == ("native_int8x6" if amx else "native")
+  assert native.choose("auto", CFG, jax.devices()) == ("native_int8x9" if amx else "native")
   assert native.choose("native", CFG, jax.devices(), "float32") == "native"
   assert native.choose("native", CFG, jax.devices(), "bf16x3") == ("native_bf16x3" if amx else "native")
   assert native.choose("xla", CFG, jax.devices(), "bf16x6") == "xla"
-  assert native.choose("native", CFG, jax.devices(), "int8x6") == ("native_int8x6" if amx else "native")
-  assert [native.matmul_of(k) for k in ("native", "native_bf16x3", "native_int8x6")] == ["float32", "bf16x3",
-                                                                                          "int8x6"]
+  assert native.choose("native", CFG, jax.devices(), "int8x9") == ("native_int8x9" if amx else "native")
+  assert [native.matmul_of(k) for k in ("native", "native_bf16x3", "native_int8x9")] == ["float32", "bf16x3",
+                                                                                          "int8x9"]
 
 
 def test_amx_matmuls_without_amx_fall_back_to_float32_with_a_warning(needs_native_step, monkeypatch, caplog):
@@ -69,7 +69,7 @@ def test_native_with_sharded_params_is_an_error(needs_native_step):
 
 # The native step's matmuls (weight pieces) and how close to XLA's float32 step each must be: float32 FMAs and 6
 # products of 3 bfloat16 pieces as float32; 3 products of 2 pieces keep 16 bits of each operand.
-MATMULS = {"float32": 2e-5, "bf16x6": 2e-5, "int8x6": 2e-5, "bf16x3": 2e-4}
+MATMULS = {"float32": 2e-5, "bf16x6": 2e-5, "int8x9": 2e-5, "bf16x3": 2e-4}
 
 
 @pytest.mark.parametrize("matmul", list(MATMULS))
@@ -206,7 +206,7 @@ def test_amx_matmul_matches_float64(needs_amx, M, K, N, swiglu):
   xla_error = np.max(np.abs(np.asarray(jax.jit(lambda a, b: a @ b)(x, w[1][:, :N] if swiglu else w[1])) -
                             (x64 @ w64[:, :N] if swiglu else want)) / (np.abs(x64) @ np.abs(w64[:, :N])))
   float32 = 4 * max(xla_error, 2 ** -24)
-  for matmul, bound, norm in [("bf16x6", float32, scale), ("int8x6", float32, int8_scale), ("bf16x3", 2 ** -14, scale)]:
+  for matmul, bound, norm in [("bf16x6", float32, scale), ("int8x9", float32, int8_scale), ("bf16x3", 2 ** -14, scale)]:
     w_native = native.decode_weights_packer(matmul)
     packed = native.pack_pairs(w, w_native) if swiglu else w_native(w)
     got = np.asarray(jax.jit(lambda a, b: native.matmul(a, b, N, layer=1, swiglu=swiglu))(x, packed))
@@ -215,7 +215,7 @@ def test_amx_matmul_matches_float64(needs_amx, M, K, N, swiglu):
 
 
 def test_int8_slices_resolve_each_value_beside_a_row_outlier(needs_amx):
-  """int8x6: a row's slices share one scale (its largest value, here 1000 times the rest), so the others live in
+  """int8x9: a row's slices share one scale (its largest value, here 1000 times the rest), so the others live in
   the later slices; with four of them (and every product of order 3) each is still resolved to about 2^-31 of
   the largest (here about 1e-6 of the others: float32 would keep 6e-8). Each output column picks one input column
   (times a weight of 24 bits), so every result is one product. Dropping the fourth slice or an order-3 product
@@ -230,7 +230,7 @@ def test_int8_slices_resolve_each_value_beside_a_row_outlier(needs_amx):
   np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=4e-6)
 
 
-@pytest.mark.parametrize("matmul", ["bf16x6", "int8x6"])
+@pytest.mark.parametrize("matmul", ["bf16x6", "int8x9"])
 def test_amx_matmul_names_a_shape_mismatch(needs_amx, matmul):
   packed = native.decode_weights_packer(matmul)(np.zeros((64, 32), np.float32))
   with pytest.raises(Exception, match="k15 matmul: shapes of x, w and y do not match"):

@@ -26,9 +26,10 @@ class SamplingConfig:
   # backend), or "auto" (native where it can run: CPU, float32, a C++ compiler; else xla).
   decode_kernel: str = "auto"
   # The native step's (and prefill's) matmuls: "float32" (float32 FMAs; prefill's in XLA), "bf16x6" (AMX tiles: each
-  # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "int8x6" (3 int8 slices of each operand, a scale
-  # per weight column and per row, 6 products: about 2^-23 of each row's largest value), "bf16x3" (2 pieces, 3
-  # products: 16 bits of each operand, log-probs within ~1e-3; faster), or "auto" (int8x6 on a CPU with AMX, else
+  # operand as 3 bfloat16 pieces, 6 products: float32's accuracy), "int8x9" (AMX int8 tiles: 3 slices of each weight
+  # under a scale per column, 4 of each activation row, 9 products: float32's accuracy relative to each weight
+  # column's largest value; faster), "bf16x3" (2 pieces, 3
+  # products: 16 bits of each operand, log-probs within ~1e-3; faster), or "auto" (int8x9 on a CPU with AMX, else
   # float32). See k15/sampling/native/kernels.cc.
   native_matmul: str = "auto"
 
@@ -46,8 +47,8 @@ class SamplingConfig:
         raise ValueError(f"SamplingConfig.{name} must be positive, got {getattr(self, name)}")
     if self.decode_kernel not in ("auto", "native", "xla"):
       raise ValueError(f"SamplingConfig.decode_kernel must be 'auto', 'native' or 'xla', got {self.decode_kernel!r}")
-    if self.native_matmul not in ("auto", "float32", "bf16x3", "bf16x6", "int8x6"):
-      raise ValueError("SamplingConfig.native_matmul must be 'auto', 'float32', 'bf16x3', 'bf16x6' or 'int8x6', "
+    if self.native_matmul not in ("auto", "float32", "bf16x3", "bf16x6", "int8x9"):
+      raise ValueError("SamplingConfig.native_matmul must be 'auto', 'float32', 'bf16x3', 'bf16x6' or 'int8x9', "
                        f"got {self.native_matmul!r}")
     if self.max_length < 2:
       raise ValueError(f"SamplingConfig.max_length must be >= 2, got {self.max_length}")

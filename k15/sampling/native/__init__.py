@@ -8,7 +8,7 @@ what `k15.sampling.step.decode_step` computes (the tests hold them to each other
 
 On a CPU with AMX tiles (Sapphire Rapids and later), the step's matmuls can run on the tiles instead
 (`MATMUL_PIECES`): each float32 operand split into int8 slices under a power-of-two scale (per weight column,
-per activation row), 9 slice products summed exactly in int32 per order ("int8x6", the default there: float32's
+per activation row), 9 slice products summed exactly in int32 per order ("int8x9", the default there: float32's
 accuracy relative to each column's largest weight), or into bfloat16 pieces whose products are summed in float32
 (3 pieces and 6 products keep float32's accuracy element by element; 2 pieces and 3 products keep 16 bits of each
 operand: opt-in, faster, log-probs within ~1e-3). Prefill's matmuls (`matmul`, thousands of rows) then run faster
@@ -159,7 +159,7 @@ def decode_weights(cfg: ModelConfig, params, matmul: str = "float32") -> NativeW
   """The model's weights in the native step's layout; build once per sampling run, not per step.
 
   `matmul` (`MATMULS`): "float32" packs the matmul weights in float32 for the step's FMA matmuls; "bf16x3" and
-  "bf16x6" split them into 2 or 3 bfloat16 pieces (`pack_amx`), "int8x6" into 3 int8 slices (`pack_int8`), for
+  "bf16x6" split them into 2 or 3 bfloat16 pieces (`pack_amx`), "int8x9" into 3 int8 slices (`pack_int8`), for
   its AMX matmuls."""
   fused = xla_step.decode_weights(cfg, params)
   stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
@@ -344,14 +344,14 @@ def _unsupported(cfg: ModelConfig, devices) -> Optional[str]:
 
 
 # SamplingConfig.native_matmul -> the pieces of each matmul operand (0: float32 FMAs).
-MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3, "int8x6": INT8_SLICES}
+MATMUL_PIECES = {"float32": 0, "bf16x3": 2, "bf16x6": 3, "int8x9": INT8_SLICES}
 
 
 def decode_weights_packer(matmul: str):
   """The function that packs a ...xKxN weight for the native step's `matmul` (a `MATMUL_PIECES` key)."""
   if matmul not in MATMUL_PIECES:
     raise ValueError(f"unknown native matmul {matmul!r}; expected one of {sorted(MATMUL_PIECES)}")
-  return {"float32": pack, "int8x6": pack_int8}.get(matmul, functools.partial(pack_amx, pieces=MATMUL_PIECES[matmul]))
+  return {"float32": pack, "int8x9": pack_int8}.get(matmul, functools.partial(pack_amx, pieces=MATMUL_PIECES[matmul]))
 
 
 def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
@@ -359,7 +359,7 @@ def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
   or "native" followed by the native step's matmuls ("native", "native_bf16x3", ...; `matmul_of`).
 
   "auto" falls back to XLA quietly where the native step does not apply (off CPU, below float32), with a
-  warning where it applies but failed to build. The native step's matmuls: `matmul` "auto" takes int8x6 where
+  warning where it applies but failed to build. The native step's matmuls: `matmul` "auto" takes int8x9 where
   the CPU has AMX, else float32; an AMX choice on a CPU without AMX warns and takes float32."""
   if kernel == "xla":
     return "xla"
@@ -367,7 +367,7 @@ def choose(kernel: str, cfg: ModelConfig, devices, matmul: str = "auto") -> str:
   reason = unsupported or _load()
   if reason is None:
     if matmul == "auto":
-      matmul = "int8x6" if amx_available() else "float32"
+      matmul = "int8x9" if amx_available() else "float32"
     elif matmul != "float32" and not amx_available():
       _warn_once(f"k15: SamplingConfig.native_matmul={matmul!r} needs a CPU with AMX; using float32 FMAs")
       matmul = "float32"
