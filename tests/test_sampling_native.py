@@ -112,9 +112,13 @@ def _check_stats(logits, stats):
   np.testing.assert_allclose(stats.lse_B, lse, rtol=1e-6, atol=1e-6)
 
 
-def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step):
-  """A slot whose token embeds to NaN gets NaN logits: its greedy token is V - 1 (`select.first_argmax`'s
-  answer) and its max and lse are NaN; the other slots are untouched by it."""
+@pytest.mark.parametrize("matmul", ["float32", "bf16x6", "int8x9"])
+def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step, request, matmul):
+  """A slot whose token embeds to NaN gets NaN logits, whatever the matmuls (int8 slices of a NaN row are
+  garbage: its scale carries the NaN): its greedy token is V - 1 (`select.first_argmax`'s answer) and its max and
+  lse are NaN; the other slots are untouched by it."""
+  if matmul != "float32":
+    request.getfixturevalue("needs_amx")
   cfg = models.ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
                            tie_embeddings=False)
   rng = np.random.RandomState(1)
@@ -125,7 +129,7 @@ def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step):
   cache_v = (np.zeros((B, 1, S, 16), np.float32),)
   tokens = np.array([1, 7, 2, 3, 4], np.int32)
   positions = np.array([0, 1, 2, 3, 4], np.int32)
-  weights = native.decode_weights(cfg, params)
+  weights = native.decode_weights(cfg, params, matmul)
   logits, stats, _, _ = jax.jit(lambda: native.decode_step(cfg, weights, cache_k, cache_v, tokens, positions))()
   logits = np.asarray(logits)
   assert np.isnan(logits[1]).all() and not np.isnan(np.delete(logits, 1, axis=0)).any()

@@ -113,7 +113,8 @@ def _int8_scale(x, axis: int):
   largest = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(largest)
   scale = jnp.where(largest > 0, jnp.ldexp(jnp.float32(1), e - 7), jnp.float32(1))
-  return jnp.where(largest / scale > 127, 2 * scale, scale)
+  scale = jnp.where(largest / scale > 127, 2 * scale, scale)
+  return jnp.where(jnp.isfinite(largest), scale, jnp.nan)  # inf or NaN: NaN results, as in float32
 
 
 def _int8_slices(v):

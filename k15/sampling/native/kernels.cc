@@ -381,7 +381,7 @@ void split_int8(const float* x, int64_t n, int8_t* out, int64_t stride, float* s
   std::frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1): largest / 2^(e - 7) in [64, 128)
   float s = largest > 0.0f ? std::ldexp(1.0f, e - 7) : 1.0f;
   if (largest / s > 127.0f) s *= 2.0f;
-  *scale = s;
+  *scale = std::isfinite(largest) ? s : NAN;  // a row with inf or NaN gives NaN results (its slices: garbage)
   const __m512 inv = _mm512_set1_ps(1.0f / s), base = _mm512_set1_ps(kBase);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
