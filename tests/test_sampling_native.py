@@ -264,3 +264,14 @@ def test_native_step_names_weights_that_do_not_match_the_config(needs_native_ste
   tokens, positions = np.zeros((2,), np.int32), np.zeros((2,), np.int32)
   with pytest.raises(Exception, match="weight shapes do not match the head counts and d_ff"):
     jax.block_until_ready(jax.jit(lambda: native.decode_step(other, weights, *caches, tokens, positions))())
+
+
+def test_prefill_benchmark_runs(needs_native_step, monkeypatch, capsys):
+  """benchmarks/prefill.py --quick: every part runs and prints its ratios to XLA."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  script = pathlib.Path(__file__).parents[1] / "benchmarks" / "prefill.py"
+  monkeypatch.setattr("sys.argv", [str(script), "--quick"])
+  runpy.run_path(str(script), run_name="__main__")
+  out = capsys.readouterr().out
+  assert "causal attention" in out and "native, float32" in out and out.count("x XLA") >= 3
