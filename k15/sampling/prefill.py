@@ -20,8 +20,8 @@ def encode(cfg: ModelConfig, params, tokens_PxT, weights=None) -> tuple[LayerCac
 
   Causal: a row's K/V at its real tokens do not depend on the padding after them (the padding's own K/V
   are garbage; decode overwrites or never attends them). `weights`: the native CPU step's weights
-  (`native.decode_weights`): attention then runs in `native.prefill_attention`, and with bfloat16 pieces the
-  matmuls on AMX tiles (`native.matmul`); None: XLA throughout.
+  (`native.decode_weights`): attention then runs in `native.prefill_attention`, and with AMX weights (bfloat16
+  pieces or int8 slices) the matmuls on AMX tiles (`native.matmul`); None: XLA throughout.
   """
   P, T = tokens_PxT.shape
   dtype = cfg.jnp_dtype
