@@ -125,9 +125,7 @@ def ab(args):
 
 def main():
   args = parse_args()
-  reason = native._load()  # pylint: disable=protected-access
-  if reason is not None:
-    raise SystemExit(f"the native decode step is unavailable: {reason}")
+  native.require("the native decode step")
   if args.matmul != "float32" and not native.amx_available():
     raise SystemExit(f"--matmul={args.matmul} needs a CPU with AMX tiles")
   ab(args) if args.variants else phases(args)

@@ -118,9 +118,7 @@ def encode(cfg, prompts, tokens, rounds, amx):
 
 def main():
   args = parse_args()
-  reason = native._load()  # pylint: disable=protected-access
-  if reason is not None:
-    raise SystemExit(f"the native kernels are unavailable: {reason}")
+  native.require("prefill's native kernels")
   amx = native.amx_available()
   if args.quick:
     args.prompts, args.tokens, args.rounds = 2, 16, 1

@@ -438,7 +438,8 @@ def main():
   read_s = (weight_bytes + cache_bytes) / bandwidth
   compute_s = args.batch * matmul_flops_per_token(cfg) / mm
   print(f"a step reads the weights ({weight_bytes / 1e6:.1f} MB in float32, {1.5 * weight_bytes / 1e6:.1f} MB as 3 "
-        f"bfloat16 pieces, {0.75 * weight_bytes / 1e6:.1f} MB as 3 int8 slices) and KV cache ({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
+        f"bfloat16 pieces, {0.75 * weight_bytes / 1e6:.1f} MB as 3 int8 slices) and KV cache "
+        f"({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
         f"{read_s * 1e3:.2f} ms at the streaming rate ({bandwidth / 1e9:.1f} GB/s: stream.cc reading as many "
         f"bytes on every core); its matmuls take {compute_s * 1e3:.2f} ms at the 2048^2 float32 matmul's rate")
   step_s = best[("k15", "step")] / steps

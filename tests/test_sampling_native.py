@@ -138,6 +138,26 @@ def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step, reques
   _check_stats(np.delete(logits, 1, axis=0), jax.tree.map(lambda a: np.delete(np.asarray(a), 1), stats))
 
 
+def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step):
+  """kernels.cc built as for a CPU without AMX (K15_NO_AMX): it compiles, its float32 step gives the repo step's
+  logits and caches bit for bit, and AMX weights get an error that names the missing AMX."""
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
+  rng = np.random.RandomState(2)
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
+  B, S = 5, 24
+  caches = [tuple(rng.normal(size=shape).astype(np.float32) for _ in range(2))
+            for shape in ((B, 2, 16, S), (B, 2, S, 16))]
+  tokens, positions = rng.randint(0, 80, B).astype(np.int32), rng.randint(0, S, B).astype(np.int32)
+  target = native.load_variant("no_amx", defines=("K15_NO_AMX",))
+  step = lambda w, t: jax.jit(lambda ck, cv: native.decode_step(cfg, w, ck, cv, tokens, positions, target=t))
+  weights = native.decode_weights(cfg, params)
+  got, want = step(weights, target)(*caches), step(weights, native.TARGET)(*caches)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(Exception, match="AMX weights, but this build or this CPU has no AMX"):
+    jax.block_until_ready(step(native.decode_weights(cfg, params, "int8x9"), target)(*caches))
+
+
 def test_a_phase_times_build_steps_alike_and_counts_every_phase(needs_native_step):
   """benchmarks/decode_step.py's profiling build: the same logits and caches as the repo's step, every kind of
   phase timed, the calls counted, and the threads' running time within the wall time they had."""

@@ -100,16 +100,9 @@ INT8_BASE = 254  # one int8 slice to the next (kernels.cc's kBase)
 INT8_HEADER = 4 * PANEL  # bytes of a packed int8 panel's column scales
 
 
-def split_int8(x, axis: int):
-  """float32 x as (3 int8 slices stacked on a new first axis, scale): x = scale (x0 + x1 / 254 + x2 / 254^2) to
-  about 2^-23 of the largest |x| sharing a scale. The scale, one per slice along `axis` (kept as size 1), is the
-  power of two that brings the largest |x| to at most 127; each slice is the nearest integer to what the ones
-  before left, times 254 (so all lie in [-127, 127]). kernels.cc's `split_int8`, for weights."""
-  scale = _int8_scale(x.astype(jnp.float32), axis)
-  return jnp.stack(_int8_slices(x / scale)), scale
-
-
 def _int8_scale(x, axis: int):
+  """The scale of x's int8 slices, one per slice along `axis` (kept as size 1): the power of two that brings the
+  largest |x| to at most 127 (NaN where that is inf or NaN). kernels.cc's `split_int8` scales a row alike."""
   largest = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   _, e = jnp.frexp(largest)
   scale = jnp.where(largest > 0, jnp.ldexp(jnp.float32(1), e - 7), jnp.float32(1))
@@ -118,7 +111,9 @@ def _int8_scale(x, axis: int):
 
 
 def _int8_slices(v):
-  """The int8 slices of v (x / its scale: at most 127 in magnitude)."""
+  """The 3 int8 slices of v = x / its scale (at most 127 in magnitude): x = scale (x0 + x1 / 254 + x2 / 254^2) to
+  about 2^-23 of the largest |x| sharing the scale. Each slice is the nearest integer to what the ones before
+  left, times 254, so all lie in [-127, 127]."""
   slices = []
   for _ in range(INT8_SLICES):
     r = jnp.round(v)
@@ -130,7 +125,7 @@ def _int8_slices(v):
 def pack_int8(w_KxN):
   """...xKxN float32 -> ...xPx(128 + 2 x K/64 x 3 x 16 x 64) int8, kernels.cc's int8 AMX layout: per 32-column
   panel the columns' scales (float32 bytes), then per tile of 16 columns and per 64 rows of K (zero-padded to a
-  multiple of 64) each int8 slice (`split_int8`, a scale per column) as a tile whose row r holds rows 4r..4r+3 of
+  multiple of 64) each int8 slice (`_int8_slices`, a scale per column) as a tile whose row r holds rows 4r..4r+3 of
   K column by column (AMX's quad layout)."""
   *lead, K, N = w_KxN.shape
   P, Kb = -(-N // PANEL), -(-K // 64)
@@ -159,9 +154,9 @@ def pack_pairs(w_Kx2N, packer=pack):
 def decode_weights(cfg: ModelConfig, params, matmul: str = "float32") -> NativeWeights:
   """The model's weights in the native step's layout; build once per sampling run, not per step.
 
-  `matmul` (`MATMULS`): "float32" packs the matmul weights in float32 for the step's FMA matmuls; "bf16x3" and
-  "bf16x6" split them into 2 or 3 bfloat16 pieces (`pack_amx`), "int8x9" into 3 int8 slices (`pack_int8`), for
-  its AMX matmuls."""
+  `matmul` (a `MATMUL_PIECES` key): "float32" packs the matmul weights in float32 for the step's FMA matmuls;
+  "bf16x3" and "bf16x6" split them into 2 or 3 bfloat16 pieces (`pack_amx`), "int8x9" into 3 int8 slices
+  (`pack_int8`), for its AMX matmuls."""
   fused = xla_step.decode_weights(cfg, params)
   stack = lambda name: jnp.stack([layer[name] for layer in fused["layers"]]).astype(jnp.float32)
   E = fused["layers"][0]["qkv_DxE"].shape[1]
@@ -183,9 +178,8 @@ def decode_step(cfg: ModelConfig, weights: NativeWeights, cache_k, cache_v, toke
   CPU devices stepping side by side gives each its share of the cores. `target`: a variant's FFI target
   (`load_variant`), for benchmarks.
   """
-  reason = _load() if target == TARGET else None
-  if reason is not None:
-    raise RuntimeError(f"the native decode step is unavailable: {reason}")
+  if target == TARGET:
+    require("the native decode step")
   L = cfg.n_layers
   caches = tuple(cache_k) + tuple(cache_v)
   B = tokens_B.shape[0]
@@ -204,9 +198,7 @@ def matmul(x, w, n_cols: int, layer: int = 0, swiglu: bool = False, threads: int
   """x (...xK, float32) times a weight packed by `pack_amx` (layer `layer` of a stack), on AMX tiles: ...x`n_cols`
   float32. With `swiglu`, `w` holds gate and up panels alternating (`pack_pairs`) and the result is
   silu(x Wgate) * (x Wup). Prefill's matmuls (many rows); needs `amx_available()`."""
-  reason = _load()
-  if reason is not None:
-    raise RuntimeError(f"the native matmul is unavailable: {reason}")
+  require("the native matmul")
   out = jax.ShapeDtypeStruct((*x.shape[:-1], n_cols), jnp.float32)
   return jax.ffi.ffi_call(MATMUL_TARGET, out)(x.astype(jnp.float32), w, layer=np.int64(layer), n_cols=np.int64(n_cols),
                                                 swiglu=bool(swiglu), threads=np.int64(threads))
@@ -215,9 +207,7 @@ def matmul(x, w, n_cols: int, layer: int = 0, swiglu: bool = False, threads: int
 def prefill_attention(q_PxTxNxH, k_PxTxKxH, v_PxTxKxH, threads: int = 0):
   """Causal grouped-query attention of left-aligned rows over their positions 0..T-1 (float32): what
   `k15.models.transformer.attend` computes with a causal mask, in one call (XLA runs it as many small dots)."""
-  reason = _load()
-  if reason is not None:
-    raise RuntimeError(f"the native prefill attention is unavailable: {reason}")
+  require("the native prefill attention")
   out = jax.ShapeDtypeStruct(q_PxTxNxH.shape, jnp.float32)
   f32 = lambda a: a.astype(jnp.float32)
   return jax.ffi.ffi_call(ATTENTION_TARGET, out)(f32(q_PxTxNxH), f32(k_PxTxKxH), f32(v_PxTxKxH),
@@ -288,6 +278,14 @@ def _register(target: str, library: pathlib.Path) -> ctypes.CDLL:
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.K15PrefillAttention), platform="cpu")
   _LIBRARIES[target] = lib  # keep it loaded
   return lib
+
+
+def require(what: str = "the native kernels"):
+  """Builds the kernels once per process (`_load`); raises RuntimeError saying why `what` cannot run here (no
+  C++ compiler, a failed build) when they are unavailable."""
+  reason = _load()
+  if reason is not None:
+    raise RuntimeError(f"{what} is unavailable: {reason}")
 
 
 @functools.cache

@@ -34,8 +34,9 @@
 #include <mutex>
 #endif
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define K15_AMX 1  // the compiler targets a CPU with AMX tiles: the bf16-split matmuls below are built
+// K15_NO_AMX builds what a CPU without AMX gets (a test builds it so on any CPU).
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && !defined(K15_NO_AMX)
+#define K15_AMX 1  // the compiler targets a CPU with AMX tiles: the AMX matmuls below are built
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -226,6 +227,10 @@ void matmul_strided(const float* A, int64_t lda, int64_t M, int64_t K, const flo
 // columns 0..15 of rows k and k+1, interleaved): panel x K/32 x piece x 2 tiles x 16 x 32 bfloat16. A matmul's
 // left side is split once per phase, by the phase that produces it (`split_rows`), into piece x rows x K.
 constexpr int64_t kTile = 16;  // rows of a tile; a panel is two tiles of 16 columns
+// int8 slices ("Matmuls on AMX int8 tiles" below): per weight, per left-side row; bytes of a panel's scales.
+constexpr int64_t kSlices = 3, kLeftSlices = 4, kPanelHeader = 32 * sizeof(float), kMaxInt8K = 32768;
+constexpr float kBase = 254.0f;  // the scale from one slice to the next
+inline int64_t padded64(int64_t n) { return (n + 63) / 64 * 64; }  // K of an int8 matmul
 
 bool amx_ready() {  // the kernel lets this process use AMX's tile data (Linux asks each process to request it)
 #if K15_AMX
@@ -364,12 +369,9 @@ void amx_panel(int64_t pieces, const uint16_t* A, int64_t Mp, int64_t Kp, const 
 // of 16 and per 64 rows of K (zero-padded to a multiple of 64) each slice as a B tile in AMX's quad layout (tile
 // row r holds rows 4r..4r+3 of K for each column in turn): kPanelHeader + 2 x K/64 x 3 x 16 x 64 bytes, each
 // column tile's run contiguous. The left side (`split_int8`): slice x Mp x Kp int8, with a scale per row.
-constexpr int64_t kSlices = 3, kLeftSlices = 4, kPanelHeader = 32 * sizeof(float), kMaxInt8K = 32768;
-constexpr float kBase = 254.0f;  // the scale from one slice to the next
-inline int64_t padded64(int64_t n) { return (n + 63) / 64 * 64; }  // K of an int8 matmul
 
 // x[:n] into kLeftSlices int8 slices, `stride` bytes apart, and its scale (a power of two; 1 for a zero row).
-// native.split_int8 does the same for weights (3 slices).
+// native.pack_int8 slices weights alike (3 slices, a scale per column).
 void split_int8(const float* x, int64_t n, int8_t* out, int64_t stride, float* scale) {
   __m512 big = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
@@ -438,7 +440,8 @@ void int8_panel(const int8_t* A, const float* a_scale, int64_t Mp, int64_t Kp, c
         __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(sums[kLeftSlices - 1] + i * kTile));
         for (int t = kLeftSlices - 2; t >= 0; --t)  // Horner: s0 + (s1 + (s2 + s3 / B) / B) / B
           sum = _mm512_fmadd_ps(sum, inv_base, _mm512_cvtepi32_ps(_mm512_load_si512(sums[t] + i * kTile)));
-        _mm512_storeu_ps(out + (r + i) * 32 + 16 * c, _mm512_mul_ps(sum, _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[r + i]))));
+        const __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[r + i]));
+        _mm512_storeu_ps(out + (r + i) * 32 + 16 * c, _mm512_mul_ps(sum, scale));
       }
     }
   }
@@ -584,6 +587,43 @@ using Aligned = std::vector<T, LineAligned<T>>;
 inline int64_t padded(int64_t n) { return (n + 31) / 32 * 32; }  // columns of a packed weight (K too, on AMX)
 inline int64_t padded_rows(int64_t B) { return (B + kTile - 1) / kTile * kTile; }  // whole row tiles
 
+// The layout of an AMX matmul's operands: `pieces` (2 or 3) bfloat16 pieces (`native.pack_amx`, `split`), or with
+// `int8` int8 slices (`native.pack_int8`, `split_int8`): their sizes, the split of a left-side row and the panel
+// kernel, for the step's matmuls and prefill's alike. A split left side of Mp rows: piece x Mp x kp(K) elements
+// (bfloat16 or int8), with a scale per row for int8.
+struct AmxFormat {
+  int64_t pieces;
+  bool int8;
+
+  int64_t kp(int64_t K) const { return int8 ? padded64(K) : padded(K); }  // K, zero-padded, of both operands
+  int64_t left_row_bytes(int64_t K) const { return int8 ? kLeftSlices * kp(K) : 2 * pieces * kp(K); }
+  int64_t panel_bytes(int64_t K) const { return int8 ? kPanelHeader + kSlices * kp(K) * 32 : 2 * pieces * kp(K) * 32; }
+
+  // x[:n], row b of a left side of Mp rows, its columns from c0 (int8 slices take whole rows: c0 = 0, n = K).
+  void split_row(const float* x, int64_t n, int64_t c0, uint8_t* left, float* scale, int64_t Mp, int64_t K,
+                 int64_t b) const {
+#if K15_AMX
+    const int64_t k = kp(K);
+    if (int8)
+      split_int8(x, n, reinterpret_cast<int8_t*>(left) + b * k, Mp * k, scale + b);
+    else
+      split(x, n, reinterpret_cast<uint16_t*>(left) + b * k + c0, Mp * k, pieces);
+#endif
+  }
+
+  // out[Mp x 32] = the split left side times panel j of `panels` (a weight's, or a layer's).
+  void panel(const uint8_t* left, const float* scale, int64_t Mp, int64_t K, const void* panels, int64_t j,
+             float* out) const {
+#if K15_AMX
+    const uint8_t* w = static_cast<const uint8_t*>(panels) + j * panel_bytes(K);
+    if (int8)
+      int8_panel(reinterpret_cast<const int8_t*>(left), scale, Mp, kp(K), reinterpret_cast<const int8_t*>(w), out);
+    else
+      amx_panel(pieces, reinterpret_cast<const uint16_t*>(left), Mp, kp(K), reinterpret_cast<const uint16_t*>(w), out);
+#endif
+  }
+};
+
 // A step as a sequence of phases, each a set of independent items (a few slots, or a few 32-column panels
 // of a matmul over every slot) that any thread may take. A matmul split by columns reads each weight once
 // per step, whichever thread runs it. Threads take items with an atomic counter and, at a phase's end,
@@ -659,17 +699,16 @@ class PhasedStep {
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
   int64_t Mp() const { return p_.pieces ? padded_rows(p_.B) : p_.B; }
-  int64_t Kp(int64_t K) const { return p_.int8 ? padded64(K) : padded(K); }  // columns of a split left side
+  AmxFormat amx() const { return {p_.pieces, p_.int8}; }
 
-  // An AMX matmul's left side, split: bfloat16 pieces (pieces x Mp x Kp), or int8 slices (the same layout in
-  // bytes) with a scale per row.
+  // An AMX matmul's left side, split (`AmxFormat`); zero past the B rows and the K columns.
   struct Left {
-    Aligned<uint16_t> data;
-    std::vector<float> scale;
+    Aligned<uint8_t> data;
+    std::vector<float> scale;  // int8 slices' scale per row
   };
   Left left_k(int64_t K) const {
     Left left;
-    left.data.resize(p_.pieces * Mp() * Kp(K)), left.scale.resize(Mp(), 1.0f);
+    left.data.resize(Mp() * amx().left_row_bytes(K)), left.scale.resize(Mp(), 1.0f);
     return left;
   }
 
@@ -677,15 +716,8 @@ class PhasedStep {
   // a scale per row: they take whole rows (c0 = 0, n = K).
   void split_rows(const float* x, int64_t ldx, int64_t b0, int64_t b1, int64_t c0, int64_t n, Left& left,
                   int64_t K) const {
-#if K15_AMX
-    const int64_t kp = Kp(K);
-    for (int64_t b = b0; b < b1; ++b) {
-      if (p_.int8)
-        split_int8(x + b * ldx, n, reinterpret_cast<int8_t*>(left.data.data()) + b * kp, Mp() * kp, &left.scale[b]);
-      else
-        split(x + b * ldx + c0, n, left.data.data() + b * kp + c0, Mp() * kp, p_.pieces);
-    }
-#endif
+    for (int64_t b = b0; b < b1; ++b)
+      amx().split_row(x + b * ldx + c0, n, c0, left.data.data(), left.scale.data(), Mp(), K, b);
   }
 
   // The rows of C[BxN] (+)= the AMX panel results `out` (Mp x 32), its first `cols` columns from column n.
@@ -698,18 +730,7 @@ class PhasedStep {
   // `panels` panels per layer).
   void amx_matmul(const Left& left, int64_t K, const void* W, int64_t panels, int64_t l, int64_t j,
                   float* out) const {
-#if K15_AMX
-    const int64_t kp = Kp(K);
-    if (p_.int8) {
-      const int64_t panel_bytes = kPanelHeader + kSlices * kp * 32;
-      int8_panel(reinterpret_cast<const int8_t*>(left.data.data()), left.scale.data(), Mp(), kp,
-                 static_cast<const int8_t*>(W) + (l * panels + j) * panel_bytes, out);
-      return;
-    }
-    const int64_t panel_elems = p_.pieces * kp * 32;
-    amx_panel(p_.pieces, left.data.data(), Mp(), kp, static_cast<const uint16_t*>(W) + (l * panels + j) * panel_elems,
-              out);
-#endif
+    amx().panel(left.data.data(), left.scale.data(), Mp(), K, W, l * panels + j, out);
   }
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), per_item(cols)); }
@@ -1008,9 +1029,8 @@ void run_parallel(ffi::ThreadPool& pool, int64_t threads, const std::shared_ptr<
 // has not started: it runs items too and waits only for items taken.
 // Rows per item: a block's bfloat16 pieces take about 256 KB, so they stay in L2 while the panels stream past
 // (128 KB and 512 KB measured no faster on prefill's shapes).
-inline int64_t row_block(int64_t K, int64_t pieces, bool int8) {
-  const int64_t row_bytes = int8 ? kLeftSlices * padded64(K) : 2 * pieces * padded(K);
-  return std::clamp<int64_t>(256 * 1024 / row_bytes / 32 * 32, 32, 512);
+inline int64_t row_block(int64_t K, const AmxFormat& amx) {
+  return std::clamp<int64_t>(256 * 1024 / amx.left_row_bytes(K) / 32 * 32, 32, 512);
 }
 
 // dst[:cols] = silu(gate) * up for one row of a panel (cols <= 32).
@@ -1027,36 +1047,23 @@ struct MatmulJob : Parallel {
   const float* x;
   const void* w;  // the layer's panels
   float* y;
-  int64_t M, K, N, pieces, out_panels, groups;
-  bool swiglu, int8;
+  int64_t M, K, N, out_panels, groups;
+  AmxFormat amx;
+  bool swiglu;
 
   void work() {
 #if K15_AMX
     configure_tiles();
-    const int64_t Kp = int8 ? padded64(K) : padded(K), rb_rows = row_block(K, pieces, int8);
-    const int64_t Mb = std::min(rb_rows, padded_rows(M));
-    Aligned<uint16_t> A(pieces * Mb * Kp);  // int8 slices (kLeftSlices < 2 pieces) use part of it
+    const int64_t rb_rows = row_block(K, amx), Mb = std::min(rb_rows, padded_rows(M));
+    Aligned<uint8_t> A(Mb * amx.left_row_bytes(K));
     std::vector<float> scale(Mb, 1.0f);
     Aligned<float> out(Mb * 32), gate(Mb * 32);
-    // out = the row block's split rows (Mp of them) times panel j
-    auto panel = [&](int64_t Mp, int64_t j, float* out) {
-      if (int8) {
-        const int8_t* W = static_cast<const int8_t*>(w) + j * (kPanelHeader + kSlices * Kp * 32);
-        int8_panel(reinterpret_cast<const int8_t*>(A.data()), scale.data(), Mp, Kp, W, out);
-      } else {
-        amx_panel(pieces, A.data(), Mp, Kp, static_cast<const uint16_t*>(w) + j * pieces * Kp * 32, out);
-      }
-    };
+    auto panel = [&](int64_t Mp, int64_t j, float* out) { amx.panel(A.data(), scale.data(), Mp, K, w, j, out); };
     run_items([&](int64_t i) {
       const int64_t rb = i / groups, g = i % groups;
       const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
       std::fill(A.begin(), A.end(), 0);  // the padding rows and columns
-      for (int64_t r = 0; r < rows; ++r) {
-        if (int8)
-          split_int8(x + (r0 + r) * K, K, reinterpret_cast<int8_t*>(A.data()) + r * Kp, Mp * Kp, &scale[r]);
-        else
-          split(x + (r0 + r) * K, K, A.data() + r * Kp, Mp * Kp, pieces);
-      }
+      for (int64_t r = 0; r < rows; ++r) amx.split_row(x + (r0 + r) * K, K, 0, A.data(), scale.data(), Mp, K, r);
       const int64_t p0 = g * out_panels / groups, p1 = (g + 1) * out_panels / groups;
       for (int64_t j = p0; j < p1; ++j) {
         const int64_t cols = std::min<int64_t>(32, N - 32 * j);
@@ -1100,11 +1107,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swig
   job->x = reinterpret_cast<const float*>(x.untyped_data());
   job->w = static_cast<const char*>(w.untyped_data()) + layer * (w.size_bytes() / layers);
   job->y = reinterpret_cast<float*>(y->untyped_data());
-  job->M = M, job->K = K, job->N = n_cols, job->pieces = pieces, job->out_panels = out_panels, job->swiglu = swiglu;
-  job->int8 = int8;
+  job->M = M, job->K = K, job->N = n_cols, job->amx = {pieces, int8}, job->out_panels = out_panels;
+  job->swiglu = swiglu;
   const int64_t parts = std::max<int64_t>(1, threads > 0 ? std::min<int64_t>(threads, pool.num_threads())
                                                          : pool.num_threads());
-  const int64_t block = row_block(K, pieces, int8), row_blocks = (M + block - 1) / block;
+  const int64_t block = row_block(K, job->amx), row_blocks = (M + block - 1) / block;
   job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * parts + row_blocks - 1) / row_blocks));  // 4 per thread
   job->items = row_blocks * job->groups;
   run_parallel(pool, threads, job);
