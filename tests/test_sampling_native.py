@@ -138,16 +138,22 @@ def test_native_stats_of_a_nan_row_follow_first_argmax(needs_native_step, reques
   _check_stats(np.delete(logits, 1, axis=0), jax.tree.map(lambda a: np.delete(np.asarray(a), 1), stats))
 
 
-def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step):
-  """kernels.cc built as for a CPU without AMX (K15_NO_AMX): it compiles, its float32 step gives the repo step's
-  logits and caches bit for bit, and AMX weights get an error that names the missing AMX."""
+def _variant_inputs(seed):
+  """A small model, its random params, 5 slots' caches (24 positions), tokens and positions: for variant builds."""
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
-  rng = np.random.RandomState(2)
+  rng = np.random.RandomState(seed)
   params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
   B, S = 5, 24
   caches = [tuple(rng.normal(size=shape).astype(np.float32) for _ in range(2))
             for shape in ((B, 2, 16, S), (B, 2, S, 16))]
   tokens, positions = rng.randint(0, 80, B).astype(np.int32), rng.randint(0, S, B).astype(np.int32)
+  return cfg, params, caches, tokens, positions
+
+
+def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step):
+  """kernels.cc built as for a CPU without AMX (K15_NO_AMX): it compiles, its float32 step gives the repo step's
+  logits and caches bit for bit, and AMX weights get an error that names the missing AMX."""
+  cfg, params, caches, tokens, positions = _variant_inputs(seed=2)
   target = native.load_variant("no_amx", defines=("K15_NO_AMX",))
   step = lambda w, t: jax.jit(lambda ck, cv: native.decode_step(cfg, w, ck, cv, tokens, positions, target=t))
   weights = native.decode_weights(cfg, params)
@@ -161,13 +167,7 @@ def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step
 def test_a_phase_times_build_steps_alike_and_counts_every_phase(needs_native_step):
   """benchmarks/decode_step.py's profiling build: the same logits and caches as the repo's step, every kind of
   phase timed, the calls counted, and the threads' running time within the wall time they had."""
-  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
-  rng = np.random.RandomState(1)
-  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), models.abstract_params(cfg))
-  B, S = 5, 24
-  caches = [tuple(rng.normal(size=shape).astype(np.float32) for _ in range(2))
-            for shape in ((B, 2, 16, S), (B, 2, S, 16))]
-  tokens, positions = rng.randint(0, 80, B).astype(np.int32), rng.randint(0, S, B).astype(np.int32)
+  cfg, params, caches, tokens, positions = _variant_inputs(seed=1)
   weights = native.decode_weights(cfg, params)
   target = native.load_variant("phase_times", defines=("K15_PHASE_TIMES",))
   steps = {t: jax.jit(lambda ck, cv, t=t: native.decode_step(cfg, weights, ck, cv, tokens, positions, target=t))
