@@ -1,11 +1,17 @@
-"""Math rewards: final-answer extraction, math-verify equivalence against hand labels, the worker pool's timeout."""
+"""Math rewards: final-answer extraction, math-verify equivalence against hand labels, the worker pool's timeout
+and its recovery from workers that die while starting, and the Verifier's handling of a pool that cannot recover."""
+import functools
 import time
+
+import numpy as np
 
 import psutil
 import pytest
 
 from k15.rewards.math import RewardResult, extract_answer
+from k15.rewards import math_pool
 from k15.rewards.math_pool import MathVerifierPool
+from k15.rewards.verifiers import Verifier
 
 # (response, reference, hand label). Labels are what a grader would give, not what math-verify happens to say.
 HAND_LABELLED = [
@@ -66,6 +72,12 @@ HAND_LABELLED = [
     (r"\boxed{5}. Hmm, no: the answer is 4.", "5", 0),
     ("It is clearly 5, I think", "5", 0),
     (r"\boxed{\frac{1}{2}", "0.5", 0),
+    # malformed LaTeX is wrong, even where a number could be read out of it
+    (r"\boxed{1 +}", "1", 0),
+    (r"\boxed{\left( 1 + \right}", "1", 0),
+    (r"\boxed{2^}", "2", 0),
+    (r"\boxed{3 \cdot}", "3", 0),
+    (r"\boxed{\left( 1 \right)}", "1", 1),  # the well-formed \left ... \right
 ]
 
 
@@ -150,3 +162,41 @@ def test_close_stops_workers(tmp_path, monkeypatch):
     p.score(["x"], ["x"])
   with pytest.raises(ValueError, match="2 responses but 1 references"):
     MathVerifierPool.score(p, ["a", "b"], ["a"])
+
+
+def test_worker_killed_while_starting_is_replaced(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  with MathVerifierPool(num_workers=1, timeout_s=5.0) as p:
+    w = p._workers[0]  # pylint: disable=protected-access
+    w.process.kill()  # it is still importing sympy: a second or more
+    w.process.join(5)
+    with pytest.raises(EOFError):  # else it had said "ready": not a death during start-up
+      w.conn.recv()
+    assert p.score([r"\boxed{\frac{1}{2}}", r"\boxed{3}"], ["0.5", "4"]) == [
+        RewardResult(1.0, "correct"), RewardResult(0.0, "wrong answer '3'")]
+    assert p.restarts == 1
+
+
+# Worker processes that can never start: 1 MB of address space above their size at start does not hold sympy.
+_UNSTARTABLE = functools.partial(MathVerifierPool, num_workers=1, memory_limit_mb=1, max_start_failures=2)
+
+
+def test_workers_that_cannot_start_fail_after_bounded_retries(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  with _UNSTARTABLE() as p:
+    with pytest.raises(RuntimeError, match="failed to start 3 times in a row; the last one: .*exit code 1"):
+      p.score([r"\boxed{1}"], ["1"])
+    assert p.restarts == 2
+
+
+def test_verifier_failure_scores_zero_and_is_counted(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  monkeypatch.setattr(math_pool, "MathVerifierPool", _UNSTARTABLE)
+  examples = [{"domain": "math", "answer": "1"}, {"domain": "arith", "answer": "7"}, {"domain": "math", "answer": "2"}]
+  with Verifier() as verifier:
+    for calls in (1, 2):  # the failed pool is dropped; the next call starts a fresh one, which fails alike
+      rewards = verifier([r"\boxed{1}", "Answer: 7", r"\boxed{2}"], examples)
+      np.testing.assert_array_equal(rewards, [0, 1, 0])  # the arith item is scored as usual
+      assert verifier.failures == 2 * calls
+      [(reason, count)] = [(r, c) for r, c in verifier.reasons.items() if r.startswith("verifier failure")]
+      assert count == 2 * calls and "failed to start 3 times in a row" in reason, reason

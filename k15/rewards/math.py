@@ -85,9 +85,15 @@ def extract_answer(text: str) -> Optional[str]:
 
 
 def _parse(answer: str) -> list:
+  """[sympy value, text] of a LaTeX answer; only [text] if the whole answer does not parse.
+
+  LaTeX extraction only: math-verify's default fallback reads the first number out of malformed LaTeX, so
+  `1 +` and `\\left( 1 + \\right` would parse as 1. Without a value, only the text can match, so they are wrong.
+  """
   import math_verify  # pylint: disable=g-import-not-at-top  # sympy: heavy, and only the workers need it
   # Timeouts off: math-verify's SIGALRM timer cannot interrupt sympy's C loops; the pool kills the worker.
-  return math_verify.parse(f"${answer}$", parsing_timeout=None)
+  return math_verify.parse(f"${answer}$", extraction_config=[math_verify.LatexExtractionConfig()],
+                           parsing_timeout=None)
 
 
 def equivalent(reference: str, answer: str) -> bool:

@@ -3,7 +3,8 @@
 sympy can hang on a pathological answer (`\\boxed{9^{9^{9}}}` asks for a 370-million-digit integer), and its
 C loops ignore math-verify's SIGALRM timer. So each item runs in a worker process that the pool kills when the
 item's deadline passes; the item gets reward 0 with the reason, a fresh worker takes the dead one's place and the
-pool keeps serving. Workers are started with forkserver (default) or spawn, never fork: the trainer holds JAX
+pool keeps serving. A worker that dies or hangs while starting is replaced too, up to `max_start_failures` times
+in a row (a worker that can never start, e.g. for lack of memory, then raises). Workers are started with forkserver (default) or spawn, never fork: the trainer holds JAX
 threads, and forking a threaded process can deadlock the child.
 """
 import collections
@@ -63,16 +64,17 @@ class MathVerifierPool:
   """`score(responses, references) -> list[RewardResult]` over `num_workers` long-lived processes.
 
   Usable as a context manager; `close()` stops the workers. Not thread-safe: one `score` at a time.
-  `restarts` counts workers replaced after a timeout or a crash. memory_limit_mb caps each worker's address-space
+  `restarts` counts workers replaced after a timeout, a crash, or a failed start. memory_limit_mb caps each worker's address-space
   growth (RLIMIT_AS above its size at start): sympy running out of memory fails one item, not the machine.
   The trainer's main module needs the `if __name__ == "__main__":` guard (absl apps have it): forkserver and
   spawn import it in the workers.
   """
 
   def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: Optional[int] = 4096,
-               start_method: str = "forkserver", startup_timeout_s: float = 120.0):
-    if num_workers < 1 or timeout_s <= 0:
-      raise ValueError(f"need num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
+               start_method: str = "forkserver", startup_timeout_s: float = 120.0, max_start_failures: int = 3):
+    if num_workers < 1 or timeout_s <= 0 or max_start_failures < 0:
+      raise ValueError(f"need num_workers >= 1, timeout_s > 0 and max_start_failures >= 0, got {num_workers}, "
+                       f"{timeout_s}, {max_start_failures}")
     if start_method == "fork":
       raise ValueError("start_method 'fork' is unsafe in a process with JAX threads; use forkserver or spawn")
     self.timeout_s = timeout_s
@@ -80,6 +82,8 @@ class MathVerifierPool:
     self._ctx = multiprocessing.get_context(start_method)
     self._memory_limit_mb = memory_limit_mb
     self._startup_timeout_s = startup_timeout_s
+    self._max_start_failures = max_start_failures
+    self._start_failures = 0  # in a row, over all workers; a worker that becomes ready resets it
     self._workers = [self._start() for _ in range(num_workers)]
 
   def _start(self) -> _Worker:
@@ -128,6 +132,7 @@ class MathVerifierPool:
           continue
         if msg == "ready":
           w.ready = True
+          self._start_failures = 0
         else:
           index, result = msg
           results[index], w.item = result, None
@@ -141,17 +146,27 @@ class MathVerifierPool:
           results[w.item] = RewardResult(0.0, f"timeout after {self.timeout_s:g} s")
           self._replace(w)
         elif not w.ready:
-          raise RuntimeError(f"a math verifier worker did not start within {self._startup_timeout_s} s")
+          self._failed_start(w, f"did not start within {self._startup_timeout_s:g} s")
     return results
 
   def _on_death(self, w: _Worker, results: list) -> None:
     w.process.join(5)
     reason = f"verifier worker died (exit code {w.process.exitcode})"
-    if not w.ready:  # a worker that cannot even start would die again: fail loudly
-      raise RuntimeError(f"a math verifier worker failed to start: {reason}")
+    if not w.ready:
+      self._failed_start(w, reason)
+      return
     if w.item is not None:
       log.warning("math verifier: item %d: %s; worker replaced", w.item, reason)
       results[w.item] = RewardResult(0.0, reason)
+    self._replace(w)
+
+  def _failed_start(self, w: _Worker, reason: str) -> None:
+    """Replaces a worker that failed to start; raises when too many starts failed in a row (it would not heal)."""
+    self._start_failures += 1
+    if self._start_failures > self._max_start_failures:
+      raise RuntimeError(f"math verifier workers failed to start {self._start_failures} times in a row; "
+                         f"the last one: {reason}")
+    log.warning("math verifier: a worker failed to start (%s); replaced (%d in a row)", reason, self._start_failures)
     self._replace(w)
 
   def close(self) -> None:

@@ -7,12 +7,21 @@ hold arithmetic, math and code prompts:
   math   math-verify equivalence in a MathVerifierPool (per-item timeout)
   code   the candidate program against the example's test cases in the sandbox (never in-process)
 Pools start lazily on first use and stop with `close()`.
+
+A verifier failure (a math pool whose workers cannot start, a sandbox error) does not stop training: the
+affected responses get reward 0 with the reason "verifier failure: ...", `failures` counts them for the metrics,
+and the failed pool is closed so the next call starts a fresh one. Bad examples (a missing "answer" or
+"test_cases" field, an unknown domain) and a sandbox that refuses to run without isolation still raise.
 """
+import logging
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from k15.rewards.arith import arith_reward
+from k15.rewards.sandbox import SandboxConfig
+
+log = logging.getLogger(__name__)
 
 DOMAINS = ("arith", "math", "code")
 
@@ -20,14 +29,17 @@ DOMAINS = ("arith", "math", "code")
 class Verifier:
   """Dispatches each (text, example) to its domain's verifier; `close()` stops the pools it started."""
 
-  def __init__(self, default_domain: str = "arith", math_timeout_s: float = 5.0, math_workers: int = 1):
+  def __init__(self, default_domain: str = "arith", math_timeout_s: float = 5.0, math_workers: int = 1,
+               sandbox_config: SandboxConfig = SandboxConfig()):
+    """sandbox_config: the limits and isolation of code rewards' sandbox."""
     if default_domain not in DOMAINS:
       raise ValueError(f"unknown reward domain {default_domain!r}; valid: {DOMAINS}")
     self.default_domain = default_domain
     self._math_timeout_s, self._math_workers = math_timeout_s, math_workers
-    self._math = None
-    self._code = None
+    self._sandbox_config = sandbox_config
+    self._pools: dict = {}  # domain -> its pool (math, code), started on first use
     self.reasons: dict = {}  # reason -> count over every call, for metrics and debugging
+    self.failures = 0  # responses scored 0 because their verifier failed, over every call
 
   def _domain(self, ex: Mapping) -> str:
     domain = ex.get("domain") or self.default_domain
@@ -43,33 +55,41 @@ class Verifier:
     for i, ex in enumerate(examples):
       by_domain.setdefault(self._domain(ex), []).append(i)
     for domain, idx in by_domain.items():
-      results = getattr(self, f"_score_{domain}")([texts[i] for i in idx], [examples[i] for i in idx])
+      results = self._score_domain(domain, [texts[i] for i in idx], [examples[i] for i in idx])
       for i, (reward, reason) in zip(idx, results):
         rewards[i] = reward
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
     return rewards
 
-  def _score_arith(self, texts, examples):
-    return [(r, "correct" if r else "wrong or no answer")
-            for r in (arith_reward(t, ex["answer"]) for t, ex in zip(texts, examples))]
+  def _score_domain(self, domain, texts, examples) -> list:
+    """[(reward, reason)] of one domain's items; a failure of its pool scores them 0 (module docstring)."""
+    if domain == "arith":
+      return [(r, "correct" if r else "wrong or no answer")
+              for r in (arith_reward(t, ex["answer"]) for t, ex in zip(texts, examples))]
+    targets = [ex["answer"] if domain == "math" else ex["test_cases"] for ex in examples]
+    if domain not in self._pools:  # outside the try: a sandbox that refuses to run here is a configuration error
+      self._pools[domain] = self._start_pool(domain)
+    try:
+      results = self._pools[domain].score(texts, targets)
+    except Exception as e:  # pylint: disable=broad-except  # a broken pool costs these rewards, not the run
+      log.warning("%s verifier failed on %d responses; scored 0, pool restarted on next use: %s",
+                  domain, len(texts), e)
+      self._pools.pop(domain).close()
+      self.failures += len(texts)
+      return [(0.0, f"verifier failure: {type(e).__name__}: {str(e)[:200]}")] * len(texts)
+    return [(r.reward, r.reason) for r in results]
 
-  def _score_math(self, texts, examples):
-    if self._math is None:
+  def _start_pool(self, domain):
+    if domain == "math":
       from k15.rewards.math_pool import MathVerifierPool  # pylint: disable=g-import-not-at-top
-      self._math = MathVerifierPool(num_workers=self._math_workers, timeout_s=self._math_timeout_s)
-    return [(r.reward, r.reason) for r in self._math.score(texts, [ex["answer"] for ex in examples])]
-
-  def _score_code(self, texts, examples):
-    if self._code is None:
-      from k15.rewards.code import CodeVerifier  # pylint: disable=g-import-not-at-top
-      self._code = CodeVerifier()
-    return [(r.reward, r.reason) for r in self._code.score(texts, [ex["test_cases"] for ex in examples])]
+      return MathVerifierPool(num_workers=self._math_workers, timeout_s=self._math_timeout_s)
+    from k15.rewards.code import CodeVerifier  # pylint: disable=g-import-not-at-top
+    return CodeVerifier(self._sandbox_config)
 
   def close(self) -> None:
-    for pool in (self._math, self._code):
-      if pool is not None:
-        pool.close()
-    self._math = self._code = None
+    for pool in self._pools.values():
+      pool.close()
+    self._pools = {}
 
   def __enter__(self) -> "Verifier":
     return self
@@ -81,6 +101,7 @@ class Verifier:
 def make_verifier(config) -> Verifier:
   """The verifier of an experiment config (config.rl.reward: the domain of examples that carry none)."""
   rl = config.rl
+  sandbox = SandboxConfig(allow_unisolated=rl.get("sandbox_allow_unisolated", False))
   return Verifier(default_domain=rl.get("reward", "arith"), math_timeout_s=rl.get("math_timeout_s", 5.0),
-                  math_workers=rl.get("math_workers", 1))
+                  math_workers=rl.get("math_workers", 1), sandbox_config=sandbox)
 
