@@ -87,7 +87,8 @@ def _check(i: int, program: str, test: dict, sandbox: Sandbox) -> Optional[str]:
 class CodeVerifier:
   """Scores responses against their test cases; items run in parallel on a thread pool, each test in the sandbox.
 
-  Usable as a context manager; `close()` stops the threads.
+  Usable as a context manager; `close()` stops the threads. A failure of the sandbox itself (SandboxError, not
+  the program's) raises from `score`; SandboxUnavailable from the constructor where the sandbox cannot isolate.
   """
 
   def __init__(self, config: SandboxConfig = SandboxConfig(), num_workers: Optional[int] = None):

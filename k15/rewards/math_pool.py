@@ -4,8 +4,9 @@ sympy can hang on a pathological answer (`\\boxed{9^{9^{9}}}` asks for a 370-mil
 C loops ignore math-verify's SIGALRM timer. So each item runs in a worker process that the pool kills when the
 item's deadline passes; the item gets reward 0 with the reason, a fresh worker takes the dead one's place and the
 pool keeps serving. A worker that dies or hangs while starting is replaced too, up to `max_start_failures` times
-in a row (a worker that can never start, e.g. for lack of memory, then raises). Workers are started with forkserver (default) or spawn, never fork: the trainer holds JAX
-threads, and forking a threaded process can deadlock the child.
+in a row (then `score` raises: a worker that can never start, e.g. for lack of memory, would not heal). Workers
+are started with forkserver (default) or spawn, never fork: the trainer holds JAX threads, and forking a threaded
+process can deadlock the child.
 """
 import collections
 import dataclasses
@@ -64,8 +65,9 @@ class MathVerifierPool:
   """`score(responses, references) -> list[RewardResult]` over `num_workers` long-lived processes.
 
   Usable as a context manager; `close()` stops the workers. Not thread-safe: one `score` at a time.
-  `restarts` counts workers replaced after a timeout, a crash, or a failed start. memory_limit_mb caps each worker's address-space
-  growth (RLIMIT_AS above its size at start): sympy running out of memory fails one item, not the machine.
+  `restarts` counts workers replaced after a timeout, a crash or a failed start. memory_limit_mb caps each
+  worker's address-space growth (RLIMIT_AS above its size at start): sympy running out of memory fails one item,
+  not the machine.
   The trainer's main module needs the `if __name__ == "__main__":` guard (absl apps have it): forkserver and
   spawn import it in the workers.
   """

@@ -35,6 +35,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import marshal
 import os
 import queue
 import selectors
@@ -150,8 +151,11 @@ def _remove_tree(path: str) -> None:
     for parent, dirs, _ in os.walk(path):
       for d in dirs:
         child = os.path.join(parent, d)
-        if not os.path.islink(child):
-          os.chmod(child, 0o700)
+        try:
+          if not os.path.islink(child):
+            os.chmod(child, 0o700)
+        except OSError:
+          pass
   shutil.rmtree(path, ignore_errors=True)
   if os.path.exists(path):
     log.warning("sandbox run directory %s could not be removed", path)
@@ -189,18 +193,17 @@ class Sandbox:
     binds, links = _interpreter_tree(self._python)
     self._spec = {"binds": binds, "links": links, "tmpfs_mb": config.max_file_mb, "inner_id": _INNER_UID,
                   "user_ns": not self._root, "rlimits": self._rlimits(),
-                  "argv": [self._python, "-I", "-S", "-c", _BOOT], "namespaces": False}
+                  "argv": [self._python, "-I", "-S", "-c", _BOOT]}  # the rest per run: _execute
     self._locks = []  # held for the sandbox's life: the claim on each slot's uid
     self.uids = self._claim_uids(slots) if self._root else [os.geteuid()] * slots  # one per slot
     self._slots: "queue.Queue[int]" = queue.Queue()
     for uid in self.uids:
       self._slots.put(uid)
-    self.isolation = {"uid_drop": self._root, "namespaces": False}
+    self.isolation = {"uid_drop": self._root, "namespaces": config.namespaces}
     if config.namespaces:
-      self._spec["namespaces"] = self.isolation["namespaces"] = True
-      why = self._namespaces_fail()
+      why = self._namespaces_problem()
       if why:
-        self._spec["namespaces"] = self.isolation["namespaces"] = False
+        self.isolation["namespaces"] = False
         if not config.allow_unisolated:
           self.close()
           raise SandboxUnavailable(
@@ -216,7 +219,7 @@ class Sandbox:
               "RLIMIT_NOFILE": (c.max_open_files,) * 2, "RLIMIT_CORE": (0, 0)}
     return sorted(limits.items())
 
-  def _namespaces_fail(self) -> Optional[str]:
+  def _namespaces_problem(self) -> Optional[str]:
     """None if a trivial program runs in the namespaces, else why not."""
     uid = self._slots.get()
     try:
@@ -298,14 +301,14 @@ class Sandbox:
     namespaces = self.isolation["namespaces"]
     workdir = os.path.join(run_dir, "work")
     status_r, status_w = os.pipe()  # the init's report: "ok" when the program starts (sandbox_init.py)
-    spec = dict(self._spec, workdir=workdir, root=os.path.join(run_dir, "root"), status_fd=status_w,
-                uid=uid if self._root else None,
+    spec = dict(self._spec, namespaces=namespaces, workdir=workdir, root=os.path.join(run_dir, "root"),
+                status_fd=status_w, uid=uid if self._root else None,
                 env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/work" if namespaces else workdir})
     start = time.monotonic()
     deadline = start + c.wall_timeout_s
     try:
       proc = subprocess.Popen(
-          [self._python, "-I", "-S", "-c", self._init, json.dumps(spec)], cwd=workdir, stdin=stdin_file,
+          [self._python, "-I", "-S", "-c", self._init, marshal.dumps(spec).hex()], cwd=workdir, stdin=stdin_file,
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, start_new_session=True, close_fds=True,
           pass_fds=(status_w,))
     finally:

@@ -129,6 +129,7 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32)}
   metrics = {
       "accuracy": correct.mean(),
+      "verifier_failures": verifier.failures,  # responses scored 0 because their verifier failed, so far
       "reward": rewards.mean(),
       "length_penalty_weight": length_weight,
       "length_penalty_share": np.abs(length_weight * len_reward).sum() / max(np.abs(rewards).sum(), 1e-9),
