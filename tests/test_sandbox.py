@@ -23,6 +23,7 @@ import k15
 from k15.rewards import sandbox as sandbox_lib
 from k15.rewards.code import CodeVerifier, extract_code
 from k15.rewards.sandbox import Sandbox, SandboxConfig, SandboxUnavailable, processes_of_uid
+from k15.rewards.verifiers import Verifier
 
 CONFIG = dict(wall_timeout_s=2.0, cpu_time_s=1, memory_mb=256, max_processes=8, max_output_bytes=64 << 10)
 _HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
@@ -330,6 +331,31 @@ def test_refuses_to_run_without_namespaces_unless_allowed(tmp_path, monkeypatch)
   assert sandbox.isolation == {"uid_drop": os.geteuid() == 0, "namespaces": False}
   assert sandbox.run({"main.py": "print(6 * 7)"}).stdout == b"42\n"
   sandbox.close()
+
+
+_ADD = {"domain": "code", "test_cases": [{"input": "2 3\n", "output": "5"}]}
+_ADDER = _py("a, b = map(int, input().split())\nprint(a + b)")
+
+
+def test_verifier_raises_when_the_sandbox_refuses(tmp_path, monkeypatch):
+  monkeypatch.setattr(sandbox_lib, "_interpreter_tree", lambda python: ([], []))  # as in the test above
+  with Verifier(sandbox_config=SandboxConfig(work_root=str(tmp_path), **CONFIG)) as verifier:
+    with pytest.raises(SandboxUnavailable):  # a configuration error, not a reward of 0
+      verifier([_ADDER], [_ADD])
+
+
+def test_verifier_scores_a_sandbox_failure_zero_and_counts_it(tmp_path):
+  work = tmp_path / "work"
+  work.mkdir()
+  with Verifier(sandbox_config=SandboxConfig(work_root=str(work), **CONFIG)) as verifier:
+    assert verifier([_ADDER], [_ADD]).tolist() == [1.0]
+    work.rmdir()  # no run directory can be made: the sandbox fails, not the program
+    assert verifier([_ADDER, _ADDER], [_ADD, _ADD]).tolist() == [0.0, 0.0]
+    assert verifier.failures == 2
+    assert [r for r in verifier.reasons if r.startswith("verifier failure: FileNotFoundError")], verifier.reasons
+    work.mkdir()
+    assert verifier([_ADDER], [_ADD]).tolist() == [1.0]  # a fresh sandbox on the next call
+    assert verifier.failures == 2
 
 
 def test_without_namespaces_root_removes_what_the_run_uid_left(tmp_path, shared_dir):
