@@ -9,10 +9,7 @@ Activations and FLOPs are estimates from the shapes (formulas below), for the wo
 prompts.max_prompt_len and every response at rl.max_response_len. The train step and a decode chunk are traced
 abstractly at full size on the mesh, which checks that every shape fits together.
 
-FLOPs count a multiply-add as 2, as the implementation computes them: per token the matmuls cost 2 * M with M the
-matmul weights (layers and the logits projection, not the embedding lookup), and attention over c positions costs
-4 * L * N * H * c, where c is the whole sequence for a full pass (the causal mask skips no work) and the whole cache
-capacity for a decode step. One RL iteration: decode of every response token, prefill of each prompt and of every
+FLOPs are k15.flops's count. One RL iteration: decode of every response token, prefill of each prompt and of every
 partial-rollout resume (its prefix re-encoded), one reference pass, and training (backward = 2x forward; remat adds
 one more forward).
 """
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from k15 import models, sharding
+from k15 import flops, models, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
                                           lock_config=True)
@@ -146,28 +143,16 @@ def _cache_bytes(model_cfg, mesh, num_slots: int, length: int):
   return tree_bytes(state, jax.tree.map(lambda _: shard, state))
 
 
-def matmul_weights(cfg) -> int:
-  """M: weights used in a matmul per token (layers and the logits projection; norms and biases left out)."""
-  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-  return L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D
-
-
-def forward_flops(cfg, length: int) -> float:
-  """One forward pass over a sequence of `length` tokens (attention scores for all length^2 pairs)."""
-  return 2 * matmul_weights(cfg) * length + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * length**2
-
-
 def iteration_flops(config, seq: dict) -> dict:
   """FLOPs of one RL iteration (worst case), by phase."""
   cfg, _ = _model_and_rules(config)
   n = int(config.rl.prompts_per_iteration) * int(config.rl.samples_per_prompt)
   Lp, R, budget = seq["prompt"], seq["response"], int(config.rl.token_budget)
-  attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim
-  decode = n * R * (2 * matmul_weights(cfg) + attn * seq["rollout_cache"])  # worst case: the cache at full length
+  decode = n * R * flops.token_flops(cfg, seq["rollout_cache"])  # worst case: the cache at full length
   segments = max(1, -(-R // budget))  # a response spans this many iterations; each resume re-encodes its prefix
-  prefill = n * sum(forward_flops(cfg, Lp + j * budget) for j in range(segments))
-  reference = n * forward_flops(cfg, Lp + R)
-  training = n * forward_flops(cfg, seq["train"]) * (4 if cfg.remat else 3)
+  prefill = n * sum(flops.forward_flops(cfg, Lp + j * budget) for j in range(segments))
+  reference = n * flops.forward_flops(cfg, Lp + R)
+  training = n * flops.forward_flops(cfg, seq["train"]) * (4 if cfg.remat else 3)
   out = dict(decode=decode, prefill=prefill, reference=reference, training=training)
   out["total"] = sum(out.values())
   return out
@@ -220,7 +205,7 @@ def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
   kv, kv_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["rollout_cache"])
   kv_eval, kv_eval_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["eval_cache"])
   acts = activation_bytes(config, sizes, seq)
-  flops = iteration_flops(config, seq)
+  work = iteration_flops(config, seq)
   devices = int(np.prod(list(sizes.values())))
   per_device = dict(params=params_dev, optimizer=opt_dev, gradients=params_dev, rollout_kv_cache=kv_dev,
                     eval_kv_cache=kv_eval_dev, activations=max(acts["train"], acts["reference"]))
@@ -228,8 +213,8 @@ def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
       model=model_cfg, sizes=sizes, devices=devices, info=info, seq=seq, num_params=model_cfg.num_params(),
       params_bytes=params, params_bytes_per_device=params_dev, opt_bytes=opt, opt_bytes_per_device=opt_dev,
       kv_bytes=kv, kv_bytes_per_device=kv_dev, eval_kv_bytes=kv_eval, eval_kv_bytes_per_device=kv_eval_dev,
-      activations=acts, per_device=per_device, total_per_device=sum(per_device.values()), flops=flops,
-      flops_per_device=flops["total"] / devices, problems=sharding_problems(config, sizes))
+      activations=acts, per_device=per_device, total_per_device=sum(per_device.values()), flops=work,
+      flops_per_device=work["total"] / devices, problems=sharding_problems(config, sizes))
 
 
 def abstract_trace(config, sizes: dict, prompt_len=None):
@@ -238,8 +223,7 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   Returns (loss, chunk output) as ShapeDtypeStructs; shape or sharding errors raise here, before any slice exists.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from k15.rl import loop, rollout  # pylint: disable=g-import-not-at-top
+  from k15.rl import loop, rollout, trainer  # pylint: disable=g-import-not-at-top
   from k15.sampling import engine, slots  # pylint: disable=g-import-not-at-top
   model_cfg, rules = _model_and_rules(config)
   mesh = abstract_mesh(sizes)
@@ -259,12 +243,7 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
     batch[name] = jax.ShapeDtypeStruct((rows, T - 1), jnp.float32, sharding=batch_sharding(2))
   for name in ("rewards", "weights"):
     batch[name] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch_sharding(1))
-  loss_fn = loop.make_loss_fn(model_cfg, config.rl)
-
-  def train_step(params, opt_state, batch):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  train_step = trainer.train_step(loop.make_loss_fn(model_cfg, config.rl), optimizer)
 
   class _Tok:  # the sampling config needs only the stop id
     eos_id = 1
@@ -275,12 +254,12 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
                                                   seq["rollout_cache"], seq["rollout_cache"]))
   state = with_sharding(state, jax.tree.map(lambda _: slot_shard, state))
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
-    _, _, loss = jax.eval_shape(train_step, params, opt_state, batch)
+    _, _, metrics = jax.eval_shape(train_step, params, opt_state, batch)
     def decode(p, s):  # sharded params: XLA's step, one SPMD loop
       return slots.decode_chunk(model_cfg, scfg, slot_shard, False, "xla", p, slots.decode_weights("xla", model_cfg, p),
                                 s, jnp.int32(1))
     _, chunk = jax.eval_shape(decode, params, state)
-  return loss, chunk
+  return metrics["loss"], chunk
 
 
 def _count(n):

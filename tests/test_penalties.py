@@ -51,9 +51,13 @@ def test_total_rewards_by_hand():
   r = [[1, 0, 1], [0, 0, 0]]
   lengths = [[100, 200, 300], [10, 20, 30]]
   reasons = [["eos", "eos", "eos"], ["eos", "repeat", "max_length"]]
-  total = penalties.total_rewards(r, lengths, reasons, length_weight=0.2, repeat_penalty_value=0.5)
+  total, length, repeat = penalties.total_rewards(r, lengths, reasons, length_weight=0.2, repeat_penalty_value=0.5)
   # Length rewards [[0.5, 0, -0.5], [0, 0, -0.5]] times 0.2, then -0.5 on the repeat sample.
+  np.testing.assert_allclose(length, [[0.1, 0.0, -0.1], [0.0, 0.0, -0.1]], rtol=1e-6)
+  np.testing.assert_array_equal(repeat, [[0, 0, 0], [0, -0.5, 0]])
   np.testing.assert_allclose(total, [[1.1, 0.0, 0.9], [0.0, -0.5, -0.1]], rtol=1e-6)
-  np.testing.assert_array_equal(penalties.total_rewards(r, lengths), r)  # w = 0, no reasons: unchanged
+  eos = [["eos"] * 3] * 2
+  unchanged = penalties.total_rewards(r, lengths, eos, length_weight=0.0, repeat_penalty_value=0.5).total
+  np.testing.assert_array_equal(unchanged, r)  # w = 0, no repeat stop: the verifier rewards
   with pytest.raises(ValueError, match="shape"):
-    penalties.total_rewards(r, lengths, ["eos"] * 6, repeat_penalty_value=0.5)
+    penalties.total_rewards(r, lengths, ["eos"] * 6, length_weight=0.0, repeat_penalty_value=0.5)

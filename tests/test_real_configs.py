@@ -13,8 +13,8 @@ import pytest
 
 from experiments import plan
 from experiments.configs import qwen_math_1p5b, qwen_math_7b
-from k15 import models, sharding
-from k15.rl import loop
+from k15 import flops, models, sharding
+from k15.rl import loop, trainer
 from launch import tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,14 +145,14 @@ def test_forward_flops_match_xla_cost_analysis():
   tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
   compiled = jax.jit(lambda p, t: models.forward(cfg, p, t)).lower(models.abstract_params(cfg), tokens).compile()
   xla = compiled.cost_analysis()["flops"]
-  assert 2 * plan.forward_flops(cfg, 128) == pytest.approx(xla, rel=0.02)
+  assert 2 * flops.forward_flops(cfg, 128) == pytest.approx(xla, rel=0.02)
 
 
 def test_iteration_flops_by_hand():
   config, _, _ = _build("qwen_math_1p5b", "v5p-32")
   cfg, _ = models.split_hf_path(config.model)
   f = plan.iteration_flops(config, plan.lengths(config))
-  n, M = 128 * 8, plan.matmul_weights(cfg)
+  n, M = 128 * 8, flops.matmul_weights(cfg)
   attn = 4 * 28 * 12 * 128
   assert M == 28 * (1536 * 1536 * 2 + 2 * 1536 * 256 + 3 * 1536 * 8960) + 151936 * 1536
   assert f["decode"] == pytest.approx(n * 3584 * (2 * M + attn * 4096))
@@ -169,7 +169,7 @@ def test_reference_logp_in_chunks_equals_one_pass():
   tokens = np.random.RandomState(0).randint(0, 64, (11, 9)).astype(np.int32)
   fn = lambda p, b: models.token_logprobs(cfg, p, b["tokens"])
   calls = []
-  chunked = loop._reference_logp(lambda p, b: calls.append(b["tokens"].shape) or fn(p, b), params, tokens, 4)
+  chunked = trainer.in_chunks(lambda p, b: calls.append(b["tokens"].shape) or fn(p, b), params, {"tokens": tokens}, 4)
   assert calls == [(4, 9)] * 3  # 11 rows: 4 + 4 + 3 padded to 4
   np.testing.assert_allclose(chunked, np.asarray(fn(params, {"tokens": tokens})), rtol=1e-5, atol=1e-6)
 

@@ -9,15 +9,13 @@ correctness, not brevity.
 `dpo_train` then minimizes the DPO loss (k15.rl.losses.dpo_loss) over those pairs, with a frozen reference (the
 long-CoT model) whose sequence log-probs are computed once.
 """
-from typing import Optional, Sequence
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from k15 import models
 from k15.rl import batching, losses, sft
-from k15.rl.metrics import MetricsLogger
+from k15.rl.trainer import in_chunks, train_steps
 
 
 def build_dpo_pairs(lengths_G, correct_G, long_factor: float = 1.5) -> list[tuple[int, int]]:
@@ -46,14 +44,12 @@ def build_dpo_pairs_batch(lengths_PxG, correct_PxG, long_factor: float = 1.5) ->
 
 def sequence_logp(model_cfg, params, tokens_BxT, mask_BxTm1):
   """Sum of the masked response-token log-probs per row (the report's sequence log-probability), shape B."""
-  logp_BxTm1 = models.token_logprobs(model_cfg, params, tokens_BxT)
-  return jnp.sum(jnp.where(mask_BxTm1 > 0, logp_BxTm1 * mask_BxTm1, 0.0), axis=-1)
+  return losses.masked_sum(models.token_logprobs(model_cfg, params, tokens_BxT), mask_BxTm1)
 
 
 def dpo_train(trainer, params, ref_params, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
               rejected: Sequence[Sequence[int]], *, steps: int, batch_size: int, learning_rate: float,
-              warmup_steps: int, beta: float, pad_id: int, seed: int, logger: Optional[MetricsLogger] = None,
-              log_every: int = 25):
+              warmup_steps: int, beta: float, pad_id: int, seed: int, logger=None, log_every: int = 25):
   """DPO on (prompt, chosen, rejected) triples; returns the new params (params are donated, ref_params kept).
 
   Responses are token lists that end with eos. Each step draws batch_size pairs and scores chosen and rejected
@@ -70,28 +66,19 @@ def dpo_train(trainer, params, ref_params, prompts: Sequence[Sequence[int]], cho
   tokens_c, mask_c = batching.pack(prompts, chosen, seq_len, pad_id)
   tokens_r, mask_r = batching.pack(prompts, rejected, seq_len, pad_id)
 
-  # The reference is frozen: its sequence log-probs once, in fixed-size chunks (one compile; the tail is padded).
+  # The reference is frozen: its sequence log-probs once.
   ref_fn = trainer.make_eval(lambda p, b: sequence_logp(cfg, p, b["tokens"], b["mask"]))
-  ref_c, ref_r = np.zeros(n, np.float32), np.zeros(n, np.float32)
-  for start in range(0, n, batch_size):
-    rows = np.minimum(np.arange(start, start + batch_size), n - 1)
-    take = min(batch_size, n - start)
-    ref_c[start:start + take] = np.asarray(ref_fn(ref_params, {"tokens": tokens_c[rows], "mask": mask_c[rows]}))[:take]
-    ref_r[start:start + take] = np.asarray(ref_fn(ref_params, {"tokens": tokens_r[rows], "mask": mask_r[rows]}))[:take]
+  ref_c = in_chunks(ref_fn, ref_params, {"tokens": tokens_c, "mask": mask_c}, batch_size)
+  ref_r = in_chunks(ref_fn, ref_params, {"tokens": tokens_r, "mask": mask_r}, batch_size)
 
   def loss_fn(params, batch):
     seq_2B = sequence_logp(cfg, params, batch["tokens"], batch["mask"])
     return losses.dpo_loss(seq_2B[:batch_size], seq_2B[batch_size:], batch["ref_c"], batch["ref_r"], beta)
 
-  optimizer = sft.sft_optimizer(learning_rate, steps, warmup_steps)
-  step_fn = trainer.make_step(loss_fn, optimizer)
-  opt_state = trainer.init_opt_state(optimizer, params)
-  rng = np.random.default_rng(seed)
-  for step in range(1, steps + 1):
-    idx = rng.choice(n, size=batch_size, replace=n < batch_size)
-    batch = {"tokens": np.concatenate([tokens_c[idx], tokens_r[idx]]),
-             "mask": np.concatenate([mask_c[idx], mask_r[idx]]), "ref_c": ref_c[idx], "ref_r": ref_r[idx]}
-    params, opt_state, metrics = step_fn(params, opt_state, batch)
-    if logger is not None and (step % log_every == 0 or step == steps):
-      logger.write(step, jax.device_get(metrics), show=("loss", "reward_accuracy", "margin_mean"))
-  return params
+  def batch_fn(idx):
+    return {"tokens": np.concatenate([tokens_c[idx], tokens_r[idx]]),
+            "mask": np.concatenate([mask_c[idx], mask_r[idx]]), "ref_c": ref_c[idx], "ref_r": ref_r[idx]}
+
+  return train_steps(trainer, params, loss_fn, sft.sft_optimizer(learning_rate, steps, warmup_steps), batch_fn, n,
+                     steps=steps, batch_size=batch_size, seed=seed, logger=logger, log_every=log_every,
+                     show=("loss", "reward_accuracy", "margin_mean"))

@@ -3,7 +3,7 @@
 Arrays are numpy, shaped [..., G]: the last axis is one prompt's group of G samples (PxG for a batch, or a single
 group of G). Rewards are computed after the verifiers, before the batch goes to the device.
 """
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -43,20 +43,23 @@ def repeat_penalty(finish_reasons: Sequence, penalty: float) -> np.ndarray:
   return np.where(reasons == REPEAT, -abs(float(penalty)), 0.0).astype(np.float32)
 
 
-def total_rewards(verifier_rewards_PxG, lengths_PxG, finish_reasons_PxG=None, *, length_weight=0.0,
-                  repeat_penalty_value=0.0) -> np.ndarray:
-  """r + w * len_reward - |repeat_penalty_value| * [finished by "repeat"], float32, shape of the rewards.
+class Rewards(NamedTuple):
+  """The total reward of each sample and its shaping terms, all float32 of the verifier rewards' shape."""
+  total: np.ndarray  # verifier + length + repeat
+  length: np.ndarray  # w * len_reward
+  repeat: np.ndarray  # -|repeat penalty| on "repeat" stops
+
+
+def total_rewards(verifier_rewards_PxG, lengths_PxG, finish_reasons_PxG, *, length_weight: float,
+                  repeat_penalty_value: float) -> Rewards:
+  """r + w * len_reward - |repeat_penalty_value| * [finished by "repeat"].
 
   length_weight is w for this iteration (see `length_penalty_weight`); correctness for the length penalty is
-  verifier reward == 1. The length penalty is skipped entirely when w == 0.
+  verifier reward == 1.
   """
   r = np.asarray(verifier_rewards_PxG, np.float32)
-  total = r.copy()
-  if length_weight:
-    total += np.float32(length_weight) * length_penalty(lengths_PxG, r)
-  if finish_reasons_PxG is not None:
-    rep = repeat_penalty(finish_reasons_PxG, repeat_penalty_value)
-    if rep.shape != r.shape:
-      raise ValueError(f"finish_reasons shape {rep.shape} != rewards shape {r.shape}")
-    total += rep
-  return total
+  length = np.float32(length_weight) * length_penalty(lengths_PxG, r)
+  repeat = repeat_penalty(finish_reasons_PxG, repeat_penalty_value)
+  if repeat.shape != r.shape:
+    raise ValueError(f"finish_reasons shape {repeat.shape} != rewards shape {r.shape}")
+  return Rewards(r + length + repeat, length, repeat)

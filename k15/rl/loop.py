@@ -18,6 +18,7 @@ from k15.rewards import penalties, verifiers
 from k15.rl import batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
 from k15.rl.prompt_sampler import CurriculumStage, PromptSampler
+from k15.rl.trainer import in_chunks
 from k15.sampling import ReplayBuffer, Request, RolloutEngine
 
 
@@ -119,9 +120,9 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   texts = [tokenizer.decode(t.response_tokens) for t in trajs]
   correct = verifier(texts, [ex for ex in examples for _ in range(G)]).reshape(-1, G)
   lengths = np.array([len(t.response_tokens) for t in trajs], np.float32).reshape(-1, G)
-  len_reward = penalties.length_penalty(lengths, correct)
-  repeat = penalties.repeat_penalty([t.finish_reason for t in trajs], rl_cfg.repeat_penalty).reshape(-1, G)
-  rewards = correct + length_weight * len_reward + repeat
+  reasons = np.array([t.finish_reason for t in trajs], dtype=object).reshape(-1, G)
+  rewards, length_term, _ = penalties.total_rewards(correct, lengths, reasons, length_weight=length_weight,
+                                                    repeat_penalty_value=rl_cfg.repeat_penalty)
   loss_from = [rollout.newest_segment_start(t) if rl_cfg.mask_old_segments else 0 for t in trajs]
   seq_len = 32 * -(-max(len(t.prompt_tokens) + len(t.response_tokens) for t in trajs) // 32)
   tokens, mask = batching.pack([t.prompt_tokens for t in trajs], [t.response_tokens for t in trajs], seq_len,
@@ -132,7 +133,7 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
       "verifier_failures": verifier.failures,  # responses scored 0 because their verifier failed, so far
       "reward": rewards.mean(),
       "length_penalty_weight": length_weight,
-      "length_penalty_share": np.abs(length_weight * len_reward).sum() / max(np.abs(rewards).sum(), 1e-9),
+      "length_penalty_share": np.abs(length_term).sum() / max(np.abs(rewards).sum(), 1e-9),
       "response_len_mean": lengths.mean(),
       "response_len_max": lengths.max(),
       "groups_trained": len(groups),
@@ -154,18 +155,6 @@ def _pad_groups(batch, n_groups, G):
 def _minibatch_rows(n_groups, minibatches, G):
   per = -(-n_groups // minibatches)
   return 4 * -(-per // 4) * G  # whole groups, padded to a multiple of 4: few shapes, little waste
-
-
-def _reference_logp(ref_fn, params, tokens, rows):
-  """ref_fn over chunks of `rows` rows (the last one padded): float32 logits of one minibatch at a time, not of
-  the whole iteration (with a 150k vocab, that alone would exceed a chip's memory)."""
-  out = []
-  for start in range(0, len(tokens), rows):
-    chunk = tokens[start:start + rows]
-    n = len(chunk)
-    chunk = np.concatenate([chunk, np.zeros((rows - n,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(ref_fn(params, {"tokens": chunk}))[:n])
-  return np.concatenate(out)
 
 
 def iter_minibatches(batch, n_groups, minibatches, G, rng):
@@ -248,7 +237,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=N
       state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
       # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
       rows = _minibatch_rows(len(groups), rl.minibatches, G)
-      batch["ref_logp"] = _reference_logp(ref_fn, params, batch["tokens"], rows)
+      batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
       if rl.reset_optimizer:
         opt_state = trainer.init_opt_state(optimizer, params)
       step_metrics = []

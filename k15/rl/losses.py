@@ -22,8 +22,11 @@ import jax.numpy as jnp
 _sg = jax.lax.stop_gradient
 
 
-def _masked_sum(x_BxT, mask_BxT):
-  # where, not multiply alone: -inf log-probs on padding would turn 0 * -inf into nan.
+def masked_sum(x_BxT, mask_BxT):
+  """sum_t mask*x per row: with per-token log-probs, the sequence log-probability of the masked tokens.
+
+  where, not multiply alone: -inf log-probs on padding would turn 0 * -inf into nan.
+  """
   return jnp.sum(jnp.where(mask_BxT > 0, x_BxT * mask_BxT, 0.0), axis=-1)
 
 
@@ -92,10 +95,10 @@ def k15_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, tau, *,
   rewards_B = _sg(rewards_B.astype(jnp.float32))
   w_B = _weights(sample_weights_B, rewards_B)
   ref_logp_BxT = _sg(ref_logp_BxT)
-  seq_logp_B = _masked_sum(logp_BxT, mask_BxT)
+  seq_logp_B = masked_sum(logp_BxT, mask_BxT)
   delta_BxT = logp_BxT - ref_logp_BxT
-  d_B = _masked_sum(delta_BxT, mask_BxT)
-  q_B = d_B**2 if log_ratio == "sequence" else _masked_sum(delta_BxT**2, mask_BxT)
+  d_B = masked_sum(delta_BxT, mask_BxT)
+  q_B = d_B**2 if log_ratio == "sequence" else masked_sum(delta_BxT**2, mask_BxT)
   b_B = group_baseline(rewards_B, group_size, baseline, tau)
   adv_B = _sg(rewards_B - b_B)
 
@@ -127,7 +130,7 @@ def reinforce_loss(logp_BxT, ref_logp_BxT, mask_BxT, rewards_B, group_size, *, s
   The k1.5 loss with tau = 0; ref_logp_BxT is unused (kept for the uniform signature).
   """
   del ref_logp_BxT
-  seq_logp_B = _masked_sum(logp_BxT, mask_BxT)
+  seq_logp_B = masked_sum(logp_BxT, mask_BxT)
   rewards_B = _sg(rewards_B.astype(jnp.float32))
   w_B = _weights(sample_weights_B, rewards_B)
   adv_B = _sg(rewards_B - group_baseline(rewards_B, group_size))
@@ -154,13 +157,13 @@ def grpo_loss(logp_BxT, old_logp_BxT, mask_BxT, rewards_B, group_size, *, clip_e
   clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps)
   obj_BxT = jnp.minimum(ratio_BxT * adv_Bx1, clipped_BxT * adv_Bx1)
   n_tokens = jnp.maximum(jnp.sum(mask_BxT), 1e-12)
-  loss = -jnp.sum(_masked_sum(obj_BxT, mask_BxT)) / n_tokens
+  loss = -jnp.sum(masked_sum(obj_BxT, mask_BxT)) / n_tokens
   # A token is clipped when the clipped branch is the smaller one (its gradient is then zero).
   is_clipped_BxT = (clipped_BxT * adv_Bx1 < ratio_BxT * adv_Bx1).astype(jnp.float32)
   return loss, {
       "loss": loss,
-      "clip_fraction": jnp.sum(_masked_sum(is_clipped_BxT, mask_BxT)) / n_tokens,
-      "ratio_mean": jnp.sum(_masked_sum(ratio_BxT, mask_BxT)) / n_tokens,
+      "clip_fraction": jnp.sum(masked_sum(is_clipped_BxT, mask_BxT)) / n_tokens,
+      "ratio_mean": jnp.sum(masked_sum(ratio_BxT, mask_BxT)) / n_tokens,
       "advantage_abs_mean": jnp.mean(jnp.abs(adv_PxG)),
       "reward_mean": jnp.mean(rewards_B),  # unweighted, like the group statistics
   }
@@ -179,7 +182,7 @@ def sft_loss(logp_or_logits, mask_BxT, targets_BxT=None):
     logp_BxT = jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
   else:
     logp_BxT = logp_or_logits
-  loss = -jnp.sum(_masked_sum(logp_BxT, mask_BxT)) / jnp.maximum(jnp.sum(mask_BxT), 1e-12)
+  loss = -jnp.sum(masked_sum(logp_BxT, mask_BxT)) / jnp.maximum(jnp.sum(mask_BxT), 1e-12)
   return loss, {"loss": loss, "num_tokens": jnp.sum(mask_BxT > 0)}
 
 

@@ -14,6 +14,18 @@ import optax
 from k15 import models, sharding
 
 
+def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+  """step(params, opt_state, batch) -> (params, opt_state, metrics): one gradient step on loss_fn(params, batch) ->
+  (loss, metrics); the metrics gain the gradient's global norm. Pure: Trainer.make_step jits it on a mesh,
+  experiments/plan.py traces it abstractly."""
+  def step(params, opt_state, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return optax.apply_updates(params, updates), opt_state, metrics
+  return step
+
+
 class Trainer:
   """Holds the mesh, rules and shardings of a run; builds jitted steps and places arrays."""
 
@@ -57,13 +69,7 @@ class Trainer:
 
     params and opt_state are donated: callers keep only what the step returns.
     """
-    def step(params, opt_state, batch):
-      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-      return optax.apply_updates(params, updates), opt_state, metrics
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(train_step(loss_fn, optimizer), donate_argnums=(0, 1))
 
     def run(params, opt_state, batch):
       with self.context():
@@ -79,3 +85,36 @@ class Trainer:
       with self.context():
         return sharding.to_host(jitted(params, self.shard_batch(batch)))
     return run
+
+
+def in_chunks(fn: Callable, params, batch: dict, rows: int) -> np.ndarray:
+  """fn(params, chunk) over chunks of `rows` rows of `batch` (the last padded with zero rows, dropped again).
+
+  One compiled shape, and the memory of one chunk: the float32 logits of a whole iteration's rows would not fit
+  a chip with a 150k vocab. fn is row-wise (e.g. a Trainer.make_eval of log-probs).
+  """
+  n = len(next(iter(batch.values())))
+  out = []
+  for start in range(0, n, rows):
+    chunk = {k: v[start:start + rows] for k, v in batch.items()}
+    m = len(next(iter(chunk.values())))
+    chunk = {k: np.concatenate([v, np.zeros((rows - m,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+    out.append(np.asarray(fn(params, chunk))[:m])
+  return np.concatenate(out)
+
+
+def train_steps(trainer: Trainer, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
+                batch_fn: Callable, num_examples: int, *, steps: int, batch_size: int, seed: int,
+                logger=None, log_every: int = 50, show: tuple = ("loss",)):
+  """`steps` gradient steps of loss_fn, each on batch_fn(indices) for batch_size example indices drawn by a seeded
+  rng (with replacement only when there are fewer examples); a fresh optimizer state. Returns the new params
+  (params are donated). logger: a MetricsLogger, written every log_every steps and at the last."""
+  step_fn = trainer.make_step(loss_fn, optimizer)
+  opt_state = trainer.init_opt_state(optimizer, params)
+  rng = np.random.default_rng(seed)
+  for step in range(1, steps + 1):
+    idx = rng.choice(num_examples, size=batch_size, replace=num_examples < batch_size)
+    params, opt_state, metrics = step_fn(params, opt_state, batch_fn(idx))
+    if logger is not None and (step % log_every == 0 or step == steps):
+      logger.write(step, jax.device_get(metrics), show=show)
+  return params
