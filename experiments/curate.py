@@ -35,27 +35,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["input", "output", "model"])
 
 
-def make_reward_fn(domain: str, workers: int, stack):
-  """(texts, prompts) -> rewards with the domain's verifier; pools are closed by `stack`."""
-  if domain == "math":
-    from k15.rewards.math_pool import MathVerifierPool  # pylint: disable=g-import-not-at-top
-    pool = stack.enter_context(MathVerifierPool(num_workers=workers))
-    return lambda texts, ps: [r.reward for r in pool.score(texts, [p["answer"] for p in ps])]
-  if domain == "code":
-    from k15.rewards.code import CodeVerifier  # pylint: disable=g-import-not-at-top
-    verifier = stack.enter_context(CodeVerifier(num_workers=workers))
-    return lambda texts, ps: [r.reward for r in verifier.score(texts, [p["test_cases"] for p in ps])]
-  from k15.rewards.arith import arith_reward  # pylint: disable=g-import-not-at-top
-  return lambda texts, ps: [arith_reward(t, p["answer"]) for t, p in zip(texts, ps)]
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from k15 import models  # pylint: disable=g-import-not-at-top
   from k15.data import curation, prompts, tokenizer  # pylint: disable=g-import-not-at-top
+  from k15.rewards.verifiers import Verifier  # pylint: disable=g-import-not-at-top
 
   pool = prompts.read_prompts(_INPUT.value, _DOMAIN.value, json.loads(_FIELD_MAP.value or "{}"))
   if _LIMIT.value:
@@ -67,9 +53,8 @@ def main(argv):
       n_samples=_N_SAMPLES.value, temperature=_TEMPERATURE.value, max_new_tokens=_MAX_NEW.value,
       cot_template=_COT_TEMPLATE.value, hack_tries=_HACK_TRIES.value, direct_template=_DIRECT_TEMPLATE.value,
       levels=_LEVELS.value, num_slots=_NUM_SLOTS.value)
-  with contextlib.ExitStack() as stack:
-    reward_fn = make_reward_fn(_DOMAIN.value, _WORKERS.value, stack)
-    kept, counts = curation.curate(pool, cfg, params, tok, reward_fn, config, jax.random.PRNGKey(_SEED.value))
+  with Verifier(default_domain=_DOMAIN.value, math_workers=_WORKERS.value) as verifier:
+    kept, counts = curation.curate(pool, cfg, params, tok, verifier, config, jax.random.PRNGKey(_SEED.value))
   prompts.write_jsonl(_OUTPUT.value, kept)
   print(f"{len(pool)} prompts -> {len(kept)} kept in {_OUTPUT.value}")
   for reason in ("multiple_choice", "true_false", "proof", "guessable"):

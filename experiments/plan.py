@@ -1,12 +1,12 @@
 """Memory and FLOPs of a config on a mesh, per device, without weights or devices: pick a slice before paying for it.
 
-  python -m experiments.plan --config=experiments/configs/qwen_math_1p5b.py
-  python -m experiments.plan --config=experiments/configs/qwen_math_7b.py:v5p-128 --mesh=data=1,fsdp=16,tensor=4
+  python -m experiments.plan --config=experiments/configs/qwen_math.py:1.5b,v5p-32
+  python -m experiments.plan --config=experiments/configs/qwen_math.py:7b,v5p-128 --mesh=data=1,fsdp=16,tensor=4
 
 Params and optimizer state are the abstract leaves (jax.eval_shape) split by the shardings the run would use, on
 a jax.sharding.AbstractMesh of the slice's shape; the KV caches are the rollout engine's own arrays at full length.
 Activations and FLOPs are estimates from the shapes (formulas below), for the worst case: every prompt at
-prompts.max_prompt_len and every response at rl.max_response_len. The train step and a decode chunk are traced
+data.max_prompt_len and every response at rl.max_response_len. The train step and a decode chunk are traced
 abstractly at full size on the mesh, which checks that every shape fits together.
 
 FLOPs are k15.flops's count. One RL iteration: decode of every response token, prefill of each prompt and of every
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
+from k15 import config as config_lib
 from k15 import flops, models, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
@@ -33,7 +34,7 @@ _ACCELERATOR = flags.DEFINE_string("accelerator", None,
                                    "TPU slice, e.g. v5p-128 or v5litepod-32 (default: config.tpu.accelerator_type): "
                                    "the device count for a -1 mesh axis, HBM and peak FLOP/s.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Device count when no accelerator is known.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens when the config has no prompts.max_prompt_len.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens when the config has no data.max_prompt_len.")
 _TRACE = flags.DEFINE_bool("trace", True, "Trace the train step and a decode chunk abstractly at full size.")
 
 GiB = 2**30
@@ -52,7 +53,7 @@ def parse_mesh(text: str) -> dict:
 
 def slice_of(config, accelerator=None):
   """The TPU slice facts (launch.tpu.slice_info) of --accelerator or config.tpu.accelerator_type, or None."""
-  accelerator = accelerator or (config.tpu.accelerator_type if "tpu" in config else None)
+  accelerator = accelerator or (config.tpu.accelerator_type if config.tpu else None)
   if not accelerator:
     return None
   from launch import tpu  # pylint: disable=g-import-not-at-top
@@ -61,7 +62,7 @@ def slice_of(config, accelerator=None):
 
 def resolve_mesh(config, mesh_sizes=None, info=None, devices=None) -> dict:
   """Mesh axis sizes for the plan: --mesh or config.mesh, a -1 axis taking the slice's remaining devices."""
-  sizes = dict(mesh_sizes or config.mesh)
+  sizes = dict(mesh_sizes or config.mesh.sizes())
   devices = info["chips"] if info else devices
   if devices is None:
     if any(v == -1 for v in sizes.values()):
@@ -87,7 +88,7 @@ def tree_bytes(abstract_tree, shardings=None):
 
 def lengths(config, prompt_len=None) -> dict:
   """Worst-case sequence lengths of the run, as the loop and the engines round them."""
-  Lp = int(config.prompts.max_prompt_len) if "prompts" in config else int(prompt_len or _PROMPT_LEN.default)
+  Lp = config.data.max_prompt_len if config.data.source == "prompts" else int(prompt_len or _PROMPT_LEN.default)
   R = int(config.rl.max_response_len)
   return dict(prompt=Lp, response=R, rollout_cache=8 * -(-(Lp + R) // 8), train=32 * -(-(Lp + R) // 32),
               eval_cache=16 * -(-(Lp + int(config.eval.max_response_len)) // 16))
@@ -100,8 +101,7 @@ def minibatch_rows(config) -> int:
 
 
 def _model_and_rules(config):
-  model_cfg, _ = models.split_hf_path(config.model)
-  return model_cfg, tuple(tuple(r) for r in config.sharding.logical_axis_rules)
+  return config.model, tuple(tuple(r) for r in config.sharding.logical_axis_rules)
 
 
 def sharding_problems(config, sizes: dict) -> list:
@@ -245,9 +245,8 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
     batch[name] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch_sharding(1))
   train_step = trainer.train_step(loop.make_loss_fn(model_cfg, config.rl), optimizer)
 
-  class _Tok:  # the sampling config needs only the stop id
-    eos_id = 1
-  scfg = rollout.sampling_config(config, _Tok(), seq["rollout_cache"])
+  scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=seq["rollout_cache"],
+                                 max_new_tokens=config.rl.max_response_len, temperature=config.sampling.temperature)
   slot_axes, _ = engine.slot_axes_of(mesh)
   slot_shard = NamedSharding(mesh, PartitionSpec(slot_axes))
   state = jax.eval_shape(lambda: slots.init_state(model_cfg, int(config.sampling.num_slots),
@@ -320,8 +319,8 @@ def format_plan(p: dict, name: str = "") -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
   try:
+    config = config_lib.from_config_dict(_CONFIG.value)
     info = slice_of(config, _ACCELERATOR.value)
     sizes = resolve_mesh(config, parse_mesh(_MESH.value) if _MESH.value else None, info, _DEVICES.value)
   except Exception as e:  # a flag or mesh that does not describe a slice: say which, without a traceback

@@ -2,7 +2,7 @@
 
   python -m launch.tpu up --name=k15-v5p --zone=us-east5-a --accelerator=v5p-64 \
       --workdir=gs://my-bucket/k15/qwen1p5b -- \
-      --config=experiments/configs/qwen_math_1p5b.py:v5p-64 --config.model.hf_path=/path/on/workers
+      --config=experiments/configs/qwen_math.py:1.5b,v5p-64 --config.model.hf_path=/path/on/workers
 
 Subcommands: create (reuses a slice that already exists), setup (copies this checkout to every worker and
 installs it with jax[tpu]), run (mounts the workdir's bucket with gcsfuse on every worker and starts

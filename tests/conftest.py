@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices for sharding tests, TensorFlow/TFDS kept out of $HOME."""
+"""Test setup: 8 fake CPU devices for sharding tests, TensorFlow/TFDS kept out of $HOME; fixtures shared by the
+test files."""
 import os
 import shutil
 import tempfile
@@ -33,3 +34,24 @@ def needs_amx(needs_native_step):
   from k15.sampling import native  # pylint: disable=g-import-not-at-top
   if not native.amx_available():
     pytest.skip("this CPU has no AMX tiles (or the native build does not target them)")
+
+
+PROMPT_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "prompts")
+
+
+@pytest.fixture(scope="session")
+def prompt_files():
+  """The prompt-file fixtures by name: gsm8k_style, math_style (MATH's field names), code_style."""
+  return {name: os.path.join(PROMPT_FIXTURES, f"{name}.jsonl") for name in ("gsm8k_style", "math_style", "code_style")}
+
+
+@pytest.fixture(scope="session")
+def math_main_job(tmp_path_factory):
+  """The main job of experiments/configs/qwen_math.py:smoke (prompt files, math-verify rewards, a tiny random
+  model), run once: (workdir, typed config, summary)."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import qwen_math  # pylint: disable=g-import-not-at-top
+  from k15 import config as config_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("math_main_job"))
+  config = config_lib.from_config_dict(qwen_math.get_config("smoke"))
+  return workdir, config, train.run(config, workdir)

@@ -1,12 +1,17 @@
 """Experiment configs: flag overrides, clear errors for unknown keys and wrong types; a light `import k15`."""
+import ast
+import dataclasses
+import importlib
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from k15 import config as config_lib
 from k15 import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +26,11 @@ def parse(*overrides, variant=""):
   return fv.config
 
 
-def test_overrides_reach_the_model_config():
+def test_overrides_reach_the_typed_config():
   config = parse("--config.model.n_layers=4", "--config.rl.tau=0.25", "--config.rl.loss=grpo")
-  assert config.model.n_layers == 4 and config.rl.tau == 0.25 and config.rl.loss == "grpo"
-  cfg = models.ModelConfig.from_dict(config.model)
-  assert cfg.n_layers == 4 and cfg.vocab_size == config.model.vocab_size
+  typed = config_lib.from_config_dict(config)
+  assert typed.model.n_layers == 4 and typed.rl.tau == 0.25 and typed.rl.loss == "grpo"
+  assert typed.model.vocab_size == config.model.vocab_size and typed.hf_path == ""
 
 
 def test_smoke_variant_is_smaller():
@@ -43,11 +48,11 @@ def test_wrong_type_is_a_clear_error():
     parse("--config.model.n_layers=four")
 
 
-def test_unknown_model_field_in_a_config_file_is_named():
-  config = parse().model.to_dict()
-  config["n_layerz"] = 3
-  with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layerz'\]"):
-    models.ModelConfig.from_dict(config)
+def test_unknown_field_in_a_config_file_is_named():
+  config = parse().to_dict()
+  config["model"]["n_layerz"] = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.n_layerz: unknown field; did you mean 'n_layers'"):
+    config_lib.from_config_dict(config)
 
 
 def test_invalid_model_values_are_named():
@@ -68,3 +73,76 @@ def test_import_k15_stays_light():
           "heavy = [m for m in ('tensorflow', 'torch', 'seqio') if m in sys.modules]\n"
           "assert not heavy, heavy\n")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+CONFIG_FILES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                      if f.endswith(".py") and f not in ("__init__.py", "architectures.py"))
+
+
+def _load(name):
+  return importlib.import_module(f"experiments.configs.{name}")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_and_variant_builds_on_its_own(name):
+  with open(os.path.join(CONFIG_DIR, f"{name}.py")) as f:
+    tree = ast.parse(f.read())
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  others = sorted(m for m in imported if m.startswith("experiments.configs") and m != "experiments.configs.architectures")
+  assert not others, f"{name}.py builds on other configs: {others}"
+  module = _load(name)
+  assert module.VARIANTS
+  for variant in module.VARIANTS:
+    typed = config_lib.from_config_dict(module.get_config(variant))
+    assert typed.model.num_params() > 0
+  with pytest.raises(ValueError, match="unknown config variant"):
+    module.get_config("no-such-variant")
+
+
+def _sections(cls=config_lib.Config, seen=None):
+  """Every dataclass reachable from cls's fields (the typed config's sections)."""
+  seen = {} if seen is None else seen
+  seen[cls.__name__] = cls
+  for hint in typing.get_type_hints(cls).values():
+    for t in (hint,) + typing.get_args(hint) + tuple(a for x in typing.get_args(hint) for a in typing.get_args(x)):
+      if dataclasses.is_dataclass(t) and t.__name__ not in seen:
+        _sections(t, seen)
+  return seen
+
+
+def _attributes_read(paths, skip_functions=("__post_init__",)):
+  """Attribute names read anywhere in the given files, outside functions named in skip_functions (checks)."""
+  names = set()
+
+  def visit(node):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in skip_functions:
+      return
+    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+      names.add(node.attr)
+    for child in ast.iter_child_nodes(node):
+      visit(child)
+
+  for path in paths:
+    with open(path) as f:
+      visit(ast.parse(f.read()))
+  return names
+
+
+def unread_fields(sections) -> list:
+  """Fields of the typed sections that no code in k15/ or experiments/ (not the config files) reads."""
+  paths = [os.path.join(root, f) for top in ("k15", "experiments") for root, _, files in os.walk(os.path.join(REPO, top))
+           for f in files if f.endswith(".py") and os.sep + "configs" not in root]
+  read = _attributes_read(paths)
+  return [f"{name}.{f.name}" for name, cls in sorted(sections.items()) for f in dataclasses.fields(cls)
+          if f.name not in read]
+
+
+def test_every_config_field_is_read_somewhere():
+  sections = _sections()
+  assert {"RLConfig", "RolloutConfig", "ArithDataConfig", "PromptDataConfig", "Long2ShortConfig", "ModelConfig",
+          "CurriculumStage", "PromptFile"} <= set(sections)
+  assert unread_fields(sections) == []
+  dead = dataclasses.make_dataclass("DeadConfig", [("max_len_nobody_reads", int), ("iterations", int)])
+  assert unread_fields({"DeadConfig": dead}) == ["DeadConfig.max_len_nobody_reads"]

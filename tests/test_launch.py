@@ -65,7 +65,7 @@ def test_up_dry_run_prints_every_step_without_gcloud(monkeypatch):
   out = io.StringIO()
   rc = tpu.main(["up", "--name=k15-pod", "--zone=us-east5-a", "--accelerator=v5p-64",
                  "--workdir=gs://my-bucket/runs/q15", "--dry_run", "--",
-                 "--config=experiments/configs/qwen_math_1p5b.py:v5p-64", "--config.rl.tau=0.05"], stream=out)
+                 "--config=experiments/configs/qwen_math.py:1.5b,v5p-64", "--config.rl.tau=0.05"], stream=out)
   assert rc == 0
   lines = [l for l in out.getvalue().splitlines() if l.startswith("+ ")]
   assert [l.split()[5] for l in lines] == ["describe", "create", "scp", "ssh", "ssh"]
@@ -73,7 +73,7 @@ def test_up_dry_run_prints_every_step_without_gcloud(monkeypatch):
   assert "--worker=all" in run_line and "gcsfuse --implicit-dirs my-bucket /tmp/k15-gcs/my-bucket" in run_line
   assert "K15_NUM_PROCESSES=8" in run_line  # v5p-64: 32 chips on 8 hosts, one process each
   assert ("python3 -m experiments.train --workdir=/tmp/k15-gcs/my-bucket/runs/q15 "
-          "--config=experiments/configs/qwen_math_1p5b.py:v5p-64 --config.rl.tau=0.05") in run_line
+          "--config=experiments/configs/qwen_math.py:1.5b,v5p-64 --config.rl.tau=0.05") in run_line
 
 
 def test_missing_gcloud_is_a_clear_error(monkeypatch, capsys):

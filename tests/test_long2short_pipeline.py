@@ -9,18 +9,20 @@ trace, a long trace with a wrong answer and a bare wrong answer.
 import csv
 import json
 import os
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from experiments import long2short as l2s
 from experiments.configs import arith as arith_config
-from experiments.configs import long2short as l2s_config
+from k15 import config as config_lib
 from k15 import models
 from k15.data import arith
 from k15.long2short import dpo, rejection
-from k15.long2short import pipeline as l2s
 from k15.rewards.arith import arith_reward
+from k15.rewards.math import extract_answer
 from k15.rl import batching
 from k15.rl import metrics as metrics_lib
 
@@ -28,21 +30,20 @@ _SEQ_LOGP = jax.jit(dpo.sequence_logp, static_argnums=0)
 VARIANTS = ("long", "short", "merge", "merge_rs", "dpo", "rl_long")
 
 
-def _main_workdir(path):
+def _config(variants=VARIANTS):
   c = arith_config.get_config("smoke")
-  arith.prepare_arith_data(os.path.join(path, "data"), c.data.n_train, c.data.n_eval, c.seed, tuple(c.data.levels),
-                           c.data.tokenizer_vocab_size)
-  cfg = models.ModelConfig.from_dict(c.model)
-  params = models.init_params(cfg, jax.random.PRNGKey(0))
-  for name in ("warmup", "final"):
-    models.save_hf(os.path.join(path, name), cfg, params)
-
-
-def _config(main_workdir, variants=VARIANTS):
-  c = l2s_config.get_config("smoke")
-  c.main_workdir = main_workdir
   c.long2short.variants = variants
-  return c
+  c.eval.max_response_len = 48  # a random model rambles; every variant is still evaluated alike
+  return config_lib.from_config_dict(c)
+
+
+def _main_workdir(path):
+  c = _config()
+  arith.prepare_arith_data(os.path.join(path, "data"), c.data.n_train, c.data.n_eval, c.seed, c.data.levels,
+                           c.data.tokenizer_vocab_size)
+  params = models.init_params(c.model, jax.random.PRNGKey(0))
+  for name in ("warmup", "final"):
+    models.save_hf(os.path.join(path, name), c.model, params)
 
 
 def _write_samples(p, variant, seed):
@@ -80,8 +81,8 @@ def run(tmp_path_factory):
   _main_workdir(main)
   workdir = str(tmp_path_factory.mktemp("l2s"))
   # First the variants the cached samples come from, then everything (those three are skipped).
-  l2s.Long2Short(_config(main, ("long", "short", "merge")), workdir).run()
-  p = l2s.Long2Short(_config(main), workdir)
+  l2s.Long2Short(_config(("long", "short", "merge")), workdir, main).run()
+  p = l2s.Long2Short(_config(), workdir, main)
   samples = {v: _write_samples(p, v, p.config.seed + l2s.SAMPLE_SEED_OFFSET[v]) for v in ("long", "merge")}
   summary = p.run()
   return p, samples, summary
@@ -180,6 +181,36 @@ def test_workdir_of_another_long_model_is_refused(run, tmp_path):
   with open(os.path.join(bad, "source.json"), "w") as f:
     json.dump(dict(source, final_weights_sha256="0" * 64), f)
   with pytest.raises(ValueError, match="built from another long model"):
-    l2s.Long2Short(p.config, bad)
-  with pytest.raises(FileNotFoundError, match=r"missing \['data/train.jsonl'.*'final/config.json'\]"):
-    l2s.Long2Short(_config(str(tmp_path / "nothing")), str(tmp_path / "out"))
+    l2s.Long2Short(p.config, bad, p.main)
+  with pytest.raises(FileNotFoundError, match=r"missing \['final/config.json', 'data/train.jsonl'"):
+    l2s.Long2Short(_config(), str(tmp_path / "out"), str(tmp_path / "nothing"))
+
+
+def test_long2short_on_math_prompts_scores_with_math_verify(math_main_job, tmp_path, monkeypatch):
+  """Long2short on the math main job (prompt-file fixtures): the sampled responses are scored by math-verify.
+
+  A random model answers nothing right, so rejection sampling draws its responses from crafted texts per prompt:
+  the reference's answer boxed (short), the same after a long preamble, a long wrong answer and a bare "0".
+  """
+  main, config, _ = math_main_job
+  p = l2s.Long2Short(config, str(tmp_path / "l2s"), main)
+  answer_of = {tuple(ex["inputs_ids"]): extract_answer(ex["answer"]) for ex in p.train}
+  preamble = "We compute every quantity of the question carefully, one step after the other, and check it. "
+
+  def crafted(trainer, params, prompts, tokenizer, rollout_cfg, *, temperature, max_new_tokens, seed):
+    del trainer, params, rollout_cfg, temperature, max_new_tokens, seed
+    n = config.long2short.samples_per_prompt
+    texts = lambda a: [f"\\boxed{{{a}}}", f"{preamble}\\boxed{{{a}}}", f"{preamble}\\boxed{{1000003}}", "0"]
+    return [tokenizer.encode(texts(answer_of[tuple(prompt)])[j % n]) for j, prompt in enumerate(prompts)]
+
+  monkeypatch.setattr(rejection, "rollout", types.SimpleNamespace(generate_responses=crafted))
+  summary = p.run()
+  with open(os.path.join(p.workdir, "samples", "long.json")) as f:
+    samples = json.load(f)
+  assert samples["correct"] == [[1, 1, 0, 0]] * config.long2short.sample_prompts  # math-verify's verdicts
+  assert summary["trained_on"]["dpo"] == f"{2 * config.long2short.sample_prompts} pairs"  # over the long ones
+  assert [r["variant"] for r in summary["rows"]] == ["long", "dpo", "rl_long"]
+  rows = metrics_lib.read_jsonl(os.path.join(p.workdir, "rl_long", "rl.jsonl"))
+  trained = [r for r in rows if r.get("groups_trained")]  # groups finish once their partials do
+  assert [r["step"] for r in rows] == [1, 2] and trained and all(r["length_penalty_weight"] == 0.5 for r in trained)
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in summary["results"].values())

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import long2short as l2s_config
+from experiments.configs import arith as arith_config
+from k15 import config as config_lib
 from k15 import models, sharding
+from k15.config import DPOConfig
 from k15.long2short import dpo, merge, rejection, report
-from k15.long2short import pipeline as l2s_pipeline
 from k15.rl import batching, losses
 from k15.rl import metrics as metrics_lib
 from k15.rl.metrics import MetricsLogger
@@ -131,8 +132,9 @@ def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
   chosen = [[8, 1], [9, 1], [10, 1], [8, 1]]
   rejected = [[11, 12, 13, 1], [12, 11, 1], [13, 13, 13, 1], [11, 1]]
   logger = MetricsLogger(str(tmp_path), "dpo")
-  new = dpo.dpo_train(trainer, params, ref, prompts, chosen, rejected, steps=8, batch_size=4, learning_rate=3e-3,
-                      warmup_steps=1, beta=0.5, pad_id=0, seed=0, logger=logger, log_every=1)
+  cfg = DPOConfig(steps=8, batch_size=4, learning_rate=3e-3, warmup_steps=1, beta=0.5, long_factor=1.5)
+  new = dpo.dpo_train(trainer, params, ref, prompts, chosen, rejected, cfg, pad_id=0, seed=0, logger=logger,
+                      log_every=1)
   logger.close()
   rows = metrics_lib.read_jsonl(str(tmp_path / "dpo.jsonl"))
   # Step 1: policy == reference, so every margin is 0 and the loss is -log sigmoid(0) = log 2.
@@ -149,8 +151,7 @@ def test_dpo_train_prefers_chosen_and_keeps_the_reference(tmp_path):
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ref_host)):
     np.testing.assert_array_equal(np.asarray(a), b)
   with pytest.raises(ValueError, match="beta"):
-    dpo.dpo_train(trainer, new, ref, prompts, chosen, rejected, steps=1, batch_size=4, learning_rate=1e-3,
-                  warmup_steps=1, beta=0.0, pad_id=0, seed=0)
+    dataclasses.replace(cfg, beta=0.0)
 
 
 def test_merge_checkpoints_on_disk(tmp_path):
@@ -191,49 +192,48 @@ def test_report_rows_table_and_csv(tmp_path):
 
 
 def test_config_checks_name_the_field():
-  base = l2s_config.get_config("smoke")
+  base = arith_config.get_config("smoke")
 
-  def bad(**fields):
+  def build(**fields):
     c = base.copy_and_resolve_references()
-    with c.unlocked():
-      for path, value in fields.items():
-        node = c
-        *parents, leaf = path.split("__")
-        for p in parents:
-          node = node[p]
-        node[leaf] = value
-    return c
+    for path, value in fields.items():
+      *parents, leaf = path.split("__")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    return config_lib.from_config_dict(c)
 
-  l2s_pipeline.check_config(base)
-  assert [l2s_pipeline.rl_start(v) for v in ("rl_long", "rl_merge_rs", "rl_x", "merge")] == [
+  assert build().long2short.variants == base.long2short.variants
+  assert [config_lib.long2short_start(v) for v in ("rl_long", "rl_merge_rs", "rl_x", "merge")] == [
       "long", "merge_rs", None, None]
   cases = [
-      (dict(long2short__variants=("long", "fast")), r"variants: unknown \['fast'\]"),
+      (dict(long2short__variants=("long", "fast")), r"long2short.variants: unknown \['fast'\]"),
       (dict(long2short__variants=("long", "rl_rl_long")), r"variants: unknown \['rl_rl_long'\]"),
       (dict(long2short__variants=("long", "merge")), r"'merge' is built from \['short'\]"),
       (dict(long2short__variants=("short", "merge")), "must include 'long'"),
       (dict(long2short__variants=("long", "rl_dpo", "dpo")), r"'rl_dpo' is built from \['dpo'\]"),
-      (dict(long2short__short__init="base"), "short.init='base'"),
+      (dict(long2short__short_init="base"), "long2short.short_init: must be one of"),
       (dict(long2short__merge_weights=(0.5, 0.6)), "sum to 1"),
-      (dict(long2short__samples_per_prompt=1), "samples_per_prompt must be >= 2"),
+      (dict(long2short__samples_per_prompt=1), "long2short.samples_per_prompt: must be >= 2"),
   ]
   for fields, match in cases:
-    with pytest.raises(ValueError, match=match):
-      l2s_pipeline.check_config(bad(**fields))
-  c = bad()
+    with pytest.raises(config_lib.ConfigError, match=match):
+      build(**fields)
+  c = base.copy_and_resolve_references()
   with c.unlocked():
     c.long2short.rl.max_len = 10
-  with pytest.raises(ValueError, match=r"long2short.rl: \['max_len'\] are not fields of config.rl"):
-    l2s_pipeline.check_config(c)
+  with pytest.raises(config_lib.ConfigError, match=r"long2short.rl.max_len: not a field of config.rl"):
+    config_lib.from_config_dict(c)
 
 
-def test_rl_config_replaces_only_the_listed_fields():
-  base = l2s_config.get_config()
-  derived = l2s_pipeline.rl_config(base)
+def test_long2short_rl_replaces_only_the_listed_fields():
+  base = arith_config.get_config()
+  typed = config_lib.from_config_dict(base)
+  derived = typed.long2short.rl
   for k, v in base.long2short.rl.items():
-    assert derived.rl[k] == v, k
-  assert derived.rl.length_penalty_warmup == 0 and derived.eval.every == 0
-  assert derived.rl.max_response_len < base.rl.max_response_len  # much smaller than the main job's
+    assert getattr(derived, k) == (tuple(v) if isinstance(v, tuple) else v), k
+  assert derived.length_penalty_warmup == 0 and derived.curriculum == ()
+  assert derived.max_response_len < typed.rl.max_response_len  # much smaller than the main job's
   untouched = [k for k in base.rl if k not in base.long2short.rl]
-  assert untouched and all(derived.rl[k] == base.rl[k] for k in untouched)
-  assert base.eval.every != 0  # the original is not modified
+  assert untouched and all(getattr(derived, k) == getattr(typed.rl, k) for k in untouched)

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
+from experiments import train
 from experiments.configs import arith as arith_config
+from k15 import config as config_lib
 from k15.rl import metrics as metrics_lib
-from k15.rl import pipeline
 
 TIMING = ("time", "tokens_per_s")
 
@@ -15,13 +16,13 @@ TIMING = ("time", "tokens_per_s")
 def smoke_config(**rl):
   config = arith_config.get_config("smoke")
   config.rl.update(rl)
-  return config
+  return config_lib.from_config_dict(config)
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
-  summary = pipeline.run(smoke_config(), workdir)
+  summary = train.run(smoke_config(), workdir)
   return workdir, summary
 
 
@@ -49,8 +50,8 @@ def test_resume_continues_exactly(full_run, tmp_path):
   os.makedirs(workdir)
   for part in ("data", "warmup"):  # the same warm-up as the full run: resume concerns RL
     shutil.copytree(os.path.join(full_dir, part), os.path.join(workdir, part))
-  pipeline.run(smoke_config(iterations=2), workdir)  # "stopped" after iteration 2
-  pipeline.run(smoke_config(iterations=3), workdir)  # resumed from its checkpoint
+  train.run(smoke_config(iterations=2), workdir)  # "stopped" after iteration 2
+  train.run(smoke_config(iterations=3), workdir)  # resumed from its checkpoint
   full = metrics_lib.read_jsonl(os.path.join(full_dir, "rl.jsonl"))
   resumed = metrics_lib.read_jsonl(os.path.join(workdir, "rl.jsonl"))
   assert [r["step"] for r in resumed] == [1, 2, 3]

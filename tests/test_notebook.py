@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from experiments.configs import arith
-from k15.rl import ablation
+from experiments import ablation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "loss_ablations.ipynb")

@@ -5,13 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import math_mixture
+from experiments import train as main_job
+from experiments.configs import qwen_math
+from k15 import config as config_lib
 from k15.rewards.verifiers import Verifier
-from k15.rl import loop, pipeline, prompt_sets
+from k15.rl import loop
 from k15.sampling import Trajectory
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "prompts")
-
 
 class _CharTokenizer:
   """Token i is chr(i): enough to carry hand-written response texts through build_batch."""
@@ -45,7 +44,7 @@ def test_verifier_dispatches_by_domain():
 
 
 def test_build_batch_scores_groups_with_math_verify():
-  rl = math_mixture.get_config("smoke").rl
+  rl = config_lib.from_config_dict(qwen_math.get_config("smoke")).rl
   G = rl.samples_per_prompt
   examples = [{"domain": "math", "answer": "#### 12"}, {"domain": "math", "answer": "(-2, 2)"}]
   texts = [["\\boxed{12}", "\\boxed{12.0}", "\\boxed{13}", "no idea"][:G],
@@ -59,27 +58,25 @@ def test_build_batch_scores_groups_with_math_verify():
 
 
 @pytest.fixture(scope="module")
-def mixture_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("math_mixture"))
-  config = math_mixture.get_config("smoke")
-  tokenizer, train, eval_ = prompt_sets.load_prompt_mixture(config, workdir)
-  summary = pipeline.run(config, workdir)
+def mixture_run(math_main_job):
+  workdir, config, summary = math_main_job
+  tokenizer, train, eval_ = main_job.load_task(config, workdir)
   return workdir, config, tokenizer, train, eval_, summary
 
 
-def test_mixture_feeds_the_prompt_pool(mixture_run):
+def test_mixture_feeds_the_prompt_pool(mixture_run, prompt_files):
   _, config, tokenizer, train, eval_, _ = mixture_run
-  gsm = {json.loads(l)["question"] for l in open(os.path.join(FIXTURES, "gsm8k_style.jsonl"))}
-  maths = {json.loads(l)["problem"] for l in open(os.path.join(FIXTURES, "math_style.jsonl"))}
+  gsm = {json.loads(l)["question"] for l in open(prompt_files["gsm8k_style"])}
+  maths = {json.loads(l)["problem"] for l in open(prompt_files["math_style"])}
   questions = [ex["question"] for ex in train]
-  assert len(train) == config.prompts.num_train
+  assert len(train) == config.data.num_train
   assert set(questions) <= gsm | maths
   assert set(questions) & gsm and set(questions) & maths  # both files flow into the pool
   ex = next(ex for ex in train if ex["question"] in maths)
   assert ex["domain"] == "math" and ex["difficulty"] in (1, 2, 3) and "\\boxed" in ex["answer"]  # field_map
-  assert tokenizer.decode(ex["inputs_ids"]) == config.prompts.template.format(question=ex["question"])
+  assert tokenizer.decode(ex["inputs_ids"]) == config.data.template.format(question=ex["question"])
   assert len(eval_) == len(gsm) + len(maths)
-  sampler = loop.make_prompt_sampler(config, train)
+  sampler = loop.make_prompt_sampler(config.rl, train, config.seed)
   assert sampler.difficulty_N is None  # GSM8K lines carry no difficulty: no curriculum, priority only
   assert len(set(sampler.sample(config.rl.prompts_per_iteration, 1))) == config.rl.prompts_per_iteration
 
@@ -95,7 +92,7 @@ def test_rl_smoke_run_with_math_rewards(mixture_run):
 
 
 def test_prompt_too_long_names_the_prompt(tmp_path):
-  config = math_mixture.get_config("smoke")
-  config.prompts.max_prompt_len = 4
+  config = qwen_math.get_config("smoke")
+  config.data.max_prompt_len = 4
   with pytest.raises(ValueError, match="max_prompt_len=4"):
-    prompt_sets.load_prompt_mixture(config, str(tmp_path))
+    main_job.load_task(config_lib.from_config_dict(config), str(tmp_path))

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from k15.config import PromptFile
 from k15.data import prompts
 from k15.rewards.math import extract_answer
 
@@ -85,14 +86,10 @@ def test_mixture_rates_split_domains_by_task_size():
 
 def test_mixture_over_two_files_yields_both(tmp_path, monkeypatch):
   monkeypatch.setenv("TMPDIR", str(tmp_path))
-  config = {
-      "name": "test_prompts_mix",
-      "template": "Question: {question}\nAnswer:",
-      "tasks": [{"name": "test_prompts_math", "path": MATH, "domain": "math", "field_map": MATH_FIELDS},
-                {"name": "test_prompts_code", "path": CODE, "domain": "code"}],
-      "domain_rates": {"math": 0.75, "code": 0.25},
-  }
-  assert prompts.register_prompt_mixture(config) == "test_prompts_mix"
+  tasks = {"test_prompts_math": PromptFile(MATH, "math", MATH_FIELDS), "test_prompts_code": PromptFile(CODE, "code")}
+  name = prompts.register_prompt_mixture("test_prompts_mix", tasks, domain_rates={"math": 0.75, "code": 0.25},
+                                         template="Question: {question}\nAnswer:")
+  assert name == "test_prompts_mix"
   examples = prompts.load_prompts("test_prompts_mix", 400, seed=0)
   by_domain = collections.Counter(p["domain"] for p in examples)
   assert set(by_domain) == {"math", "code"}

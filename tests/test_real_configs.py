@@ -1,5 +1,6 @@
 """Real-model configs on their TPU slices, checked abstractly (no weights, no TPU), and the planning command's
-numbers against independent sums (issue 7, acceptance 2)."""
+numbers against independent sums."""
+import dataclasses
 import functools
 import os
 import re
@@ -12,27 +13,28 @@ import numpy as np
 import pytest
 
 from experiments import plan
-from experiments.configs import qwen_math_1p5b, qwen_math_7b
+from experiments.configs import qwen_math
+from k15 import config as config_lib
 from k15 import flops, models, sharding
 from k15.rl import loop, trainer
 from launch import tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"qwen_math_1p5b": qwen_math_1p5b, "qwen_math_7b": qwen_math_7b}
-CASES = [(name, s) for name, module in CONFIGS.items() for s in module.SLICES]
+CASES = [(name, s) for name, size in qwen_math.SIZES.items() for s in size["slices"]]
+DEFAULT_SLICE = {name: next(iter(size["slices"])) for name, size in qwen_math.SIZES.items()}
 
 # Published architectures (the checkpoints' config.json) and parameter counts.
 ARCH = {
-    "qwen_math_1p5b": dict(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
-                           d_ff=8960, rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
-    "qwen_math_7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
-                         d_ff=18944, rope_theta=10000.0, qkv_bias=True, tie_embeddings=False),
+    "1.5b": dict(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
+                 d_ff=8960, rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
+    "7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+               d_ff=18944, rope_theta=10000.0, qkv_bias=True, tie_embeddings=False),
 }
-NUM_PARAMS = {"qwen_math_1p5b": 1_543_714_304, "qwen_math_7b": 7_615_616_512}
+NUM_PARAMS = {"1.5b": 1_543_714_304, "7b": 7_615_616_512}
 
 
 def _build(name, slice_name):
-  config = CONFIGS[name].get_config(slice_name)
+  config = config_lib.from_config_dict(qwen_math.get_config(f"{name},{slice_name}"))
   info = tpu.slice_info(config.tpu.accelerator_type)
   return config, info, plan.resolve_mesh(config, None, info)
 
@@ -59,8 +61,8 @@ def _spec_bytes_per_device(abstract_tree, shardings, sizes):
 @pytest.mark.parametrize("name, slice_name", CASES)
 def test_config_fits_its_slice(name, slice_name):
   config, info, sizes = _build(name, slice_name)
-  model_cfg, hf_path = models.split_hf_path(config.model)
-  assert hf_path is None and "hf_path" in config.model  # the flag exists; empty means random init
+  model_cfg = config.model
+  assert config.hf_path == ""  # the flag exists; empty means random init
   assert {k: getattr(model_cfg, k) for k in ARCH[name]} == ARCH[name]
   assert model_cfg.num_params() == NUM_PARAMS[name]
   assert (model_cfg.param_dtype, model_cfg.dtype, model_cfg.remat) == ("float32", "bfloat16", True)
@@ -72,20 +74,20 @@ def test_config_fits_its_slice(name, slice_name):
   assert seq["prompt"] + seq["response"] <= 4096  # the Qwen2.5-Math context
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", qwen_math.SIZES)
 def test_train_step_and_decode_trace_at_full_size(name):
-  config, _, sizes = _build(name, CONFIGS[name].DEFAULT_SLICE)
+  config, _, sizes = _build(name, DEFAULT_SLICE[name])
   loss, chunk = plan.abstract_trace(config, sizes)
   assert loss.shape == () and loss.dtype == jnp.float32
   assert chunk.tokens_BxC.shape == (config.sampling.num_slots, config.sampling.chunk_size)
 
 
 def test_a_mesh_that_does_not_divide_is_reported():
-  config, _, _ = _build("qwen_math_1p5b", "v5p-32")
+  config, _, _ = _build("1.5b", "v5p-32")
   problems = plan.sharding_problems(config, {"data": 1, "fsdp": 16, "tensor": 8})  # 2 kv heads, 12 heads
   assert any("kv_heads=2" in q and "tensor" in q for q in problems)
   assert any("heads=12" in q for q in problems)
-  config.sampling.num_slots = 100
+  config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, num_slots=100))
   assert any("num_slots=100" in q for q in plan.sharding_problems(config, {"data": 1, "fsdp": 16, "tensor": 1}))
 
 
@@ -93,7 +95,7 @@ def test_a_mesh_that_does_not_divide_is_reported():
 def test_plan_bytes_are_the_sums_of_the_abstract_leaves(name, slice_name):
   config, info, sizes = _build(name, slice_name)
   p = _plan(name, slice_name)
-  model_cfg, _ = models.split_hf_path(config.model)
+  model_cfg = config.model
   mesh = plan.abstract_mesh(sizes)
   abstract = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.PRNGKey(0)))
   p_shard = sharding.param_shardings(model_cfg, mesh, config.sharding.logical_axis_rules)
@@ -118,12 +120,11 @@ def test_plan_bytes_are_the_sums_of_the_abstract_leaves(name, slice_name):
   assert p["kv_bytes_per_device"] * sizes["data"] * sizes["fsdp"] == p["kv_bytes"]  # slots over data x fsdp
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", qwen_math.SIZES)
 def test_plan_command_prints_those_bytes(name):
-  module = CONFIGS[name]
-  p = _plan(name, module.DEFAULT_SLICE)
+  p = _plan(name, DEFAULT_SLICE[name])
   out = subprocess.run([sys.executable, "-m", "experiments.plan",
-                        f"--config=experiments/configs/{name}.py:{module.DEFAULT_SLICE}", "--notrace"],
+                        f"--config=experiments/configs/qwen_math.py:{name},{DEFAULT_SLICE[name]}", "--notrace"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
 
@@ -149,8 +150,8 @@ def test_forward_flops_match_xla_cost_analysis():
 
 
 def test_iteration_flops_by_hand():
-  config, _, _ = _build("qwen_math_1p5b", "v5p-32")
-  cfg, _ = models.split_hf_path(config.model)
+  config, _, _ = _build("1.5b", "v5p-32")
+  cfg = config.model
   f = plan.iteration_flops(config, plan.lengths(config))
   n, M = 128 * 8, flops.matmul_weights(cfg)
   attn = 4 * 28 * 12 * 128
@@ -175,10 +176,10 @@ def test_reference_logp_in_chunks_equals_one_pass():
 
 
 def test_hf_path_separates_from_the_architecture(tmp_path):
-  config = qwen_math_1p5b.get_config("v5p-32")
+  config = qwen_math.get_config("1.5b,v5p-32")
   config.model.hf_path = str(tmp_path)
-  model_cfg, hf_path = models.split_hf_path(config.model)
-  assert hf_path == str(tmp_path) and model_cfg.d_model == 1536
+  typed = config_lib.from_config_dict(config)
+  assert typed.hf_path == str(tmp_path) and typed.model.d_model == 1536
   with pytest.raises(ValueError, match="unknown ModelConfig field"):
     models.ModelConfig.from_dict(config.model)  # why the split exists
 
@@ -194,7 +195,7 @@ def test_hf_checkpoint_with_another_architecture_names_the_fields(tmp_path):
     models.load_hf_matching(str(tmp_path), other)
 
 
-def test_unknown_slice_is_an_error():
-  for module in CONFIGS.values():
-    with pytest.raises(ValueError, match="unknown slice 'v9-8'"):
-      module.get_config("v9-8")
+def test_unknown_variant_is_an_error():
+  for arg in ("1.5b,v9-8", "3b", "1.5b,v5p-128"):
+    with pytest.raises(ValueError, match="unknown config variant"):
+      qwen_math.get_config(arg)

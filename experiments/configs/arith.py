@@ -1,38 +1,32 @@
-"""The main job: a complete k1.5 run on the synthetic arithmetic task, on CPU, in minutes.
+"""The main job, a complete k1.5 run on the synthetic arithmetic task (CPU, minutes), and its long2short stage.
 
   python -m experiments.train --config=experiments/configs/arith.py --workdir=/tmp/k15_arith
-  python -m experiments.train --config=experiments/configs/arith.py:smoke --workdir=/tmp/k15_smoke
+  python -m experiments.long2short --config=experiments/configs/arith.py --main_workdir=/tmp/k15_arith \
+      --workdir=/tmp/k15_l2s
 
-Any field can be overridden: --config.rl.tau=0.05 --config.model.n_layers=2.
+arg: "" for the full CPU run, "smoke" for the seconds-long variant the tests run. Any field can be overridden:
+--config.rl.tau=0.05 --config.model.n_layers=2.
 """
 import ml_collections
 
+from experiments.configs.architectures import ARCHITECTURES
 from k15.sharding import DEFAULT_RULES
+
+VARIANTS = ("", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """arg: "" for the full CPU run, "smoke" for the seconds-long CI variant."""
-  if arg not in ("", "smoke"):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'smoke'")
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; one of {VARIANTS}")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0  # everything (data, init, sampling) derives from this
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 128  # must be >= the trained tokenizer's vocab
-  c.model.d_model = 64 if smoke else 128
-  c.model.n_layers = 2 if smoke else 3
-  c.model.n_heads = 4
-  c.model.n_kv_heads = 2
-  c.model.head_dim = 16 if smoke else 32
-  c.model.d_ff = 128 if smoke else 384
-  c.model.rope_theta = 10000.0
-  c.model.rms_norm_eps = 1e-6
-  c.model.qkv_bias = True  # Qwen2-style
-  c.model.tie_embeddings = True
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"
-  c.model.remat = False
+  c.model = ml_collections.ConfigDict(ARCHITECTURES["tiny" if smoke else "arith"])  # the shape fields
+  c.model.param_dtype = "float32"  # params and optimizer state
+  c.model.dtype = "float32"  # matmuls and activations
+  c.model.remat = False  # recompute each layer in the backward pass
+  c.model.hf_path = ""  # a Hugging Face checkpoint to start from; "": random init
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: the rest of the devices
@@ -42,30 +36,39 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "arith"  # arith: the synthetic task | prompts: prompt files (experiments/configs/math_mixture.py)
+  c.data.source = "arith"  # the synthetic task, generated into the workdir (k15/data/arith.py)
   c.data.n_train = 400 if smoke else 4000  # generated training problems (SFT traces and RL prompts)
   c.data.n_eval = 32 if smoke else 200  # held-out problems
-  c.data.levels = (1, 2, 3, 4)  # difficulty levels of the synthetic task
+  c.data.levels = (1, 2, 3, 4)  # difficulty levels: chains of 1 to 4 steps
   c.data.tokenizer_vocab_size = 128  # SentencePiece vocab trained on the generated corpus
   c.data.direct_prob = 0.6  # share of warm-up targets that answer at once, without reasoning: RL's headroom
 
   c.sft = ml_collections.ConfigDict()  # long-CoT warm-up
-  c.sft.steps = 30 if smoke else 400
+  c.sft.steps = 30 if smoke else 400  # 0: RL starts from the initial params
   c.sft.batch_size = 16 if smoke else 32
-  c.sft.learning_rate = 3e-3
+  c.sft.learning_rate = 3e-3  # peak of a warm-up + cosine schedule
   c.sft.warmup_steps = 5 if smoke else 100
-  c.sft.max_len = 192  # prompt + trace tokens; longer examples are an error, not truncated
 
-  c.sampling = ml_collections.ConfigDict()
-  c.sampling.temperature = 1.0
-  c.sampling.top_p = 1.0
+  c.sampling = ml_collections.ConfigDict()  # rollouts (and evaluation, at eval.temperature)
+  c.sampling.temperature = 1.0  # rollouts sample (> 0)
+  c.sampling.top_p = 1.0  # 1.0: off
   c.sampling.top_k = 0  # 0: off
   c.sampling.chunk_size = 16  # decode steps per dispatch; slots are refilled between chunks
   c.sampling.num_slots = 32  # concurrent trajectories in the rollout engine
-  c.sampling.repeat_ngram = 8  # n-gram size for repeat detection
+  c.sampling.repeat_ngram = 8  # n-gram size for repeat detection (0: off)
   c.sampling.repeat_count = 4  # an n-gram seen this often stops the trajectory with reason "repeat"
-  c.sampling.decode_kernel = "auto"  # "auto": the native CPU step where it runs, else XLA's; "native"; "xla"
-  c.sampling.native_matmul = "auto"  # the native step's matmuls: "auto", "float32", "bf16x6" / "bf16x3" (AMX)
+  c.sampling.decode_kernel = "auto"  # "auto" (default): the native CPU step where it runs, else XLA's; "native"; "xla"
+  # The native step's matmuls: "auto" (default: "int8x9" on a CPU with AMX tiles, else "float32"), "float32",
+  # "bf16x6", "bf16x3", "int8x9" (k15/sampling/config.py).
+  c.sampling.native_matmul = "auto"
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.default_domain = "arith"  # verifier of examples without a domain field: arith | math | code
+  c.reward.math_timeout_s = 5.0  # per-item timeout of the math-verify pool (math prompts only)
+  c.reward.math_workers = 1  # math-verify processes (math prompts only)
+  # Code rewards in a sandbox without namespaces, where the machine forbids them (k15/rewards/sandbox.py): only for
+  # trusted programs or a disposable machine.
+  c.reward.sandbox_allow_unisolated = False
 
   c.rl = ml_collections.ConfigDict()
   c.rl.iterations = 3 if smoke else 40
@@ -79,7 +82,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.adam_eps = 1e-8
   c.rl.max_grad_norm = 1.0  # global-norm clipping before the optimizer
   c.rl.reset_optimizer = True  # fresh optimizer state at each iteration start
-  c.rl.reward = "arith"  # verifier of examples without a domain field: arith | math | code
   c.rl.loss = "k15"  # k15 | reinforce | grpo | rest
   c.rl.tau = 0.1  # KL weight towards the start-of-iteration policy
   c.rl.log_ratio = "sequence"  # sequence (the report) | token (public reimplementations)
@@ -89,12 +91,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.length_penalty_weight = 0.0 if smoke else 0.1
   c.rl.length_penalty_warmup = 1 if smoke else 20  # iterations before the length penalty turns on
   c.rl.repeat_penalty = -0.5  # added to the reward of "repeat" stops
-  c.rl.curriculum = ((5 if smoke else 15, (1, 2, 3, 4)), (10**9, (2, 3, 4)))  # (until iteration, levels)
+  # Curriculum stages: (until iteration, difficulty levels in the pool); the last stage (None) lasts to the end.
+  c.rl.curriculum = ((5 if smoke else 15, (1, 2, 3, 4)), (None, (2, 3, 4)))
   c.rl.prioritized = True  # P(i) ~ (1 - s_i) + floor
   c.rl.priority_floor = 0.05
   c.rl.priority_ema = 0.5  # s_i <- ema*s_i + (1-ema)*batch success
 
-  c.eval = ml_collections.ConfigDict()
+  c.eval = ml_collections.ConfigDict()  # held-out evaluation
   c.eval.temperature = 0.0  # 0: greedy
   c.eval.sampled_temperature = 1.0  # also report accuracy of one sample at this temperature (0: off)
   c.eval.every = 0 if smoke else 10  # RL iterations between held-out evaluations (0: only at the end)
@@ -102,5 +105,40 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1 if smoke else 5  # RL iterations between checkpoints
-  c.checkpoint.keep = 2
+  c.checkpoint.keep = 2  # checkpoints kept
+
+  # Long2short (RECIPE.md section 5) on the main job's workdir: shorter variants of its long-CoT model.
+  l = c.long2short = ml_collections.ConfigDict()
+  # Stages to run, in this order; rl_<v> is long2short RL starting from the variant v.
+  l.variants = ("long", "short", "merge", "merge_rs", "dpo", "rl_long", "rl_merge_rs")
+  l.sample_prompts = 16 if smoke else 256  # training prompts sampled for rejection sampling and DPO
+  l.samples_per_prompt = 4 if smoke else 8  # n: responses per prompt (the report's 8)
+  l.sample_max_len = 64 if smoke else 160  # response cap when sampling for rejection sampling / DPO
+  l.short_init = "long"  # what the short-CoT SFT starts from: long (final/) | warmup (warmup/) | scratch
+  l.short = ml_collections.ConfigDict()  # the short-CoT model: SFT on the step-results-only traces
+  l.short.steps = 10 if smoke else 120
+  l.short.batch_size = 16 if smoke else 32
+  l.short.learning_rate = 1e-3
+  l.short.warmup_steps = 2 if smoke else 20
+  l.merge_weights = (0.5, 0.5)  # (long, short); non-negative, summing to 1
+  l.rs = ml_collections.ConfigDict()  # merge + shortest rejection sampling: SFT of the merge on its shortest correct
+  l.rs.steps = 10 if smoke else 60
+  l.rs.batch_size = 16 if smoke else 32
+  l.rs.learning_rate = 3e-4
+  l.rs.warmup_steps = 2 if smoke else 10
+  l.dpo = ml_collections.ConfigDict()  # DPO from the long model, the long model as frozen reference
+  l.dpo.beta = 0.1  # scale of the implicit reward beta*(logp - ref_logp)
+  l.dpo.long_factor = 1.5  # a correct response at least this times the positive's length is a negative
+  l.dpo.steps = 10 if smoke else 40
+  l.dpo.batch_size = 8 if smoke else 16  # pairs per step (2x rows per forward pass)
+  l.dpo.learning_rate = 1e-3 if smoke else 2e-5  # 1e-4 for 80 steps overfit 101 pairs: accuracy fell to 24.5%
+  l.dpo.warmup_steps = 2 if smoke else 10
+  l.rl = ml_collections.ConfigDict()  # long2short RL (every rl_<v>): these replace the main job's config.rl fields
+  l.rl.iterations = 2 if smoke else 30
+  l.rl.max_response_len = 48 if smoke else 64  # much smaller than the main job's 160
+  l.rl.token_budget = 48 if smoke else 64  # no partial rollouts: one iteration finishes every response
+  l.rl.length_penalty_weight = 0.5  # w: reward = correct + w * len_reward
+  l.rl.length_penalty_warmup = 0  # the length penalty is on from the first iteration
+  l.rl.curriculum = ()  # all levels throughout: every level has length to cut
+  l.rl.learning_rate = 5e-5
   return c

@@ -159,24 +159,24 @@ def mixture_rates(task_sizes: Mapping[str, int], task_domains: Mapping[str, str]
   return {t: domain_rates[task_domains[t]] * n / total[task_domains[t]] for t, n in task_sizes.items()}
 
 
-def register_prompt_mixture(config: Mapping[str, Any]) -> str:
-  """Registers a Task per entry of config["tasks"] and a Mixture over them; returns the mixture's name.
+def register_prompt_mixture(name: str, tasks: Mapping[str, Any], *, domain_rates: Optional[Mapping[str, float]] = None,
+                            template: str = "{question}", spm_path: Optional[str] = None) -> str:
+  """Registers a Task per prompt file and a Mixture over them; returns the mixture's name.
 
-  config: name; tasks: [{name, path, domain, field_map?}]; domain_rates: {domain: rate} (optional);
-  template, spm_path (optional, shared by all tasks: a Mixture's tasks share their features).
+  tasks: {task name: prompt file}, each with .path, .domain and .field_map (k15.config.PromptFile);
+  domain_rates: {domain: rate} (None: each task by its size); spm_path is shared by all tasks (a Mixture's tasks
+  share their features).
   """
   import seqio  # pylint: disable=g-import-not-at-top
   sizes, domains = {}, {}
-  for task in config["tasks"]:
-    domain = task.get("domain", "math")
-    register_prompt_task(task["name"], task["path"], domain, task.get("field_map"),
-                         config.get("template", "{question}"), config.get("spm_path"))
-    sizes[task["name"]] = len(read_prompts(task["path"], domain, task.get("field_map")))
-    domains[task["name"]] = domain
-  rates = mixture_rates(sizes, domains, config.get("domain_rates"))
-  seqio.MixtureRegistry.remove(config["name"])
-  seqio.MixtureRegistry.add(config["name"], [(t, r) for t, r in rates.items() if r > 0])
-  return config["name"]
+  for task_name, f in tasks.items():
+    register_prompt_task(task_name, f.path, f.domain, f.field_map, template, spm_path)
+    sizes[task_name] = len(read_prompts(f.path, f.domain, f.field_map))
+    domains[task_name] = f.domain
+  rates = mixture_rates(sizes, domains, domain_rates)
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, [(t, r) for t, r in rates.items() if r > 0])
+  return name
 
 
 def load_prompts(name: str, num_examples: int, seed: int = 0, split: str = "train") -> list[dict]:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from k15 import models
+from k15.config import DPOConfig
 from k15.rl import batching, losses, sft
 from k15.rl.trainer import in_chunks, train_steps
 
@@ -48,37 +49,36 @@ def sequence_logp(model_cfg, params, tokens_BxT, mask_BxTm1):
 
 
 def dpo_train(trainer, params, ref_params, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-              rejected: Sequence[Sequence[int]], *, steps: int, batch_size: int, learning_rate: float,
-              warmup_steps: int, beta: float, pad_id: int, seed: int, logger=None, log_every: int = 25):
+              rejected: Sequence[Sequence[int]], cfg: DPOConfig, *, pad_id: int, seed: int, logger=None,
+              log_every: int = 25):
   """DPO on (prompt, chosen, rejected) triples; returns the new params (params are donated, ref_params kept).
 
-  Responses are token lists that end with eos. Each step draws batch_size pairs and scores chosen and rejected
-  in one 2*batch_size forward pass.
+  Responses are token lists that end with eos. Each step draws cfg.batch_size pairs and scores chosen and
+  rejected in one 2*batch_size forward pass.
   """
   n = len(prompts)
   if not n or len(chosen) != n or len(rejected) != n:
     raise ValueError(f"dpo_train needs equally many prompts, chosen and rejected (>0), got "
                      f"{n}, {len(chosen)}, {len(rejected)}")
-  if beta <= 0:
-    raise ValueError(f"DPO beta must be positive, got {beta}")
-  cfg = trainer.cfg
+  batch_size, beta = cfg.batch_size, cfg.beta
+  model_cfg = trainer.cfg
   seq_len = 8 * -(-max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)) // 8)
   tokens_c, mask_c = batching.pack(prompts, chosen, seq_len, pad_id)
   tokens_r, mask_r = batching.pack(prompts, rejected, seq_len, pad_id)
 
   # The reference is frozen: its sequence log-probs once.
-  ref_fn = trainer.make_eval(lambda p, b: sequence_logp(cfg, p, b["tokens"], b["mask"]))
+  ref_fn = trainer.make_eval(lambda p, b: sequence_logp(model_cfg, p, b["tokens"], b["mask"]))
   ref_c = in_chunks(ref_fn, ref_params, {"tokens": tokens_c, "mask": mask_c}, batch_size)
   ref_r = in_chunks(ref_fn, ref_params, {"tokens": tokens_r, "mask": mask_r}, batch_size)
 
   def loss_fn(params, batch):
-    seq_2B = sequence_logp(cfg, params, batch["tokens"], batch["mask"])
+    seq_2B = sequence_logp(model_cfg, params, batch["tokens"], batch["mask"])
     return losses.dpo_loss(seq_2B[:batch_size], seq_2B[batch_size:], batch["ref_c"], batch["ref_r"], beta)
 
   def batch_fn(idx):
     return {"tokens": np.concatenate([tokens_c[idx], tokens_r[idx]]),
             "mask": np.concatenate([mask_c[idx], mask_r[idx]]), "ref_c": ref_c[idx], "ref_r": ref_r[idx]}
 
-  return train_steps(trainer, params, loss_fn, sft.sft_optimizer(learning_rate, steps, warmup_steps), batch_fn, n,
-                     steps=steps, batch_size=batch_size, seed=seed, logger=logger, log_every=log_every,
-                     show=("loss", "reward_accuracy", "margin_mean"))
+  optimizer = sft.sft_optimizer(cfg.learning_rate, cfg.steps, cfg.warmup_steps)
+  return train_steps(trainer, params, loss_fn, optimizer, batch_fn, n, steps=cfg.steps, batch_size=batch_size,
+                     seed=seed, logger=logger, log_every=log_every, show=("loss", "reward_accuracy", "margin_mean"))

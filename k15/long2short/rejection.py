@@ -5,7 +5,6 @@ the DPO pairs (k15.long2short.dpo).
 """
 import numpy as np
 
-from k15.rewards.arith import arith_reward
 from k15.rl import rollout
 
 
@@ -20,8 +19,10 @@ def shortest_correct(lengths_PxG, correct_PxG) -> np.ndarray:
   return np.where(correct.any(axis=1), np.argmin(masked, axis=1), -1)
 
 
-def sample_groups(trainer, params, tokenizer, examples, config, n: int, seed: int, max_new_tokens: int):
-  """n responses per example at config.sampling.temperature, verified.
+def sample_groups(trainer, params, tokenizer, examples, rollout_cfg, verifier, *, n: int, seed: int,
+                  max_new_tokens: int):
+  """n responses per example at rollout_cfg.temperature (a RolloutConfig), each scored by `verifier` (a
+  k15.rewards.verifiers.Verifier: any prompt set, any reward).
 
   Returns (responses, lengths_PxG, correct_PxG): responses[p][g] is a token list without eos; lengths
   count those tokens.
@@ -29,14 +30,12 @@ def sample_groups(trainer, params, tokenizer, examples, config, n: int, seed: in
   if n < 1:
     raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
   prompts = [ex["inputs_ids"] for ex in examples for _ in range(n)]
-  flat = rollout.generate_responses(trainer, params, prompts, tokenizer, config,
-                                    temperature=config.sampling.temperature, max_new_tokens=max_new_tokens,
-                                    seed=seed)
+  flat = rollout.generate_responses(trainer, params, prompts, tokenizer, rollout_cfg,
+                                    temperature=rollout_cfg.temperature, max_new_tokens=max_new_tokens, seed=seed)
   responses = [flat[p * n:(p + 1) * n] for p in range(len(examples))]
   lengths = np.array([[len(r) for r in group] for group in responses], np.int32)
-  correct = np.array([[arith_reward(tokenizer.decode(r), ex["answer"]) for r in group]
-                      for ex, group in zip(examples, responses)], np.float32)
-  return responses, lengths, correct
+  correct = verifier([tokenizer.decode(r) for r in flat], [ex for ex in examples for _ in range(n)])
+  return responses, lengths, correct.reshape(len(examples), n).astype(np.float32)
 
 
 def rejection_sft_set(examples, responses, lengths_PxG, correct_PxG, eos_id: int):

@@ -209,7 +209,7 @@ class Sandbox:
           raise SandboxUnavailable(
               f"the sandbox cannot create namespaces here ({why}); code rewards would run without isolation. "
               "Allow that explicitly with SandboxConfig(allow_unisolated=True) (the experiment config's "
-              "rl.sandbox_allow_unisolated) if the programs are trusted or the machine is disposable.")
+              "reward.sandbox_allow_unisolated) if the programs are trusted or the machine is disposable.")
         log.warning("sandbox: no namespaces (%s); running with weaker isolation (k15.rewards.sandbox)", why)
 
   def _rlimits(self) -> list:

@@ -96,12 +96,3 @@ class Verifier:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def make_verifier(config) -> Verifier:
-  """The verifier of an experiment config (config.rl.reward: the domain of examples that carry none)."""
-  rl = config.rl
-  sandbox = SandboxConfig(allow_unisolated=rl.get("sandbox_allow_unisolated", False))
-  return Verifier(default_domain=rl.get("reward", "arith"), math_timeout_s=rl.get("math_timeout_s", 5.0),
-                  math_workers=rl.get("math_workers", 1), sandbox_config=sandbox)
-

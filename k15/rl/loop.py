@@ -9,52 +9,42 @@ whole response), and by default only each response's newest segment carries loss
 """
 import os
 import time
+
 import jax
 import numpy as np
+import optax
 
 from k15 import models
 from k15.checkpoint import Checkpointer
-from k15.rewards import penalties, verifiers
+from k15.config import Config, RLConfig
+from k15.rewards import penalties
 from k15.rl import batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
-from k15.rl.prompt_sampler import CurriculumStage, PromptSampler
+from k15.rl.prompt_sampler import PromptSampler
 from k15.rl.trainer import in_chunks
 from k15.sampling import ReplayBuffer, Request, RolloutEngine
 
 
-def rl_optimizer(rl_cfg):
-  """The optimizer of the training phase: gradient clipping, then config.rl.optimizer."""
-  import optax
+def rl_optimizer(rl: RLConfig):
+  """The optimizer of the training phase: gradient clipping, then rl.optimizer."""
   kinds = {
-      "adam": lambda: optax.adam(rl_cfg.learning_rate, eps=rl_cfg.adam_eps),
-      "sgd": lambda: optax.sgd(rl_cfg.learning_rate),
-      "momentum": lambda: optax.sgd(rl_cfg.learning_rate, momentum=0.9),
+      "adam": lambda: optax.adam(rl.learning_rate, eps=rl.adam_eps),
+      "sgd": lambda: optax.sgd(rl.learning_rate),
+      "momentum": lambda: optax.sgd(rl.learning_rate, momentum=0.9),
   }
-  if rl_cfg.optimizer not in kinds:
-    raise ValueError(f"config.rl.optimizer={rl_cfg.optimizer!r}; valid: {sorted(kinds)}")
-  return optax.chain(optax.clip_by_global_norm(rl_cfg.max_grad_norm), kinds[rl_cfg.optimizer]())
+  return optax.chain(optax.clip_by_global_norm(rl.max_grad_norm), kinds[rl.optimizer]())
 
 
-def make_loss_fn(model_cfg, rl_cfg):
+def make_loss_fn(model_cfg, rl: RLConfig):
   """loss_fn(params, batch) for the configured policy loss (batch rows padded with weight-0 groups)."""
-  options = {
-      "k15": dict(tau=rl_cfg.tau, log_ratio=rl_cfg.log_ratio, baseline=rl_cfg.baseline, form=rl_cfg.form),
-      "reinforce": {}, "grpo": {}, "rest": {},
-  }
-  if rl_cfg.loss not in options:
-    raise ValueError(f"config.rl.loss={rl_cfg.loss!r}; valid: {sorted(options)}")
-  loss = losses.get_policy_loss(rl_cfg.loss)
-  group_size = rl_cfg.samples_per_prompt
+  options = dict(tau=rl.tau, log_ratio=rl.log_ratio, baseline=rl.baseline, form=rl.form) if rl.loss == "k15" else {}
+  loss = losses.get_policy_loss(rl.loss)
 
   def loss_fn(params, batch):
     logp = models.token_logprobs(model_cfg, params, batch["tokens"])
-    return loss(logp, batch["ref_logp"], batch["mask"], batch["rewards"], group_size,
-                sample_weights_B=batch["weights"], **options[rl_cfg.loss])
+    return loss(logp, batch["ref_logp"], batch["mask"], batch["rewards"], rl.samples_per_prompt,
+                sample_weights_B=batch["weights"], **options)
   return loss_fn
-
-
-def _ref_logp_fn(model_cfg):
-  return lambda params, batch: models.token_logprobs(model_cfg, params, batch["tokens"])
 
 
 class RLState:
@@ -99,14 +89,12 @@ def _plain(x):
   return x
 
 
-def make_prompt_sampler(config, train):
-  rl = config.rl
-  stages = [CurriculumStage(int(until), tuple(levels)) for until, levels in rl.curriculum] if rl.curriculum else []
+def make_prompt_sampler(rl: RLConfig, train, seed: int) -> PromptSampler:
+  """The curriculum's stages and prioritization over the training examples (their difficulty labels)."""
   labels = [ex.get("difficulty") for ex in train]
   difficulties = None if any(d is None for d in labels) else np.array(labels)  # unlabelled: no curriculum
-  return PromptSampler(len(train), difficulties=difficulties, stages=stages,
-                       prioritized=rl.prioritized, floor=rl.priority_floor, ema_decay=rl.priority_ema,
-                       seed=config.seed)
+  return PromptSampler(len(train), difficulties=difficulties, stages=rl.curriculum, prioritized=rl.prioritized,
+                       floor=rl.priority_floor, ema_decay=rl.priority_ema, seed=seed)
 
 
 def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
@@ -171,25 +159,24 @@ def iter_minibatches(batch, n_groups, minibatches, G, rng):
     yield _pad_groups({k: v[rows] for k, v in batch.items()}, size, G)
 
 
-def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=None):
+def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier):
   """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params.
 
   train / eval_: example dicts (inputs_ids, answer, difficulty, and optionally domain and test_cases);
-  verifier: k15.rewards.verifiers.Verifier (default: built from config.rl.reward, closed at the end).
+  verifier: a k15.rewards.verifiers.Verifier. Evaluates on eval_ every config.eval.every iterations.
   """
-  own_verifier = verifier is None
-  verifier = verifier or verifiers.make_verifier(config)
   rl = config.rl
   G = rl.samples_per_prompt
   model_cfg = trainer.cfg
   max_prompt = max(len(ex["inputs_ids"]) for ex in train)
   seq_len = 8 * -(-(max_prompt + rl.max_response_len) // 8)
-  state = RLState(make_prompt_sampler(config, train), config.seed)
+  state = RLState(make_prompt_sampler(rl, train, config.seed), config.seed)
   optimizer = rl_optimizer(rl)
   step_fn = trainer.make_step(make_loss_fn(model_cfg, rl), optimizer)
-  ref_fn = trainer.make_eval(_ref_logp_fn(model_cfg))
-  engine = RolloutEngine(model_cfg, rollout.sampling_config(config, tokenizer, seq_len), config.sampling.num_slots,
-                         trainer.mesh)
+  ref_fn = trainer.make_eval(lambda p, batch: models.token_logprobs(model_cfg, p, batch["tokens"]))
+  scfg = rollout.sampling_config(config.sampling, eos_id=tokenizer.eos_id, max_length=seq_len,
+                                 max_new_tokens=rl.max_response_len, temperature=config.sampling.temperature)
+  engine = RolloutEngine(model_cfg, scfg, config.sampling.num_slots, trainer.mesh)
   opt_state = trainer.init_opt_state(optimizer, params)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
@@ -248,7 +235,7 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=N
     metrics["iteration_time_s"] = time.time() - t0
     metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
     if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
-      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config, verifier=verifier)
+      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, verifier)
       metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
     logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
                                     "slot_utilization", "tokens_per_s"))
@@ -256,6 +243,4 @@ def run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier=N
       ckpt.save(it, (params, opt_state), state.state_dict())
   logger.close()
   ckpt.close()
-  if own_verifier:
-    verifier.close()
   return params

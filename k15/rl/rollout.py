@@ -1,4 +1,4 @@
-"""The RL loop's side of the sampling package: sampling configs from the experiment config, trajectory records."""
+"""The RL loop's side of the sampling package: SamplingConfigs from the rollout settings, trajectory records."""
 import dataclasses
 
 import jax
@@ -7,15 +7,14 @@ import numpy as np
 from k15 import sampling
 
 
-def sampling_config(config, tokenizer, max_length: int, *, temperature=None, max_new_tokens=None):
-  """A SamplingConfig from config.sampling; temperature 0 means greedy."""
-  s = config.sampling
-  temperature = s.temperature if temperature is None else temperature
+def sampling_config(rollout, *, eos_id: int, max_length: int, max_new_tokens: int, temperature: float):
+  """The SamplingConfig of a RolloutConfig (config.sampling) for one use; temperature 0 is greedy decoding."""
+  greedy = temperature == 0
   return sampling.SamplingConfig(
-      temperature=max(temperature, 1e-6), greedy=temperature == 0, top_p=s.top_p, top_k=s.top_k,
-      max_new_tokens=config.rl.max_response_len if max_new_tokens is None else max_new_tokens,
-      chunk_size=s.chunk_size, stop_ids=(tokenizer.eos_id,), repeat_ngram=s.repeat_ngram,
-      repeat_count=s.repeat_count, max_length=max_length, decode_kernel=s.decode_kernel, native_matmul=s.native_matmul)
+      greedy=greedy, temperature=1.0 if greedy else temperature,  # a greedy SamplingConfig ignores temperature
+      top_p=rollout.top_p, top_k=rollout.top_k, max_new_tokens=max_new_tokens, chunk_size=rollout.chunk_size,
+      stop_ids=(eos_id,), repeat_ngram=rollout.repeat_ngram, repeat_count=rollout.repeat_count,
+      max_length=max_length, decode_kernel=rollout.decode_kernel, native_matmul=rollout.native_matmul)
 
 
 def newest_segment_start(traj: sampling.Trajectory) -> int:
@@ -33,13 +32,13 @@ def trajectory_from_dict(d: dict) -> sampling.Trajectory:
   return sampling.Trajectory(**d)
 
 
-def generate_responses(trainer, params, prompts, tokenizer, config, *, temperature, max_new_tokens, seed):
-  """One response per prompt (eos stripped), sampled on the trainer's mesh with the training params."""
+def generate_responses(trainer, params, prompts, tokenizer, rollout, *, temperature, max_new_tokens, seed):
+  """One response per prompt (eos stripped), sampled on the trainer's mesh with the training params;
+  rollout: a RolloutConfig."""
   max_length = max(len(p) for p in prompts) + max_new_tokens
-  scfg = sampling_config(config, tokenizer, 16 * -(-max_length // 16), temperature=temperature,
-                         max_new_tokens=max_new_tokens)
-  slots = min(len(prompts), config.sampling.num_slots)
+  scfg = sampling_config(rollout, eos_id=tokenizer.eos_id, max_length=16 * -(-max_length // 16),
+                         max_new_tokens=max_new_tokens, temperature=temperature)
   with trainer.context():
-    trajs = sampling.generate(trainer.cfg, params, prompts, scfg, jax.random.PRNGKey(seed), num_slots=slots,
-                              mesh=trainer.mesh)
+    trajs = sampling.generate(trainer.cfg, params, prompts, scfg, jax.random.PRNGKey(seed),
+                              num_slots=min(len(prompts), rollout.num_slots), mesh=trainer.mesh)
   return [[int(x) for x in t.response_tokens if x != tokenizer.eos_id] for t in trajs]

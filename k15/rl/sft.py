@@ -7,6 +7,7 @@ from typing import Sequence
 import optax
 
 from k15 import models
+from k15.config import SFTConfig
 from k15.rl import batching, losses
 from k15.rl.trainer import Trainer, train_steps
 
@@ -18,19 +19,19 @@ def sft_optimizer(learning_rate: float, steps: int, warmup_steps: int):
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
-def sft_train(trainer: Trainer, params, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-              steps: int, batch_size: int, learning_rate: float, warmup_steps: int, pad_id: int, seed: int,
-              logger=None, log_every: int = 50):
-  """Trains on response tokens (prompt tokens masked out); returns the new params (params are donated)."""
-  cfg = trainer.cfg
+def sft_train(trainer: Trainer, params, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              cfg: SFTConfig, *, pad_id: int, seed: int, logger=None, log_every: int = 50):
+  """cfg.steps steps on response tokens (prompt tokens masked out); returns the new params (params are donated)."""
+  model_cfg = trainer.cfg
   seq_len = 8 * -(-max(len(p) + len(r) for p, r in zip(prompts, responses)) // 8)  # one compile, rounded up
 
   def loss_fn(params, batch):
-    return losses.sft_loss(models.token_logprobs(cfg, params, batch["tokens"]), batch["mask"])
+    return losses.sft_loss(models.token_logprobs(model_cfg, params, batch["tokens"]), batch["mask"])
 
   def batch_fn(idx):
     tokens, mask = batching.pack([prompts[i] for i in idx], [responses[i] for i in idx], seq_len, pad_id)
     return {"tokens": tokens, "mask": mask}
 
-  return train_steps(trainer, params, loss_fn, sft_optimizer(learning_rate, steps, warmup_steps), batch_fn,
-                     len(prompts), steps=steps, batch_size=batch_size, seed=seed, logger=logger, log_every=log_every)
+  optimizer = sft_optimizer(cfg.learning_rate, cfg.steps, cfg.warmup_steps)
+  return train_steps(trainer, params, loss_fn, optimizer, batch_fn, len(prompts), steps=cfg.steps,
+                     batch_size=cfg.batch_size, seed=seed, logger=logger, log_every=log_every)

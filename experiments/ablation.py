@@ -4,7 +4,7 @@ The driver is notebooks/loss_ablations.ipynb; this module keeps its logic import
 starts from the same SFT warm-up params and the same seed, so runs differ only in their config.rl overrides.
 
 Workdir layout:
-  data/, warmup/           the task and the shared long-CoT warm-up (the main job's layout, see pipeline.py)
+  data/, warmup/           the task and the shared long-CoT warm-up (the main job's layout, experiments/train.py)
   warmup_eval.json         held-out evaluation of the warm-up (the baseline row)
   variants/<name>/         one RL run: config.json, rl.jsonl, checkpoints/, tensorboard/, result.json
   results.json, results.md every variant's held-out evaluation (and the table)
@@ -22,8 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from k15 import models, sharding
-from k15.rl import loop, pipeline
+from experiments import train as main_job
+from k15 import config as config_lib
+from k15.rewards.verifiers import Verifier
+from k15.rl import evaluation, loop
 from k15.rl.metrics import read_jsonl
 from k15.rl.trainer import Trainer
 
@@ -77,15 +79,13 @@ def resolve_variants(variants: VariantSpec) -> dict[str, dict]:
   return out
 
 
-def variant_config(config, rl_overrides: Mapping) -> ml_collections.ConfigDict:
-  """A copy of config with config.rl fields replaced; unknown fields are an error."""
-  config = apply_overrides(ml_collections.ConfigDict(config.to_dict()),
-                           {f"rl.{k}": v for k, v in rl_overrides.items()})
-  loop.make_loss_fn(None, config.rl)  # validates config.rl.loss now, not after the rollouts
-  return config
+def variant_config(config: ml_collections.ConfigDict, rl_overrides: Mapping) -> config_lib.Config:
+  """The typed config of `config` with config.rl fields replaced; an unknown field or bad value is an error."""
+  return config_lib.from_config_dict(apply_overrides(ml_collections.ConfigDict(config.to_dict()),
+                                                     {f"rl.{k}": v for k, v in rl_overrides.items()}))
 
 
-def describe(rl) -> str:
+def describe(rl: config_lib.RLConfig) -> str:
   """The loss settings of a variant in a few words, e.g. 'k15 tau=0.1 sequence mean-baseline reset'."""
   words = [rl.loss]
   if rl.loss == "k15":
@@ -98,7 +98,7 @@ def describe(rl) -> str:
 
 @dataclasses.dataclass
 class Setup:
-  """What every variant shares: the base config, mesh, task, tokenizer and warm-up."""
+  """What every variant shares: the base config (a ConfigDict, overridden per variant), task, warm-up, verifier."""
   config: ml_collections.ConfigDict
   workdir: str
   trainer: Trainer
@@ -108,28 +108,30 @@ class Setup:
   warmup_params: object
   warmup_eval: dict
   warmup_time_s: float
+  verifier: Verifier = None
 
 
-def prepare(config, workdir: str) -> Setup:
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Generates the task and trains the warm-up once (both reused if already in workdir), evaluates it."""
   start = time.time()
+  typed = config_lib.from_config_dict(config)
   os.makedirs(workdir, exist_ok=True)
-  model_cfg, _ = models.split_hf_path(config.model)  # a config may name HF start weights (the warm-up loads them)
-  trainer = Trainer(model_cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
-  tokenizer, train, eval_ = pipeline.load_task(config, workdir)
-  # pylint: disable-next=protected-access
-  params = pipeline.load_or_train_warmup(config, workdir, trainer, tokenizer, train)
+  trainer = main_job.make_trainer(typed)
+  tokenizer, train, eval_ = main_job.load_task(typed, workdir)
+  params = main_job.load_or_train_warmup(typed, workdir, trainer, tokenizer, train)
+  verifier = main_job.make_verifier(typed)
   path = os.path.join(workdir, "warmup_eval.json")
   if os.path.exists(path):
     with open(path) as f:
       warmup_eval = json.load(f)
   else:
-    warmup_eval = pipeline.evaluate_both(trainer, params, tokenizer, eval_, config)
+    warmup_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, typed.sampling, typed.eval, verifier,
+                                      sampled=True)
     with open(path, "w") as f:
       json.dump(warmup_eval, f, indent=2)
-  print(f"warm-up ({model_cfg.num_params() / 1e6:.2f}M params): held-out accuracy {warmup_eval['accuracy']:.1%}, "
+  print(f"warm-up ({typed.model.num_params() / 1e6:.2f}M params): held-out accuracy {warmup_eval['accuracy']:.1%}, "
         f"mean tokens {warmup_eval['mean_tokens']:.1f} ({time.time() - start:.0f}s)", flush=True)
-  return Setup(config, workdir, trainer, tokenizer, train, eval_, params, warmup_eval, time.time() - start)
+  return Setup(config, workdir, trainer, tokenizer, train, eval_, params, warmup_eval, time.time() - start, verifier)
 
 
 def _jsonable(x):
@@ -163,9 +165,10 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
   start = time.time()
   # The train step donates its params: each variant gets its own copy of the warm-up.
   params = jax.tree.map(lambda x: x.copy(), setup.warmup_params)
-  params = loop.run_rl(config, vdir, setup.trainer, params, setup.tokenizer, setup.train, setup.eval)
+  params = loop.run_rl(config, vdir, setup.trainer, params, setup.tokenizer, setup.train, setup.eval, setup.verifier)
   rl_time = time.time() - start
-  final = pipeline.evaluate_both(setup.trainer, params, setup.tokenizer, setup.eval, config)
+  final = evaluation.evaluate(setup.trainer, params, setup.tokenizer, setup.eval, config.sampling, config.eval,
+                              setup.verifier, sampled=True)
   rows = curves(setup.workdir, name)
   result = {"name": name, "overrides": dict(rl_overrides), "description": describe(config.rl),
             "iterations": config.rl.iterations, "rl_time_s": rl_time, "eval": final,
@@ -180,7 +183,8 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
 
 def run_ablation(setup: Setup, variants: VariantSpec) -> list[dict]:
   """Runs every variant (in order), writes results.json and results.md; returns the results."""
-  results = [run_variant(setup, name, overrides) for name, overrides in resolve_variants(variants).items()]
+  with setup.verifier:
+    results = [run_variant(setup, name, overrides) for name, overrides in resolve_variants(variants).items()]
   with open(os.path.join(setup.workdir, "results.json"), "w") as f:
     json.dump({"warmup": setup.warmup_eval, "variants": results}, f, indent=2)
   with open(os.path.join(setup.workdir, "results.md"), "w") as f:

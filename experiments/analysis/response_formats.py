@@ -1,24 +1,20 @@
 """What a model's answers on the main job's held-out problems look like: shares of each trace element.
 
-  python benchmarks/response_formats.py --workdir=/tmp/k15_arith --model=/tmp/k15_l2s/models/rl_long [--samples=5]
+  python -m experiments.analysis.response_formats --workdir=/tmp/k15_arith --model=/tmp/k15_l2s/models/rl_long \
+      [--samples=5]
 
 Prints, for greedy decoding and for --samples draws per prompt at T=1, the accuracy and the share of responses that
-contain a "Check:" line, an "Again:" re-check, and that answer at once ("Answer:" first). The long2short section of
-README quotes these shares: they say which shorter formats a model can still sample.
+contain a "Check:" line, an "Again:" re-check, and that answer at once ("Answer:" first). docs/results.md quotes
+these shares in its long2short section: they say which shorter formats a model can still sample.
 """
-import os
-import sys
+import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from experiments.configs import arith  # noqa: E402
-from k15 import models, sharding  # noqa: E402
-from k15.rewards.verifiers import Verifier  # noqa: E402
-from k15.rl import pipeline, rollout  # noqa: E402
-from k15.rl.trainer import Trainer  # noqa: E402
+from experiments import train as main_job
+from experiments.configs import arith
+from k15 import config as config_lib
+from k15 import models
+from k15.rl import rollout
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A main-job workdir (its data/ gives the held-out problems).")
 _MODEL = flags.DEFINE_string("model", None, "A Hugging Face checkpoint directory (e.g. WORKDIR/final).")
@@ -34,17 +30,17 @@ def describe(texts, correct):
 
 
 def main(_):
-  config = arith.get_config("")
+  config = config_lib.from_config_dict(arith.get_config(""))
   cfg, params = models.load_hf(_MODEL.value)
-  trainer = Trainer(cfg, sharding.make_mesh(dict(config.mesh)), config.sharding.logical_axis_rules)
-  tokenizer, _, eval_ = pipeline.load_task(config, _WORKDIR.value)
+  trainer = main_job.make_trainer(config, cfg)
+  tokenizer, _, eval_ = main_job.load_task(config, _WORKDIR.value)
   params = trainer.place_params(params)
-  verifier = Verifier()
+  verifier = main_job.make_verifier(config)
   runs = [("greedy", 0.0, 1)] + ([("T=1", 1.0, _SAMPLES.value)] if _SAMPLES.value else [])
   for name, temperature, n in runs:
     examples = [ex for ex in eval_ for _ in range(n)]
     responses = rollout.generate_responses(trainer, params, [ex["inputs_ids"] for ex in examples], tokenizer,
-                                           config, temperature=temperature,
+                                           config.sampling, temperature=temperature,
                                            max_new_tokens=config.eval.max_response_len, seed=1)
     texts = [tokenizer.decode(r) for r in responses]
     print(f"{name}: {describe(texts, verifier(texts, examples))}", flush=True)
