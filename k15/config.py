@@ -274,18 +274,15 @@ class TPUConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
-  steps: int
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int
+class DPOConfig(SFTConfig):
+  """DPO training (long2short): SFTConfig's optimizer settings, beta and the rule for long negatives."""
   beta: float
   long_factor: float
 
   def __post_init__(self):
-    _at_least(self, 1, "steps", "batch_size")
-    _at_least(self, 0, "warmup_steps")
-    _positive(self, "learning_rate", "beta")
+    super().__post_init__()
+    _at_least(self, 1, "steps")
+    _positive(self, "beta")
     _at_least(self, 1.0, "long_factor")
 
 

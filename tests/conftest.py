@@ -36,6 +36,12 @@ def needs_amx(needs_native_step):
     pytest.skip("this CPU has no AMX tiles (or the native build does not target them)")
 
 
+@pytest.fixture(scope="session")
+def untimed():
+  """A metrics row without its wall-clock fields (times, throughput), which differ between identical runs."""
+  return lambda row: {k: v for k, v in row.items() if not any(t in k for t in ("time", "tokens_per_s"))}
+
+
 PROMPT_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "prompts")
 
 

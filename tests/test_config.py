@@ -90,7 +90,7 @@ def test_every_config_and_variant_builds_on_its_own(name):
     tree = ast.parse(f.read())
   imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
   imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-  others = sorted(m for m in imported if m.startswith("experiments.configs") and m != "experiments.configs.architectures")
+  others = sorted(m for m in imported if m.startswith("experiments.configs") and not m.endswith(".architectures"))
   assert not others, f"{name}.py builds on other configs: {others}"
   module = _load(name)
   assert module.VARIANTS
@@ -132,7 +132,8 @@ def _attributes_read(paths, skip_functions=("__post_init__",)):
 
 def unread_fields(sections) -> list:
   """Fields of the typed sections that no code in k15/ or experiments/ (not the config files) reads."""
-  paths = [os.path.join(root, f) for top in ("k15", "experiments") for root, _, files in os.walk(os.path.join(REPO, top))
+  paths = [os.path.join(root, f) for top in ("k15", "experiments")
+           for root, _, files in os.walk(os.path.join(REPO, top))
            for f in files if f.endswith(".py") and os.sep + "configs" not in root]
   read = _attributes_read(paths)
   return [f"{name}.{f.name}" for name, cls in sorted(sections.items()) for f in dataclasses.fields(cls)

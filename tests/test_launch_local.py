@@ -10,7 +10,6 @@ import pytest
 from k15.rl import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("time", "tokens_per_s")  # wall-clock metrics differ between runs
 
 # The synthetic task at its smallest: no warm-up (random params), 2 RL iterations with partial rollouts, and a
 # length penalty from the first iteration so that rewards, advantages and gradients are not all zero.
@@ -38,11 +37,7 @@ def _flat(tree, prefix=""):
   return out
 
 
-def _comparable(row):
-  return {k: v for k, v in row.items() if not any(t in k for t in TIMING)}
-
-
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, untimed):
   one_dir, two_dir = str(tmp_path / "1x8"), str(tmp_path / "2x4")
   procs = [_launch(1, 8, one_dir), _launch(2, 4, two_dir)]  # concurrently: most of the time is compilation
   logs = [p.communicate(timeout=900)[0] for p in procs]
@@ -58,7 +53,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert trained and all(r["loss/grad_norm"] > 0 for r in trained)  # the comparison covers real updates
   for a, b in zip(one, two):
     assert set(a) == set(b), a["step"]
-    assert _comparable(b) == pytest.approx(_comparable(a), rel=1e-5, abs=1e-6), a["step"]
+    assert untimed(b) == pytest.approx(untimed(a), rel=1e-5, abs=1e-6), a["step"]
 
   summaries = []
   for d in (one_dir, two_dir):

@@ -70,8 +70,8 @@ def _write_samples(p, variant, seed):
 
 
 def _seq_logp(p, params, prompts, responses):
-  seq_len = 8 * -(-max(len(a) + len(b) for a, b in zip(prompts, responses)) // 8)
-  tokens, mask = batching.pack(prompts, responses, seq_len, p.tokenizer.pad_id)
+  tokens, mask = batching.pack(prompts, responses, max(len(a) + len(b) for a, b in zip(prompts, responses)),
+                               p.tokenizer.pad_id)
   return np.asarray(_SEQ_LOGP(p.cfg, params, tokens, mask))
 
 

@@ -1,6 +1,5 @@
 """Two processes on localhost (4 CPU devices each) run the sharded train step and match one process."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,20 +9,15 @@ import numpy as np
 import optax
 
 from k15 import models
+from launch import local
 
 WORKER = os.path.join(os.path.dirname(__file__), "helpers", "multihost_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_single_process(tmp_path):
-  port, out = _free_port(), str(tmp_path / "out.npz")
+  port, out = local.free_port(), str(tmp_path / "out.npz")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), out], env=env,

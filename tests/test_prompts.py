@@ -10,15 +10,11 @@ from k15.config import PromptFile
 from k15.data import prompts
 from k15.rewards.math import extract_answer
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "prompts")
-GSM8K = os.path.join(FIXTURES, "gsm8k_style.jsonl")
-MATH = os.path.join(FIXTURES, "math_style.jsonl")
-CODE = os.path.join(FIXTURES, "code_style.jsonl")
 MATH_FIELDS = {"question": "problem", "answer": "solution", "difficulty": "level"}
 
 
-def test_gsm8k_style_file():
-  ps = prompts.read_prompts(GSM8K, domain="math")
+def test_gsm8k_style_file(prompt_files):
+  ps = prompts.read_prompts(prompt_files["gsm8k_style"], domain="math")
   assert len(ps) == 4
   assert all(set(p) == set(prompts.FIELDS) for p in ps)
   assert [extract_answer(p["answer"]) for p in ps] == ["12", "29", "42", "8"]  # the reference's final answer
@@ -26,15 +22,16 @@ def test_gsm8k_style_file():
   assert ps[0]["id"] == prompts.prompt_id(ps[0]["question"]) and len({p["id"] for p in ps}) == 4
 
 
-def test_math_style_file_with_field_map():
-  ps = prompts.read_prompts(MATH, domain="math", field_map=MATH_FIELDS)
+def test_math_style_file_with_field_map(prompt_files):
+  ps = prompts.read_prompts(prompt_files["math_style"], domain="math", field_map=MATH_FIELDS)
   assert [p["difficulty"] for p in ps] == [1, 2, 3]  # "Level N"
   assert [extract_answer(p["answer"]) for p in ps] == [r"\frac{5}{6}", "5", "(-2, 2)"]
   assert ps[1]["question"] == "Solve for $x$: $2x - 7 = 3$."
 
 
-def test_code_style_file():
-  ps = prompts.read_prompts(CODE, domain="math")  # the records' own domain wins over the file's default
+def test_code_style_file(prompt_files):
+  # The records' own domain wins over the file's default.
+  ps = prompts.read_prompts(prompt_files["code_style"], domain="math")
   assert [p["domain"] for p in ps] == ["code", "code"]
   assert ps[0]["test_cases"][1] == {"input": "-5 5\n", "output": "0\n"}
   # The second record stores its tests as a JSON string, as APPS does.
@@ -59,16 +56,16 @@ def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, bad_line, message
     prompts.read_prompts(str(path))
 
 
-def test_parquet_matches_jsonl(tmp_path):
+def test_parquet_matches_jsonl(tmp_path, prompt_files):
   import pyarrow as pa
   import pyarrow.parquet as pq
-  rows = [json.loads(line) for line in open(CODE)]
+  rows = [json.loads(line) for line in open(prompt_files["code_style"])]
   for r in rows:  # Parquet columns need one type: tests as JSON strings, as parquet exports of APPS keep them
     if not isinstance(r["test_cases"], str):
       r["test_cases"] = json.dumps(r["test_cases"])
   path = str(tmp_path / "code.parquet")
   pq.write_table(pa.Table.from_pylist(rows), path)
-  assert prompts.read_prompts(path) == prompts.read_prompts(CODE)
+  assert prompts.read_prompts(path) == prompts.read_prompts(prompt_files["code_style"])
   rows[0]["difficulty"], rows[1]["difficulty"] = "Level 1", "hard"  # a string column; row 2 is unreadable
   pq.write_table(pa.Table.from_pylist(rows), path)
   with pytest.raises(ValueError, match=f"^{re.escape(path)}:row 2: difficulty"):
@@ -84,9 +81,11 @@ def test_mixture_rates_split_domains_by_task_size():
     prompts.mixture_rates({"a": 4}, {"a": "math"}, {"math": 0.5, "code": 0.5})
 
 
-def test_mixture_over_two_files_yields_both(tmp_path, monkeypatch):
+def test_mixture_over_two_files_yields_both(tmp_path, monkeypatch, prompt_files):
   monkeypatch.setenv("TMPDIR", str(tmp_path))
-  tasks = {"test_prompts_math": PromptFile(MATH, "math", MATH_FIELDS), "test_prompts_code": PromptFile(CODE, "code")}
+  math_file, code_file = prompt_files["math_style"], prompt_files["code_style"]
+  tasks = {"test_prompts_math": PromptFile(math_file, "math", MATH_FIELDS),
+           "test_prompts_code": PromptFile(code_file, "code")}
   name = prompts.register_prompt_mixture("test_prompts_mix", tasks, domain_rates={"math": 0.75, "code": 0.25},
                                          template="Question: {question}\nAnswer:")
   assert name == "test_prompts_mix"
@@ -94,19 +93,20 @@ def test_mixture_over_two_files_yields_both(tmp_path, monkeypatch):
   by_domain = collections.Counter(p["domain"] for p in examples)
   assert set(by_domain) == {"math", "code"}
   assert 0.18 < by_domain["code"] / len(examples) < 0.32  # rate 0.25; binomial sd ~0.022
-  truth = {p["question"]: p for p in prompts.read_prompts(MATH, "math", MATH_FIELDS) + prompts.read_prompts(CODE)}
+  truth = {p["question"]: p
+           for p in prompts.read_prompts(math_file, "math", MATH_FIELDS) + prompts.read_prompts(code_file)}
   for p in examples:  # every field survives the trip through TensorFlow
     assert p["inputs"] == f"Question: {p['question']}\nAnswer:"
     assert {k: p[k] for k in prompts.FIELDS} == truth[p["question"]]
   assert {p["question"] for p in examples} == set(truth)  # every prompt of both files shows up
 
 
-def test_task_with_a_vocabulary_tokenizes_inputs(tmp_path, monkeypatch):
+def test_task_with_a_vocabulary_tokenizes_inputs(tmp_path, monkeypatch, prompt_files):
   from k15.data import tokenizer as tokenizer_lib
   monkeypatch.setenv("TMPDIR", str(tmp_path))
-  texts = [p["question"] for p in prompts.read_prompts(GSM8K)]
+  texts = [p["question"] for p in prompts.read_prompts(prompt_files["gsm8k_style"])]
   tok = tokenizer_lib.train_sentencepiece(texts * 20, str(tmp_path / "spm"), vocab_size=120)
-  prompts.register_prompt_task("test_prompts_tok", GSM8K, spm_path=str(tmp_path / "spm.model"))
+  prompts.register_prompt_task("test_prompts_tok", prompt_files["gsm8k_style"], spm_path=str(tmp_path / "spm.model"))
   examples = prompts.load_prompts("test_prompts_tok", 8, seed=1)
   for p in examples:
     assert all(isinstance(i, int) for i in p["inputs"])

@@ -72,7 +72,8 @@ def sample_responses(model_cfg, params, tokenizer, texts: Sequence[str], n: int,
   prompts = [tokenizer.encode(t) for t in texts]
   stops = tuple(sorted(set(stop_ids) | {tokenizer.eos_id}))
   max_length = 16 * -(-(max(len(p) for p in prompts) + max_new_tokens) // 16)
-  cfg = sampling.SamplingConfig(temperature=max(temperature, 1e-6), greedy=temperature == 0,
+  greedy = temperature == 0  # a greedy SamplingConfig ignores its temperature
+  cfg = sampling.SamplingConfig(greedy=greedy, temperature=1.0 if greedy else temperature,
                                 max_new_tokens=max_new_tokens, stop_ids=stops, max_length=max_length,
                                 chunk_size=min(64, max_new_tokens))
   flat = [p for p in prompts for _ in range(n)]

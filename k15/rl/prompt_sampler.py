@@ -19,14 +19,18 @@ class CurriculumStage:
 
 
 def stages_from_config(entries: Sequence[Any]) -> list[CurriculumStage]:
-  """Stages from config entries: mappings {"until_iteration": .., "difficulties": [..]} or (until, labels) pairs.
+  """Stages from config entries: (until, labels) pairs, mappings {"until_iteration": .., "difficulties": [..]} or
+  CurriculumStages.
 
   Stages must be in order of increasing until_iteration; only the last may be None. After the last stage ends
   it stays active.
   """
   stages = []
   for e in entries:
-    until, labels = (e["until_iteration"], e.get("difficulties")) if isinstance(e, Mapping) else tuple(e)
+    if isinstance(e, CurriculumStage):
+      until, labels = e.until_iteration, e.difficulties
+    else:
+      until, labels = (e["until_iteration"], e["difficulties"]) if isinstance(e, Mapping) else tuple(e)
     stages.append(CurriculumStage(None if until is None else int(until),
                                   None if labels is None else tuple(labels)))
   for i, s in enumerate(stages):
