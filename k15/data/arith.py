@@ -16,12 +16,12 @@ Multiplication binds tighter than + and -; it is done first, then the rest left 
 """
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from k15.data import jsonl
 from k15.data import tokenizer as tokenizer_lib
 
 PROMPT_TEMPLATE = "{question}\nThink step by step.\n"
@@ -243,32 +243,21 @@ def split_train_eval(examples: Sequence[dict], n_eval: int) -> tuple[list[dict],
   return ([ex for ex in unique if ex["id"] not in eval_ids], [ex for ex in unique if ex["id"] in eval_ids])
 
 
-def write_jsonl(path: str, examples: Iterable[dict]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    for ex in examples:
-      f.write(json.dumps(ex) + "\n")
+write_jsonl = jsonl.write
 
 
 def read_jsonl(path: str, required: Sequence[str] = FIELDS) -> list[dict]:
   """Examples of a JSONL file; a malformed line or a missing field raises naming the file and line."""
   examples = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        ex = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON line: {e}") from e
-      if not isinstance(ex, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(ex).__name__}")
-      missing = [k for k in required if k not in ex]
-      if missing:
-        raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-      if "difficulty" in ex and (not isinstance(ex["difficulty"], int) or isinstance(ex["difficulty"], bool)):
-        raise ValueError(f"{path}:{lineno}: difficulty must be an int, got {ex['difficulty']!r}")
-      examples.append(ex)
+  for where, ex in jsonl.records(path):
+    if not isinstance(ex, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+    missing = [k for k in required if k not in ex]
+    if missing:
+      raise ValueError(f"{where}: missing field(s) {missing}")
+    if "difficulty" in ex and (not isinstance(ex["difficulty"], int) or isinstance(ex["difficulty"], bool)):
+      raise ValueError(f"{where}: difficulty must be an int, got {ex['difficulty']!r}")
+    examples.append(ex)
   return examples
 
 

@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from k15.data import jsonl
+
 FIELDS = ("id", "question", "answer", "difficulty", "domain", "test_cases")
 NO_DIFFICULTY = -1  # the difficulty of an unlabelled prompt inside TF datasets (Python uses None)
 _LEVEL = re.compile(r"(?:level\s*)?(\d+)", re.IGNORECASE)
@@ -78,14 +80,7 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
     return
   if not path.endswith(".jsonl"):
     raise ValueError(f"{path}: unknown prompt file type (expected .jsonl or .parquet)")
-  with open(path) as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield f"{path}:{lineno}", json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON line: {e}") from e
+  yield from jsonl.records(path)
 
 
 def read_prompts(path: str, domain: str = "math", field_map: Optional[Mapping[str, str]] = None) -> list[dict]:
@@ -96,11 +91,7 @@ def read_prompts(path: str, domain: str = "math", field_map: Optional[Mapping[st
   return prompts
 
 
-def write_jsonl(path: str, prompts: Sequence[Mapping[str, Any]]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    for p in prompts:
-      f.write(json.dumps(p) + "\n")
+write_jsonl = jsonl.write
 
 
 # ---- seqio: everything below imports TensorFlow on first call ----

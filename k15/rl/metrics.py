@@ -8,6 +8,8 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from k15.data import jsonl
+
 
 def _scalar(v):
   return float(np.asarray(v))
@@ -47,9 +49,7 @@ class MetricsLogger:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+read_jsonl = jsonl.read
 
 
 def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL", baseline: Optional[float] = None):
