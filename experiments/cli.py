@@ -1,10 +1,38 @@
 """What the experiment entry points share: --config and --workdir, the typed config, quiet logs, multi-host start."""
+import difflib
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves data only (seqio); keep its chatter out
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+
+def _unknown_override(argv) -> str:
+  """For an override of a key the config does not have (--config.rl.taux=1): the full key and the nearest ones."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return ""
+  path, _, arg = spec.partition(":")
+  loader = importlib.util.spec_from_file_location("_experiment_config", path)
+  module = importlib.util.module_from_spec(loader)
+  loader.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    node, parts = config, a[len("--config."):].split("=", 1)[0].split(".")
+    for i, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        key = ".".join(["config"] + parts[:i + 1])
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        near = difflib.get_close_matches(part, valid, n=3)
+        hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+        return f"{a}: {key} is not a field of the config; {hint}valid: {valid}"
+      node = node[part]
+  return ""
 
 
 def run(experiment, *, config_help: str, workdir_help: str):
@@ -33,4 +61,12 @@ def run(experiment, *, config_help: str, workdir_help: str):
     sharding.initialize_distributed()
     experiment(config, workdir_flag.value)
 
-  app.run(main)
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+      sys.exit(f"FATAL Flags parsing error: {_unknown_override(argv) or e}")
+
+  app.run(main, flags_parser=parse_flags)

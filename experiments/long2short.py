@@ -24,14 +24,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from experiments import train as main_job
-from k15 import models
+from k15 import checkpoint
 from k15.config import Config, long2short_start
 from k15.long2short import dpo, merge, rejection, report
 from k15.rl import evaluation, loop, sft
@@ -83,10 +82,10 @@ class Long2Short:
     check_main_workdir(config, self.main)
     os.makedirs(workdir, exist_ok=True)
     self._check_source()
-    cfg, _ = models.load_hf(os.path.join(self.main, "final"), dtype=config.model.param_dtype)
+    cfg, _ = checkpoint.load_hf(os.path.join(self.main, "final"), dtype=config.model.param_dtype)
     self.cfg = dataclasses.replace(cfg, dtype=config.model.dtype, remat=config.model.remat)
     self.trainer = main_job.make_trainer(config, self.cfg)
-    self.tokenizer, self.train, self.eval = main_job.load_task(config, self.main)
+    self.tokenizer, self.train, self.eval = main_job.load_task(config, self.main, write=False)
     self.verifier = main_job.make_verifier(config)
     self.notes = {}  # variant -> what its training used this run (counts), for the summary
 
@@ -109,11 +108,11 @@ class Long2Short:
     return os.path.join(self.workdir, "models", variant)
 
   def has_model(self, variant):
-    return os.path.exists(os.path.join(self.model_dir(variant), "config.json"))
+    return checkpoint.is_complete(self.model_dir(variant))
 
   def load(self, path):
     """Params of an HF checkpoint, placed on the mesh. Every call reads the disk: training steps donate params."""
-    cfg, params = models.load_hf(path, dtype=self.config.model.param_dtype)
+    cfg, params = checkpoint.load_hf(path, dtype=self.config.model.param_dtype)
     if dataclasses.replace(cfg, dtype=self.cfg.dtype, remat=self.cfg.remat) != self.cfg:
       raise ValueError(f"{path}: architecture {cfg} differs from the long model's {self.cfg}")
     return self.trainer.place_params(params)
@@ -122,18 +121,13 @@ class Long2Short:
     return self.load(self.model_dir(variant))
 
   def save(self, variant, params):
-    """Writes models/<variant> atomically (a stopped run never leaves a half-written checkpoint to skip over)."""
+    """Writes models/<variant> whole or not at all (a stopped run never leaves a half-written one to skip over)."""
     for stale in ("eval", "samples"):  # results of an older model of this name
       path = os.path.join(self.workdir, stale, f"{variant}.json")
       if os.path.exists(path):
         os.remove(path)
-    if jax.process_index() != 0:
-      return
-    tmp = self.model_dir(variant) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.save_hf(tmp, self.cfg, jax.device_get(params))
-    shutil.rmtree(self.model_dir(variant), ignore_errors=True)
-    os.replace(tmp, self.model_dir(variant))
+    if jax.process_index() == 0:
+      checkpoint.save_hf(self.model_dir(variant), self.cfg, jax.device_get(params))
 
   def log(self, msg):
     print(f"[long2short {time.time() - self.start:6.0f}s] {msg}", flush=True)

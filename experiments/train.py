@@ -4,21 +4,26 @@
 
 Config fields are overridden with flags: --config.rl.iterations=10 --config.model.n_layers=2. Each stage leaves its
 result in the workdir, so a rerun skips what is done and resumes RL from its last checkpoint:
+  config.json            the config of the run, and a hash of the fields that define it (DEFINING_SKIPS: the rest)
   data/                  the generated task and its tokenizer (train.jsonl, eval.jsonl, spm.model)
-  warmup/                the SFT model as a Hugging Face checkpoint
-  checkpoints/           orbax checkpoints of the RL run (params, optimizer, buffer, statistics, RNG)
+  warmup/                the SFT model as a Hugging Face checkpoint; warmup_eval.json its held-out evaluation
+  checkpoints/           orbax checkpoints of the RL run (params, optimizer, buffer, statistics, RNG); best/ the
+                         best one by held-out accuracy
   final/                 the RL model as a Hugging Face checkpoint
   rl.jsonl, sft.jsonl    metrics; tensorboard/ the same for TensorBoard
   rl_curves.png          accuracy and mean length per iteration
   summary.json / .md     held-out accuracy and mean tokens after warm-up and after RL
+data/, warmup/ and final/ are written under a temporary name and renamed when complete (k15.checkpoint.stage_dir).
+A rerun whose config differs in a defining field is an error listing the fields, unless --allow_config_change.
 """
+import hashlib
 import json
 import os
 import time
 
 import jax
 
-from k15 import models, sharding
+from k15 import checkpoint, models, sharding
 from k15.config import Config, EvalConfig
 from k15.data import sources
 from k15.rewards.sandbox import SandboxConfig
@@ -40,18 +45,52 @@ def make_verifier(config: Config) -> Verifier:
                   sandbox_config=SandboxConfig(allow_unisolated=r.sandbox_allow_unisolated))
 
 
-def load_task(config: Config, workdir: str):
-  """(tokenizer, train, eval) of config.data, generated or read into workdir/data."""
+def load_task(config: Config, workdir: str, write: bool = True):
+  """(tokenizer, train, eval) of config.data, generated into workdir/data (write=False: only read from there)."""
   return sources.load_task(config.data, workdir, seed=config.seed, model_vocab_size=config.model.vocab_size,
-                           hf_path=config.hf_path)
+                           hf_path=config.hf_path, write=write)
+
+
+# Fields that may change between the runs of one workdir: how long, how often, where and how fast, not what.
+DEFINING_SKIPS = ("rl.iterations", "rl.max_bad_steps", "eval.every", "checkpoint.", "sampling.decode_kernel",
+                  "sampling.native_matmul", "mesh.", "sharding.", "tpu", "long2short")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def record_config(config: Config, workdir: str, allow_change: bool = False):
+  """Writes workdir/config.json; a workdir made by a config that differs in a defining field is an error listing
+  the fields (the run would silently continue another one), unless allow_change."""
+  full = json.loads(json.dumps(config.to_dict()))
+  defining = {k: v for k, v in _flat(full).items() if not k.startswith(DEFINING_SKIPS)}
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)["defining"]
+    diff = [f"{k}: {old.get(k, '(absent)')!r} -> {defining.get(k, '(absent)')!r}"
+            for k in sorted(set(old) | set(defining)) if old.get(k) != defining.get(k)]
+    if diff and not allow_change:
+      raise ValueError(f"{workdir} holds a run of another config; differing fields: {'; '.join(diff)}. Use a fresh "
+                       "--workdir, or --allow_config_change to continue this run with the new values.")
+    if diff:
+      print(f"WARNING: continuing {workdir} with changed fields: {'; '.join(diff)}", flush=True)
+  if jax.process_index() == 0:
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+    with open(path, "w") as f:
+      json.dump({"defining_sha256": digest, "defining": defining, "config": full}, f, indent=2)
 
 
 def load_or_train_warmup(config: Config, workdir, trainer, tokenizer, train):
-  """The warm-up params: workdir/warmup if it exists, else long-CoT SFT (config.sft; 0 steps: initial params)."""
+  """The warm-up params: workdir/warmup if it is complete, else long-CoT SFT (config.sft; 0 steps: initial params)."""
   path = os.path.join(workdir, "warmup")
-  if os.path.exists(os.path.join(path, "config.json")):
+  if checkpoint.is_complete(path):
     print(f"warm-up checkpoint found at {path}", flush=True)
-    _, params = models.load_hf(path, dtype=config.model.param_dtype)
+    _, params = checkpoint.load_hf(path, dtype=config.model.param_dtype)
     return trainer.place_params(params)
   if config.hf_path:  # start from a Hugging Face checkpoint instead of random params
     params = trainer.place_params(models.load_hf_matching(config.hf_path, trainer.cfg))
@@ -66,8 +105,25 @@ def load_or_train_warmup(config: Config, workdir, trainer, tokenizer, train):
   logger.close()
   host_params = sharding.to_host(params)  # every process joins the gather; process 0 writes
   if jax.process_index() == 0:
-    models.save_hf(path, trainer.cfg, host_params)
+    checkpoint.save_hf(path, trainer.cfg, host_params)
   return params
+
+
+def warmup_evaluation(config: Config, workdir, evaluate, params) -> dict:
+  """evaluate(params) of the warm-up, kept in workdir/warmup_eval.json for the evaluation settings it used (a
+  resumed run does not redo it)."""
+  path = os.path.join(workdir, "warmup_eval.json")
+  key = json.loads(json.dumps({"eval": config.to_dict()["eval"], "sampling": config.to_dict()["sampling"]}))
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached["key"] == key:
+      return cached["result"]
+  result = evaluate(params)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump({"key": key, "result": result}, f, indent=2)
+  return result
 
 
 def summary_table(rows: dict, eval_cfg: EvalConfig) -> str:
@@ -82,10 +138,11 @@ def summary_table(rows: dict, eval_cfg: EvalConfig) -> str:
   return "\n".join(lines)
 
 
-def run(config: Config, workdir: str) -> dict:
+def run(config: Config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) the main job in workdir; returns the summary."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
+  record_config(config, workdir, allow_config_change)
   trainer = make_trainer(config)
   print(f"k15: {config.model.num_params() / 1e6:.2f}M params on mesh {dict(trainer.mesh.shape)}; workdir {workdir}",
         flush=True)
@@ -106,14 +163,14 @@ def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, e
   def evaluate(params):
     return evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, verifier, sampled=True)
 
-  warmup_eval = evaluate(params)
+  warmup_eval = warmup_evaluation(config, workdir, evaluate, params)
   print(f"after warm-up: accuracy {warmup_eval['accuracy']:.1%}, mean tokens {warmup_eval['mean_tokens']:.1f}",
         flush=True)
   params = loop.run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier)
   final_eval = evaluate(params)
   host_params = sharding.to_host(params)  # every process joins the gather; process 0 writes
   if jax.process_index() == 0:
-    models.save_hf(os.path.join(workdir, "final"), trainer.cfg, host_params)
+    checkpoint.save_hf(os.path.join(workdir, "final"), trainer.cfg, host_params)
 
   start_name = "long-CoT warm-up (SFT)" if config.sft.steps else "initial model (no warm-up)"
   rows = {start_name: warmup_eval, "k1.5 RL": final_eval}
@@ -133,6 +190,10 @@ def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, e
 
 
 if __name__ == "__main__":
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from experiments import cli  # pylint: disable=g-import-not-at-top
-  cli.run(run, config_help="Experiment config file (experiments/configs/*.py).",
+  _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Continue a workdir's run although defining config "
+                             "fields differ from the ones it was made with (e.g. a changed learning rate).")
+  cli.run(lambda config, workdir: run(config, workdir, _ALLOW.value),
+          config_help="Experiment config file (experiments/configs/*.py).",
           workdir_help="Directory for data, checkpoints, metrics and plots.")

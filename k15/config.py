@@ -225,10 +225,14 @@ class RLConfig:
   prioritized: bool
   priority_floor: float
   priority_ema: float
+  max_bad_steps: int
 
   def __post_init__(self):
     _at_least(self, 1, "iterations", "prompts_per_iteration", "samples_per_prompt", "token_budget",
               "max_response_len", "minibatches")
+    _at_least(self, 0, "max_bad_steps")
+    _check(self.minibatches <= self.prompts_per_iteration, "minibatches",
+           f"{self.minibatches} gradient steps cannot each take whole groups of {self.prompts_per_iteration} prompts")
     _one_of(self, "optimizer", OPTIMIZERS)
     _positive(self, "learning_rate", "adam_eps", "max_grad_norm", "tau")
     _one_of(self, "loss", POLICY_LOSSES)

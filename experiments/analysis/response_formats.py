@@ -33,7 +33,7 @@ def main(_):
   config = config_lib.from_config_dict(arith.get_config(""))
   cfg, params = models.load_hf(_MODEL.value)
   trainer = main_job.make_trainer(config, cfg)
-  tokenizer, _, eval_ = main_job.load_task(config, _WORKDIR.value)
+  tokenizer, _, eval_ = main_job.load_task(config, _WORKDIR.value, write=False)
   params = trainer.place_params(params)
   verifier = main_job.make_verifier(config)
   runs = [("greedy", 0.0, 1)] + ([("T=1", 1.0, _SAMPLES.value)] if _SAMPLES.value else [])

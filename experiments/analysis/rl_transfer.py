@@ -40,7 +40,7 @@ def main(_):
                                                               reset_optimizer=False))
   model_cfg = config.model
   trainer = main_job.make_trainer(config)
-  tokenizer, train, eval_ = main_job.load_task(config, _WORKDIR.value)
+  tokenizer, train, eval_ = main_job.load_task(config, _WORKDIR.value, write=False)
   _, params = models.load_hf(os.path.join(_WORKDIR.value, "warmup"))
   params = trainer.place_params(params)
   verifier = main_job.make_verifier(config)

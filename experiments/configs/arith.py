@@ -96,6 +96,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.prioritized = True  # P(i) ~ (1 - s_i) + floor
   c.rl.priority_floor = 0.05
   c.rl.priority_ema = 0.5  # s_i <- ema*s_i + (1-ema)*batch success
+  c.rl.max_bad_steps = 3  # training steps with a non-finite loss, gradient or update skipped before the run stops
 
   c.eval = ml_collections.ConfigDict()  # held-out evaluation
   c.eval.temperature = 0.0  # 0: greedy

@@ -15,17 +15,20 @@ import os
 
 import jax
 
-from k15 import sharding
+from k15 import checkpoint, sharding
 from k15.data import prompts as prompts_lib
 from k15.data import tokenizer as tokenizer_lib
 
 
-def load_task(data, workdir: str, *, seed: int, model_vocab_size: int, hf_path: str = ""):
-  """(tokenizer, train, eval) of a DataConfig (k15.config); hf_path: the start checkpoint (its tokenizer)."""
+def load_task(data, workdir: str, *, seed: int, model_vocab_size: int, hf_path: str = "", write: bool = True):
+  """(tokenizer, train, eval) of a DataConfig (k15.config); hf_path: the start checkpoint (its tokenizer).
+
+  write=False reads another run's workdir/data as it is and never writes there.
+  """
   if data.source == "arith":
-    tokenizer, train, eval_ = _arith_task(data, workdir, seed)
+    tokenizer, train, eval_ = _arith_task(data, workdir, seed, write)
   else:
-    tokenizer, train, eval_ = _prompt_files(data, workdir, seed, hf_path)
+    tokenizer, train, eval_ = _prompt_files(data, workdir, seed, hf_path, write)
   tokenizer_lib.check_tokenizer_fits(tokenizer, model_vocab_size)
   return tokenizer, train, eval_
 
@@ -38,13 +41,13 @@ def arith_task_names(data_dir: str, target_field: str = "warmup") -> dict:
                                     target_field=target_field)
 
 
-def _arith_task(data, workdir, seed):
+def _arith_task(data, workdir, seed, write):
   from k15.data import arith, tasks  # pylint: disable=g-import-not-at-top
   data_dir = os.path.join(workdir, "data")
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, "spm.model")):
-    os.makedirs(data_dir, exist_ok=True)
-    arith.prepare_arith_data(data_dir, data.n_train, data.n_eval, seed, tuple(data.levels),
-                             data.tokenizer_vocab_size, data.direct_prob)
+  if write and jax.process_index() == 0 and not checkpoint.is_complete(data_dir):
+    with checkpoint.stage_dir(data_dir) as tmp:  # renamed once complete: a killed run leaves no half a task
+      arith.prepare_arith_data(tmp, data.n_train, data.n_eval, seed, tuple(data.levels), data.tokenizer_vocab_size,
+                               data.direct_prob)
   sharding.sync_processes("k15_arith_data")  # the other processes read what process 0 wrote
   names = arith_task_names(data_dir)
   train, eval_ = tasks.load_examples(names["train"]), tasks.load_examples(names["eval"])
@@ -59,23 +62,24 @@ def _example(prompt: dict, tokenizer, template: str, max_prompt_len: int, where:
   return dict(prompt, inputs_ids=ids)
 
 
-def _prompt_tokenizer(data, workdir, hf_path):
+def _prompt_tokenizer(data, workdir, hf_path, write):
   path = data.tokenizer_path or hf_path  # a start checkpoint brings its tokenizer
   if path:
     return tokenizer_lib.load_tokenizer(path)
-  model_prefix = os.path.join(workdir, "data", "spm")
-  if jax.process_index() == 0 and not os.path.exists(model_prefix + ".model"):  # one writer in a multi-host run
+  data_dir = os.path.join(workdir, "data")
+  if write and jax.process_index() == 0 and not checkpoint.is_complete(data_dir):  # one writer in a multi-host run
     texts = []
     for f in data.tasks + data.eval_tasks:
       for p in prompts_lib.read_prompts(f.path, f.domain, f.field_map):
         texts += [data.template.format(question=p["question"]), p["answer"]]
-    tokenizer_lib.train_sentencepiece(texts, model_prefix, data.tokenizer_vocab_size)
+    with checkpoint.stage_dir(data_dir) as tmp:
+      tokenizer_lib.train_sentencepiece(texts, os.path.join(tmp, "spm"), data.tokenizer_vocab_size)
   sharding.sync_processes("k15_prompt_tokenizer")  # the other processes read what process 0 wrote
-  return tokenizer_lib.SentencePieceTokenizer(model_prefix + ".model")
+  return tokenizer_lib.SentencePieceTokenizer(os.path.join(data_dir, "spm.model"))
 
 
-def _prompt_files(data, workdir, seed, hf_path):
-  tokenizer = _prompt_tokenizer(data, workdir, hf_path)
+def _prompt_files(data, workdir, seed, hf_path, write):
+  tokenizer = _prompt_tokenizer(data, workdir, hf_path, write)
   # Task names unique per file set, so two runs in one process do not replace each other's registrations.
   tag = hashlib.sha1(repr(sorted(repr((f.path, f.domain, f.field_map)) for f in data.tasks)).encode()).hexdigest()[:8]
   mixture = prompts_lib.register_prompt_mixture(

@@ -54,7 +54,10 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_path: str):
     self.model_path = os.fspath(model_path)
-    self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+    except (OSError, RuntimeError) as e:  # sentencepiece's errors do not name the file
+      raise ValueError(f"{self.model_path}: not a readable SentencePiece model ({e}); truncated or empty?") from None
     for name, i in (("pad", self._sp.pad_id()), ("eos", self._sp.eos_id())):
       if i < 0:
         raise ValueError(f"SentencePiece model {self.model_path} has no {name} id; train it with {name}_id >= 0")
@@ -139,12 +142,18 @@ class HFTokenizer(Tokenizer):
   def __init__(self, tokenizer_json_path: str, eos_token: Optional[str] = None,
                pad_token: Optional[str] = None, bos_token: Optional[str] = None):
     self.path = os.fspath(tokenizer_json_path)
-    self._tok = tokenizers.Tokenizer.from_file(self.path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # pylint: disable=broad-except  # tokenizers raises its own error type
+      raise ValueError(f"{self.path}: not a readable tokenizer.json ({e})") from None
     config = {}
     config_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
     if os.path.exists(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
+      try:
+        with open(config_path) as f:
+          config = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     eos_token = eos_token or _token_name(config.get("eos_token"))
     pad_token = pad_token or _token_name(config.get("pad_token"))
     bos_token = bos_token or _token_name(config.get("bos_token"))

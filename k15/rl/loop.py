@@ -21,7 +21,7 @@ from k15.rewards import penalties
 from k15.rl import batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
 from k15.rl.prompt_sampler import PromptSampler
-from k15.rl.trainer import in_chunks
+from k15.rl.trainer import DivergenceError, in_chunks
 from k15.sampling import ReplayBuffer, Request, RolloutEngine
 
 
@@ -58,6 +58,7 @@ class RLState:
     self.next_group = 0
     self.sampler = prompt_sampler
     self.rng = np.random.default_rng(seed)
+    self.bad_steps = 0  # training steps the divergence guard skipped, over the run
 
   def state_dict(self):
     return {
@@ -68,6 +69,7 @@ class RLState:
         "next_group": self.next_group,
         "sampler": self.sampler.state_dict(),
         "rng": self.rng.bit_generator.state,
+        "bad_steps": self.bad_steps,
     }
 
   def load_state_dict(self, d):
@@ -78,6 +80,7 @@ class RLState:
     self.next_group = int(d["next_group"])
     self.sampler.load_state_dict(d["sampler"])
     self.rng.bit_generator.state = _plain(d["rng"])
+    self.bad_steps = int(d["bad_steps"])
 
 
 def _plain(x):
@@ -180,11 +183,12 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
   opt_state = trainer.init_opt_state(optimizer, params)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-  if ckpt.latest_step() is not None:
-    (params, opt_state), host = ckpt.restore(ckpt.latest_step(), (params, opt_state))
+  restored = ckpt.restore_latest((params, opt_state))  # a corrupt newest checkpoint falls back to the one before
+  if restored is not None:
+    _, (params, opt_state), host = restored
     state.load_state_dict(host)
     print(f"resumed RL from iteration {state.iteration}", flush=True)
-  logger = MetricsLogger(workdir, "rl", total_steps=rl.iterations)
+  logger = MetricsLogger(workdir, "rl", total_steps=rl.iterations, start_step=state.iteration)
 
   while state.iteration < rl.iterations:
     state.iteration += 1
@@ -215,6 +219,7 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
                "buffered": len(state.buffer), "pending_groups": len(state.pending)}
     for reason in ("eos", "repeat", "max_length"):
       metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
+    skipped = 0  # training steps of this iteration the divergence guard skipped
     if groups:
       # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
       weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
@@ -232,6 +237,7 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
         params, opt_state, m = step_fn(params, opt_state, mb)
         step_metrics.append(jax.device_get(m))
       metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+      skipped = int(sum(m["skipped"] for m in step_metrics))
     metrics["iteration_time_s"] = time.time() - t0
     metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
     if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
@@ -239,8 +245,18 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
       metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
     logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
                                     "slot_utilization", "tokens_per_s"))
-    if it % config.checkpoint.every == 0 or it == rl.iterations:
-      ckpt.save(it, (params, opt_state), state.state_dict())
+    if skipped:
+      state.bad_steps += skipped
+      print(f"WARNING: iteration {it}: {skipped} training steps had a non-finite loss, gradient or update and were "
+            f"skipped ({state.bad_steps} in the run, rl.max_bad_steps={rl.max_bad_steps}); not checkpointed",
+            flush=True)
+      if state.bad_steps > rl.max_bad_steps:
+        raise DivergenceError(
+            f"RL diverged at iteration {it}: {state.bad_steps} training steps had a non-finite loss, gradient or "
+            f"update (more than rl.max_bad_steps={rl.max_bad_steps}); none was applied, and no checkpoint was saved "
+            f"since. Checkpoints kept: {ckpt.all_steps() or 'none'}. Lower rl.learning_rate and resume.")
+    elif it % config.checkpoint.every == 0 or it == rl.iterations:
+      ckpt.save(it, (params, opt_state), state.state_dict(), eval_accuracy=metrics.get("eval_accuracy"))
   logger.close()
   ckpt.close()
   return params

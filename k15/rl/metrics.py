@@ -1,6 +1,7 @@
 """Per-iteration metrics: TensorBoard (clu writers), a JSONL file, a one-line progress display and a PNG."""
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Mapping, Optional
@@ -16,9 +17,15 @@ def _scalar(v):
 
 
 class MetricsLogger:
-  """Writes each step's scalars to workdir/<name>.jsonl and TensorBoard; only process 0 writes."""
+  """Writes each step's scalars to workdir/<name>.jsonl and TensorBoard; only process 0 writes.
 
-  def __init__(self, workdir: str, name: str, total_steps: Optional[int] = None, stream=sys.stdout):
+  start_step: the step training continues after (a resumed run's restored step; 0 for a fresh start). Rows logged
+  past it by an earlier, interrupted run are dropped from the JSONL file, and TensorBoard's event files are rewritten
+  from the rows kept, so every step appears once in both.
+  """
+
+  def __init__(self, workdir: str, name: str, total_steps: Optional[int] = None, stream=sys.stdout,
+               start_step: int = 0):
     self.path = os.path.join(workdir, f"{name}.jsonl")
     self.name, self.total, self.stream = name, total_steps, stream
     self.is_writer = jax.process_index() == 0
@@ -26,9 +33,15 @@ class MetricsLogger:
     self._tb = None
     if self.is_writer:
       os.makedirs(workdir, exist_ok=True)
+      kept = [r for r in jsonl.read(self.path) if r["step"] <= start_step] if os.path.exists(self.path) else []
+      jsonl.write(self.path, kept)
+      tb_dir = os.path.join(workdir, "tensorboard", name)
+      shutil.rmtree(tb_dir, ignore_errors=True)
       from clu import metric_writers  # imports TensorFlow's summary writer lazily
-      self._tb = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard", name),
-                                                      just_logging=False, asynchronous=False)
+      self._tb = metric_writers.create_default_writer(tb_dir, just_logging=False, asynchronous=False)
+      for row in kept:
+        self._tb.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
+      self._tb.flush()
 
   def write(self, step: int, scalars: Mapping[str, float], show: tuple = ()):
     scalars = {k: _scalar(v) for k, v in scalars.items()}

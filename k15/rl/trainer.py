@@ -8,21 +8,35 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from k15 import models, sharding
 
 
+class DivergenceError(RuntimeError):
+  """Training produced non-finite losses, gradients or updates more often than allowed; nothing of them was kept."""
+
+
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
   """step(params, opt_state, batch) -> (params, opt_state, metrics): one gradient step on loss_fn(params, batch) ->
   (loss, metrics); the metrics gain the gradient's global norm. Pure: Trainer.make_step jits it on a mesh,
-  experiments/plan.py traces it abstractly."""
+  experiments/plan.py traces it abstractly.
+
+  The divergence guard: a step whose loss, gradient norm or update norm is not finite (an update too large for
+  float32 has an infinite norm) changes nothing, params and optimizer state stay as they were, and
+  metrics["skipped"] is 1; the callers count skipped steps and stop a run that has too many.
+  """
   def step(params, opt_state, batch):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-    return optax.apply_updates(params, updates), opt_state, metrics
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    metrics = dict(metrics, grad_norm=grad_norm, skipped=1 - ok.astype(jnp.int32))
+    return new_params, jax.tree.map(keep, new_opt_state, opt_state), metrics
   return step
 
 
@@ -105,16 +119,26 @@ def in_chunks(fn: Callable, params, batch: dict, rows: int) -> np.ndarray:
 
 def train_steps(trainer: Trainer, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
                 batch_fn: Callable, num_examples: int, *, steps: int, batch_size: int, seed: int,
-                logger=None, log_every: int = 50, show: tuple = ("loss",)):
+                logger=None, log_every: int = 50, show: tuple = ("loss",), max_bad_steps: int = 0):
   """`steps` gradient steps of loss_fn, each on batch_fn(indices) for batch_size example indices drawn by a seeded
   rng (with replacement only when there are fewer examples); a fresh optimizer state. Returns the new params
-  (params are donated). logger: a MetricsLogger, written every log_every steps and at the last."""
+  (params are donated). logger: a MetricsLogger, written every log_every steps and at the last.
+
+  More than max_bad_steps steps skipped by the divergence guard (train_step) raise DivergenceError, checked at each
+  log step and at the end, so that a diverged run is never saved.
+  """
   step_fn = trainer.make_step(loss_fn, optimizer)
   opt_state = trainer.init_opt_state(optimizer, params)
   rng = np.random.default_rng(seed)
+  skipped = 0  # a device scalar: counting costs no host sync per step
   for step in range(1, steps + 1):
     idx = rng.choice(num_examples, size=batch_size, replace=num_examples < batch_size)
     params, opt_state, metrics = step_fn(params, opt_state, batch_fn(idx))
-    if logger is not None and (step % log_every == 0 or step == steps):
-      logger.write(step, jax.device_get(metrics), show=show)
+    skipped = skipped + metrics["skipped"]
+    if step % log_every == 0 or step == steps:
+      if logger is not None:
+        logger.write(step, jax.device_get(metrics), show=show)
+      if int(skipped) > max_bad_steps:
+        raise DivergenceError(f"training diverged by step {step}: {int(skipped)} steps had a non-finite loss, "
+                              f"gradient or update (at most {max_bad_steps} allowed); lower the learning rate")
   return params
