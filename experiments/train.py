@@ -93,7 +93,14 @@ def load_or_train_warmup(config: Config, workdir, trainer, tokenizer, train):
     _, params = checkpoint.load_hf(path, dtype=config.model.param_dtype)
     return trainer.place_params(params)
   if config.hf_path:  # start from a Hugging Face checkpoint instead of random params
-    params = trainer.place_params(models.load_hf_matching(config.hf_path, trainer.cfg))
+    try:
+      params = models.load_hf_matching(config.hf_path, trainer.cfg)
+    except models.hf.CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # json, safetensors and OS errors name no file
+      raise checkpoint.CheckpointError(f"config.model.hf_path={config.hf_path}: {type(e).__name__}: {e}") from None
+    checkpoint.assert_finite(params, config.hf_path)
+    params = trainer.place_params(params)
   else:
     params = trainer.init_params(jax.random.PRNGKey(config.seed))
   if not config.sft.steps:  # no warm-up: RL starts from the initial params

@@ -13,11 +13,11 @@ import typing
 from typing import Any, Mapping, Optional, Union
 
 from k15.models import ModelConfig
+from k15.rewards.verifiers import DOMAINS as REWARD_DOMAINS
+from k15.rl.losses import POLICY_LOSSES
 from k15.rl.prompt_sampler import CurriculumStage, stages_from_config
 
-OPTIMIZERS = ("adam", "sgd", "momentum")
-POLICY_LOSSES = ("k15", "reinforce", "grpo", "rest")
-REWARD_DOMAINS = ("arith", "math", "code")
+OPTIMIZERS = ("adam", "sgd", "momentum")  # k15.rl.loop.rl_optimizer
 # Long2short variants and the variants each is built from (which must come before it); besides these,
 # "rl_<start>" is long2short RL from the variant <start>.
 LONG2SHORT_DEPENDS = {"long": (), "short": (), "merge": ("long", "short"), "merge_rs": ("merge",), "dpo": ("long",)}
