@@ -1,5 +1,5 @@
 """The local launcher runs the main job's multi-host code path: 2 processes x 4 CPU devices give the same RL
-metrics as 1 process x 8 devices (issue 7, acceptance 1)."""
+metrics as 1 process x 8 devices."""
 import json
 import os
 import subprocess

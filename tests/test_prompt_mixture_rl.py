@@ -1,4 +1,4 @@
-"""Prompt files -> seqio Mixture -> the RL loop's prompt sampler, with math-verify rewards (issue: real prompt sets)."""
+"""Prompt files -> seqio Mixture -> the RL loop's prompt sampler, with math-verify rewards."""
 import json
 import os
 
