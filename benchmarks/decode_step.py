@@ -1,11 +1,12 @@
-"""Where the native decode step's time goes, and A/B runs of variants of it against the repo's step.
+"""Where the native plug-in's decode step's time goes, and A/B runs of variants of it against the repo's step.
 
   python benchmarks/decode_step.py                # time per phase kind of one step (a profiling build)
   python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of kernels.cc against the repo's step
 
 On the sampler benchmark's model (width 256, 4 layers, 8 / 4 heads, MLP 1024, vocab 1024), `--batch` slots
-at `--context` cached positions, `--steps` greedy steps per jitted loop (the token of each step feeds the next);
-`--matmul` picks the step's matmuls (float32 FMAs, or bfloat16 pieces on AMX tiles).
+at `--context` cached positions in pages of `--page_size` (each slot's pages spread over the cache, as a run's
+allocations leave them), `--steps` greedy steps per jitted loop (the token of each step feeds the next);
+`--matmul` picks the step's matmuls (float32 FMAs, or bfloat16 pieces or int8 slices on AMX tiles).
 
 The default run builds kernels.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
 layer's qkv / attention / o / norms / matmuls summed over layers, the output head, the logit stats), the time
@@ -17,6 +18,7 @@ bit-identical logits and caches against the repo's step, then all are timed inte
 best of each; prints ms per step and the ratio to the repo's step. The host's speed drifts: compare ratios.
 """
 import argparse
+import ctypes
 import math
 import pathlib
 import time
@@ -27,6 +29,27 @@ import numpy as np
 
 from k15 import models
 from k15.sampling import native
+from k15.sampling.native import build
+
+# kernels.cc's phase kinds (PhasedStep::Kind), in order: what a K15_PHASE_TIMES build times.
+PHASE_KINDS = ("embed", "qkv", "write", "attention", "o", "mlp norm", "gate_up", "act split", "down", "norm", "head",
+               "stats")
+
+
+def variant(name: str, source=build.SOURCE, defines=()) -> str:
+  """`source` (kernels.cc or a variant of it: same arguments and results) built with macros `defines` and registered
+  as FFI target "k15_paged_step_<name>"; returns the target."""
+  target = f"{build.TARGET}_{name}"
+  build.register(target, build.build(source, defines))
+  return target
+
+
+def phase_times(target: str):
+  """{phase kind: (running, waiting) seconds summed over threads} and the calls since the last read, from a build
+  with K15_PHASE_TIMES; clears them."""
+  out = (ctypes.c_double * (2 * len(PHASE_KINDS) + 1))()
+  build._LIBRARIES[target].K15PhaseTimes(out)  # pylint: disable=protected-access
+  return {k: (out[2 * i], out[2 * i + 1]) for i, k in enumerate(PHASE_KINDS)}, int(out[-1])
 
 
 def parse_args():
@@ -37,63 +60,67 @@ def parse_args():
   p.add_argument("--steps", type=int, default=64, help="steps per timed loop")
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--threads", type=int, default=0, help="0: XLA's whole CPU thread pool")
+  p.add_argument("--page_size", type=int, default=16)
   p.add_argument("--matmul", choices=list(native.MATMUL_PIECES), default="float32",
-                 help="the step's matmuls: float32 FMAs, or bfloat16 pieces on AMX tiles (native_matmul)")
+                 help="the step's matmuls: float32 FMAs, or bfloat16 pieces or int8 slices on AMX tiles")
   return p.parse_args()
 
 
 CFG = models.ModelConfig(qkv_bias=True, tie_embeddings=True)
 
 
-def step_loop(weights, args, target):
+def step_loop(weights, table, args, target):
   """A jitted loop of `args.steps` steps of FFI target `target` over the last `steps` positions before
-  `args.context`; returns (caches, last tokens, sum of the logits)."""
+  `args.context`; returns (the cache, last tokens, sum of the logits)."""
   B = args.batch
 
   def body(i, carry):
-    cache_k, cache_v, tokens_B, total = carry
+    kv, tokens_B, total = carry
     positions_B = jnp.full((B,), args.context - args.steps, jnp.int32) + i
-    logits, stats, cache_k, cache_v = native.decode_step(CFG, weights, cache_k, cache_v, tokens_B, positions_B,
-                                                         threads=args.threads, target=target)
-    return cache_k, cache_v, stats.argmax_B, total + logits
+    logits, stats, kv = native.paged_step(CFG, weights, kv, tokens_B, positions_B, table, threads=args.threads,
+                                          target=target)
+    return kv, stats.argmax_B, total + logits
 
   @jax.jit
-  def run(cache_k, cache_v):
-    init = (cache_k, cache_v, jnp.arange(B, dtype=jnp.int32) * 7 % CFG.vocab_size,
-            jnp.zeros((B, CFG.vocab_size), jnp.float32))
+  def run(kv):
+    init = (kv, jnp.arange(B, dtype=jnp.int32) * 7 % CFG.vocab_size, jnp.zeros((B, CFG.vocab_size), jnp.float32))
     return jax.lax.fori_loop(0, args.steps, body, init)
 
   return run
 
 
 def inputs(args):
+  """The packed weights, a cache of random keys and values with room for every slot at --context, and a page table
+  that gives each slot pages spread over it."""
   rng = np.random.RandomState(0)
   params = models.init_params(CFG, jax.random.key(0))
-  K, H, S = CFG.n_kv_heads, CFG.head_dim, args.context
-  cache_k = tuple(jnp.asarray(rng.normal(size=(args.batch, K, H, S)), jnp.float32) for _ in range(CFG.n_layers))
-  cache_v = tuple(jnp.asarray(rng.normal(size=(args.batch, K, S, H)), jnp.float32) for _ in range(CFG.n_layers))
-  return native.decode_weights(CFG, params, args.matmul), cache_k, cache_v
+  M = -(-args.context // args.page_size)
+  P = args.batch * M
+  kv = jnp.asarray(rng.normal(size=models.kv_pages_shape(CFG, P, args.page_size)), jnp.float32)
+  table = rng.permutation(P).reshape(args.batch, M).astype(np.int32)
+  return native.native_weights(CFG, params, args.matmul), kv, table
 
 
 def phases(args):
-  weights, cache_k, cache_v = inputs(args)
-  target = native.load_variant("phase_times", defines=("K15_PHASE_TIMES",))
-  run = step_loop(weights, args, target)
-  jax.block_until_ready(run(cache_k, cache_v))  # compiles
+  weights, kv, table = inputs(args)
+  target = variant("phase_times", defines=("K15_PHASE_TIMES",))
+  run = step_loop(weights, table, args, target)
+  jax.block_until_ready(run(kv))  # compiles
   best, best_times = math.inf, None
   for _ in range(args.rounds):
-    native.phase_times(target)  # clears
+    phase_times(target)  # clears
     start = time.perf_counter()
-    jax.block_until_ready(run(cache_k, cache_v))
+    jax.block_until_ready(run(kv))
     seconds = time.perf_counter() - start
-    times, calls = native.phase_times(target)
+    times, calls = phase_times(target)
     if seconds < best:
       best, best_times = seconds, (times, calls)
   times, calls = best_times
   threads = sum(run_s + wait_s for run_s, wait_s in times.values()) / best  # the threads that took part
   per_step = lambda s: 1e3 * s / calls / threads
   total = sum(run_s for run_s, _ in times.values())
-  print(f"{args.batch} slots at {args.context} cached positions: {1e3 * best / args.steps:.3f} ms per step "
+  print(f"{args.batch} slots at {args.context} cached positions (pages of {args.page_size}): "
+        f"{1e3 * best / args.steps:.3f} ms per step "
         f"(best of {args.rounds} loops of {args.steps}), about {threads:.1f} threads working")
   print(f"{'phase':>10} {'running ms':>11} {'waiting ms':>11} {'share':>6}")
   for kind, (run_s, wait_s) in times.items():
@@ -103,21 +130,21 @@ def phases(args):
 
 
 def ab(args):
-  weights, cache_k, cache_v = inputs(args)
+  weights, kv, table = inputs(args)
   names = ["repo"] + [str(v) for v in args.variants]
-  targets = [native.TARGET] + [native.load_variant(f"v{i}", source=v) for i, v in enumerate(args.variants)]
-  runs = [step_loop(weights, args, t) for t in targets]
-  outs = [jax.block_until_ready(r(cache_k, cache_v)) for r in runs]
+  targets = [build.TARGET] + [variant(f"v{i}", source=v) for i, v in enumerate(args.variants)]
+  runs = [step_loop(weights, table, args, t) for t in targets]
+  outs = [jax.block_until_ready(r(kv)) for r in runs]
   for name, out in zip(names[1:], outs[1:]):
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(outs[0])))
-    diff = float(jnp.max(jnp.abs(out[3] - outs[0][3])))
+    diff = float(jnp.max(jnp.abs(out[2] - outs[0][2])))
     print(f"{name}: " + ("bit-identical to the repo step" if same else
                          f"DIFFERS from the repo step (summed logits by up to {diff:.3g})"))
   best = [math.inf] * len(runs)
   for _ in range(args.rounds):
     for i, run in enumerate(runs):
       start = time.perf_counter()
-      jax.block_until_ready(run(cache_k, cache_v))
+      jax.block_until_ready(run(kv))
       best[i] = min(best[i], time.perf_counter() - start)
   for name, b in zip(names, best):
     print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / best[0]:6.3f}x the repo step")
@@ -125,7 +152,7 @@ def ab(args):
 
 def main():
   args = parse_args()
-  native.require("the native decode step")
+  build.require("the native decode step")
   if args.matmul != "float32" and not native.amx_available():
     raise SystemExit(f"--matmul={args.matmul} needs a CPU with AMX tiles")
   ab(args) if args.variants else phases(args)

@@ -76,16 +76,17 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
-  logical_axis_rules: tuple  # ((logical axis, mesh axis or axes or None), ...)
+  logical_axis_rules: tuple  # ((logical axis, mesh axis or axes or None), ...) of training
+  sampling_rules: tuple  # the same of sampling (the params move to this layout once per rollout phase)
 
   def __post_init__(self):
     from k15.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
-    for rule in self.logical_axis_rules:
-      _check(len(rule) == 2 and isinstance(rule[0], str), "logical_axis_rules",
-             f"each rule is a (logical axis, mesh axes) pair, got {rule!r}")
-      axes = () if rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
-      _check(all(a in MESH_AXES for a in axes), "logical_axis_rules",
-             f"rule {rule!r} names a mesh axis outside {list(MESH_AXES)}")
+    for name in ("logical_axis_rules", "sampling_rules"):
+      for rule in getattr(self, name):
+        _check(len(rule) == 2 and isinstance(rule[0], str), name,
+               f"each rule is a (logical axis, mesh axes) pair, got {rule!r}")
+        axes = () if rule[1] is None else (rule[1],) if isinstance(rule[1], str) else tuple(rule[1])
+        _check(all(a in MESH_AXES for a in axes), name, f"rule {rule!r} names a mesh axis outside {list(MESH_AXES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +171,10 @@ class RolloutConfig:
   num_slots: int
   repeat_ngram: int
   repeat_count: int
-  decode_kernel: str
-  native_matmul: str
+  page_size: int
+  num_pages: int
+  backend: str  # "model" or a plug-in module (k15.sampling.load_backend)
+  backend_options: dict  # the plug-in's make_backend options
 
   def __post_init__(self):
     _positive(self, "temperature")  # rollouts sample: k greedy responses to a prompt would all be the same

@@ -15,13 +15,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (logical axis, mesh axes): the minimal data / fsdp / tensor rule set.
+# (logical axis, mesh axes): the minimal data / fsdp / tensor rule set of training (FSDP over 'fsdp', tensor
+# parallelism over 'tensor').
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("activation_batch", ("data", "fsdp")),
     ("cache_batch", ("data", "fsdp")),
+    ("cache_pages", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
+    ("activation_vocab", "tensor"),
     ("mlp", "tensor"),
     ("activation_mlp", "tensor"),
     ("heads", "tensor"),
@@ -31,8 +34,13 @@ DEFAULT_RULES = (
     ("norm", None),
     ("activation_length", None),
     ("activation_embed", None),
-    ("cache_seq", None),
 )
+
+# The sampling layout: decode reads every weight once per step, so the weights are split over 'tensor' only
+# (tensor parallel: two all-reduces of the slots' activations per layer) and whole on each 'data' / 'fsdp'
+# device; slots, their prefill rows and the KV cache's pages are split over 'data' and 'fsdp', the cache's kv
+# heads and the logits' vocab over 'tensor'.
+SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
 
 
 def mesh_shape(sizes: dict, num_devices: int) -> tuple:
@@ -92,6 +100,21 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules) -> PartitionSpec:
     used.update(chosen)
     spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
   return PartitionSpec(*spec)
+
+
+def context_mesh_axes(logical: str, size: int) -> tuple:
+  """Inside jax.set_mesh and flax's logical_axis_rules: the mesh axes `logical` maps to that split a dimension of
+  `size` (in rule order; axes of size 1 and axes an enclosing shard_map already split are left out)."""
+  import flax.core.spmd  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  chosen, n = [], 1
+  for axis in _rule_map(flax.core.spmd.get_logical_axis_rules() or ()).get(logical, ()):
+    if mesh.shape[axis] > 1 and axis not in mesh.manual_axes and size % (n * mesh.shape[axis]) == 0:
+      chosen.append(axis)
+      n *= mesh.shape[axis]
+  return tuple(chosen)
 
 
 def tree_shardings(logical_tree, abstract_tree, mesh: Mesh, rules):

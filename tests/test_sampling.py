@@ -10,11 +10,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from k15 import models, sampling  # noqa: E402
-from k15.sampling import native, prefill, slots, step  # noqa: E402
 
 PROMPTS = [[5, 17, 3], [60, 2, 44, 9, 31, 70, 12], [8], [90, 91, 92, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 NEW = 32
-GREEDY = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=7, max_length=64, attn_bucket=32)
+GREEDY = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=7, max_length=64, page_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +34,28 @@ def hf_model(tmp_path_factory):
   return model, cfg, params
 
 
-# The decode steps under test, as SamplingConfig fields: the C++ CPU step with float32 FMAs, the same step (and
-# prefill's matmuls) on AMX tiles with float32's accuracy (bfloat16 pieces or int8 slices, 6 products), and XLA's.
-KERNELS = {"native": dict(decode_kernel="native", native_matmul="float32"),
-           "amx": dict(decode_kernel="native", native_matmul="bf16x6"),
-           "int8": dict(decode_kernel="native", native_matmul="int8x9"),
-           "xla": dict(decode_kernel="xla")}
+# The sampler backends under test: the model's own paged passes, and the native CPU plug-in with float32 FMAs and,
+# on AMX tiles with float32's accuracy, bfloat16 pieces (6 products) or int8 slices (9).
+BACKENDS = {"model": None, "native": "float32", "amx": "bf16x6", "int8": "int8x9"}
+
+
+def _backend(name):
+  if BACKENDS[name] is None:
+    return sampling.ModelBackend()
+  from k15.sampling import native  # pylint: disable=g-import-not-at-top
+  return native.NativeBackend(BACKENDS[name])
 
 
 def _require(kernel, request):
-  if kernel != "xla":
+  if kernel != "model":
     request.getfixturevalue("needs_native_step")
   if kernel in ("amx", "int8"):
     request.getfixturevalue("needs_amx")
 
 
-@pytest.fixture(scope="module", params=list(KERNELS))
+@pytest.fixture(scope="module", params=list(BACKENDS))
 def kernel(request):
-  """The decode step under test (a key of KERNELS)."""
+  """The sampler backend under test (a key of BACKENDS)."""
   _require(request.param, request)
   return request.param
 
@@ -60,11 +63,7 @@ def kernel(request):
 @pytest.fixture(scope="module")
 def greedy_run(hf_model, kernel):
   _, cfg, params = hf_model
-  return sampling.generate(cfg, params, PROMPTS, _with(GREEDY, kernel), jax.random.key(0), num_slots=2)
-
-
-def _with(scfg, kernel):
-  return dataclasses.replace(scfg, **KERNELS[kernel])
+  return sampling.generate(cfg, params, PROMPTS, GREEDY, jax.random.key(0), num_slots=2, backend=_backend(kernel))
 
 
 _token_logprobs = jax.jit(models.token_logprobs, static_argnums=0)
@@ -85,90 +84,6 @@ def _perturbed(params, seed=1, scale=0.3):
   return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-def _drop_stats(step_out):
-  logits, _, cache_k, cache_v = step_out
-  return logits, cache_k, cache_v
-
-
-def _check_decode_step(cfg, params, kernel):
-  """The sampler's decode step (fused weights, K-major per-layer cache) against the model's own cached forward."""
-  B, T, S = 3, 12, 16
-  tokens = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
-  offsets = jnp.array([0, 2, 4])  # each row sits at its own length
-  ref_cache = models.KVCache.zeros(cfg, B, S)
-  cache_k, cache_v = step.keys_from_model(ref_cache.k), step.values_from_model(ref_cache.v)
-  if kernel != "xla":
-    weights = native.decode_weights(cfg, params, KERNELS[kernel]["native_matmul"])
-    step_fn = jax.jit(lambda ck, cv, tok, pos: _drop_stats(native.decode_step(cfg, weights, ck, cv, tok, pos)))
-  else:
-    step_fn = jax.jit(lambda ck, cv, tok, pos: step.decode_step(cfg, params, ck, cv, tok, pos))
-  ref_fn = jax.jit(lambda tok, pos, cache: models.forward_with_cache(cfg, params, tok, pos, cache))
-  for t in range(T - 4):
-    positions = offsets + t
-    ref_logits, ref_cache = ref_fn(tokens[:, t:t + 1], positions[:, None], ref_cache)
-    logits, cache_k, cache_v = step_fn(cache_k, cache_v, tokens[:, t], positions)
-    np.testing.assert_allclose(logits, ref_logits[:, 0], atol=2e-5, rtol=2e-5)
-  # float32 both, rounded in other orders (AMX's 6 products: error ~1e-7 of the sum of |products|, XLA's ~2e-7),
-  # over values of size ~3: as the logits, 2e-5 (a key near 0 is a difference of terms that size)
-  np.testing.assert_allclose(np.stack(cache_k), np.transpose(np.asarray(ref_cache.k), (0, 1, 3, 4, 2)), atol=2e-5)
-  np.testing.assert_allclose(np.stack(cache_v), np.swapaxes(np.asarray(ref_cache.v), 2, 3), atol=2e-5)
-
-
-def test_decode_step_matches_forward_with_cache(hf_model, kernel):
-  _, cfg, params = hf_model  # Qwen2: qkv bias, tied embeddings
-  _check_decode_step(cfg, params, kernel)
-
-
-@pytest.mark.parametrize("kernel_", list(KERNELS))
-def test_decode_step_matches_forward_llama_style(kernel_, request):
-  """No qkv bias and a separate output head: the other branches of the fused decode weights. Sizes that are
-  not multiples of the native step's 16-float vectors or 32-column panels (head_dim 8 and 40, vocab 100,
-  d_ff 72) take its remainder paths (and, on AMX, K padded to whole 32-row blocks)."""
-  _require(kernel_, request)
-  for head_dim in (8, 40):
-    cfg = models.ModelConfig(vocab_size=100, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=head_dim,
-                             d_ff=72)
-    _check_decode_step(cfg, _perturbed(models.init_params(cfg, jax.random.key(0)), seed=2, scale=0.1), kernel_)
-
-
-def _check_prefill(cfg, params, matmul=None, atol=1e-5):
-  """prefill.encode's K/V against the model's cached forward over the same rows, at each row's real tokens;
-  with `matmul`, prefill's native kernels (the native step's weights for that native_matmul)."""
-  lengths = [9, 3, 12]
-  tokens = np.array(jax.random.randint(jax.random.key(4), (len(lengths), 12), 1, cfg.vocab_size), np.int32)
-  positions = np.where(np.arange(12)[None] < np.array(lengths)[:, None], np.arange(12)[None], 12)
-  for row, n in enumerate(lengths):
-    tokens[row, n:] = 0  # padding (position 12 for the reference: past its cache, not written)
-  _, ref = jax.jit(models.forward_with_cache, static_argnums=0)(cfg, params, tokens, positions,
-                                                                models.KVCache.zeros(cfg, len(lengths), 12))
-  weights = native.decode_weights(cfg, params, matmul) if matmul is not None else None
-  keys, values = jax.jit(prefill.encode, static_argnums=0)(cfg, params, tokens, weights)
-  ref_k, ref_v = step.keys_from_model(ref.k), step.values_from_model(ref.v)
-  for l in range(cfg.n_layers):
-    for row, n in enumerate(lengths):
-      np.testing.assert_allclose(keys[l][row, ..., :n], ref_k[l][row, ..., :n], atol=atol, err_msg=f"layer {l}")
-      np.testing.assert_allclose(values[l][row, :, :n], ref_v[l][row, :, :n], atol=atol, err_msg=f"layer {l}")
-
-
-def test_prefill_matches_forward_with_cache(hf_model):
-  _, cfg, params = hf_model
-  _check_prefill(cfg, params)
-  llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
-  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1))
-
-
-@pytest.mark.parametrize("matmul,atol", [("float32", 1e-5), ("bf16x6", 1e-5), ("int8x9", 1e-5), ("bf16x3", 2e-4)])
-def test_native_prefill_matches_forward_with_cache(hf_model, needs_native_step, request, matmul, atol):
-  """Prefill with the native step's weights: attention in C++; on AMX tiles, the matmuls too (bf16x6 and int8x9
-  as close as XLA's float32 matmuls, bf16x3 within 16 bits)."""
-  if matmul != "float32":
-    request.getfixturevalue("needs_amx")
-  _, cfg, params = hf_model
-  _check_prefill(cfg, params, matmul, atol)
-  llama = models.ModelConfig(vocab_size=100, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=72)
-  _check_prefill(llama, _perturbed(models.init_params(llama, jax.random.key(0)), seed=2, scale=0.1), matmul, atol)
-
-
 def test_greedy_matches_transformers(hf_model, greedy_run):
   model, _, _ = hf_model
   for prompt, traj in zip(PROMPTS, greedy_run):
@@ -186,8 +101,9 @@ def test_greedy_matches_transformers(hf_model, greedy_run):
 def test_logprobs_match_full_forward(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   sampled_cfg = sampling.SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=NEW, chunk_size=7,
-                                        max_length=64, attn_bucket=32, **KERNELS[kernel])
-  sampled = sampling.generate(cfg, params, PROMPTS, sampled_cfg, jax.random.key(1), num_slots=2)
+                                        max_length=64, page_size=8)
+  sampled = sampling.generate(cfg, params, PROMPTS, sampled_cfg, jax.random.key(1), num_slots=2,
+                              backend=_backend(kernel))
   for run in (greedy_run, sampled):
     for traj, expected in zip(run, full_logprobs(cfg, params, run)):
       # log pi of the raw policy: not the tempered, truncated distribution the token was drawn from
@@ -200,30 +116,32 @@ def test_bf16x3_logprobs_are_within_its_bound(hf_model, needs_amx):
   within 1.5e-3 of a float32 full forward on this model (up to 1.2e-4 greedy and 5.0e-4 sampled measured), and
   differ from it by more than float32's own rounding (so the test shows the 16-bit path really ran)."""
   _, cfg, params = hf_model
-  greedy = dataclasses.replace(GREEDY, decode_kernel="native", native_matmul="bf16x3")
-  sampled = dataclasses.replace(greedy, greedy=False, temperature=0.7, top_k=5)
+  from k15.sampling import native  # pylint: disable=g-import-not-at-top
+  sampled = dataclasses.replace(GREEDY, greedy=False, temperature=0.7, top_k=5)
   deviations = []
-  for scfg, key in [(greedy, 0), (sampled, 1)]:
-    run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(key), num_slots=2)
+  for scfg, key in [(GREEDY, 0), (sampled, 1)]:
+    run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(key), num_slots=2,
+                            backend=native.NativeBackend("bf16x3"))
     deviations += [np.abs(t.logprobs - e).max() for t, e in zip(run, full_logprobs(cfg, params, run))]
   assert 2e-5 < max(deviations) < 1.5e-3
 
 
 def test_chunk_size_and_slot_count_do_not_change_results(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
-  for chunk, num_slots in [(1, 2), (64, 1)]:
-    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=chunk, max_length=64, attn_bucket=32,
-                                   **KERNELS[kernel])
-    run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(0), num_slots=num_slots)
+  backend = _backend(kernel)
+  for chunk, num_slots, page_size in [(1, 2, 8), (64, 1, 8), (7, 2, 5)]:
+    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=NEW, chunk_size=chunk, max_length=64,
+                                   page_size=page_size)
+    run = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(0), num_slots=num_slots, backend=backend)
     for a, b in zip(run, greedy_run):
       np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
       np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
   # Sampled runs too: each trajectory's randomness is keyed by (prompt id, sample index, position).
-  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, chunk_size=5, max_length=64, attn_bucket=32,
-                                 **KERNELS[kernel])
-  a = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(7), num_slots=2)
-  b = sampling.generate(cfg, params, PROMPTS, dataclasses.replace(scfg, chunk_size=3), jax.random.key(7), num_slots=1)
-  c = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(8), num_slots=2)
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, chunk_size=5, max_length=64, page_size=8)
+  a = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(7), num_slots=2, backend=backend)
+  b = sampling.generate(cfg, params, PROMPTS, dataclasses.replace(scfg, chunk_size=3), jax.random.key(7), num_slots=1,
+                        backend=backend)
+  c = sampling.generate(cfg, params, PROMPTS, scfg, jax.random.key(8), num_slots=2, backend=backend)
   assert all(np.array_equal(x.response_tokens, y.response_tokens) for x, y in zip(a, b))
   assert not all(np.array_equal(x.response_tokens, y.response_tokens) for x, y in zip(a, c))
 
@@ -243,7 +161,7 @@ def _run_iterations(engine, params_per_iteration, requests, budget):
 
 def test_partial_rollouts_resume_equals_uninterrupted(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
-  engine = sampling.RolloutEngine(cfg, _with(GREEDY, kernel), num_slots=2)
+  engine = sampling.RolloutEngine(cfg, GREEDY, num_slots=2, backend=_backend(kernel))
   requests = [sampling.Request(i, p, num_samples=2) for i, p in enumerate(PROMPTS)]
   finished, stats = _run_iterations(engine, [params] * 5, requests, budget=10)
   assert len(finished) == 2 * len(PROMPTS)
@@ -262,13 +180,14 @@ def test_partial_rollouts_resume_equals_uninterrupted(hf_model, greedy_run, kern
 def test_resumed_tokens_come_from_the_new_params(hf_model, greedy_run, kernel):
   _, cfg, params = hf_model
   new_params = _perturbed(params)
-  engine = sampling.RolloutEngine(cfg, _with(GREEDY, kernel), num_slots=2)
+  engine = sampling.RolloutEngine(cfg, GREEDY, num_slots=2, backend=_backend(kernel))
   requests = [sampling.Request(i, p) for i, p in enumerate(PROMPTS)]
   finished, _ = _run_iterations(engine, [params] + [new_params] * 3, requests, budget=10)
   # The new params' greedy continuation of prompt + the old params' first 10 tokens.
   prefixes = [list(p) + greedy_run[i].response_tokens[:10].tolist() for i, p in enumerate(PROMPTS)]
-  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10, **KERNELS[kernel])
-  expected = sampling.generate(cfg, new_params, prefixes, cont_cfg, jax.random.key(0), num_slots=2)
+  cont_cfg = dataclasses.replace(GREEDY, max_new_tokens=NEW - 10)
+  expected = sampling.generate(cfg, new_params, prefixes, cont_cfg, jax.random.key(0), num_slots=2,
+                               backend=_backend(kernel))
   trajs = [finished[(i, 0)] for i in range(len(PROMPTS))]
   old_lps, new_lps = full_logprobs(cfg, params, trajs), full_logprobs(cfg, new_params, trajs)
   for i, traj in enumerate(trajs):
@@ -337,3 +256,27 @@ def test_buffered_partials_are_served_before_new_prompts(hf_model):
   assert [t.prompt_id for t in done] == [0, 1, 2] and stats.resumed == 1
   assert stats.useful_tokens == sum(len(t.response_tokens) for t in done) - 4
   assert stats.slot_utilization == pytest.approx(1.0)  # one slot, always busy until the last token
+
+
+def test_a_small_page_pool_preempts_and_resumes_alike(hf_model, greedy_run, kernel):
+  """A cache of too few pages for every slot at once: a slot that cannot grow gives its pages back and its
+  trajectory waits for pages, then resumes in the same run from its tokens so far (encoded again). The results
+  equal the run with pages for all, and every page is free at the end."""
+  _, cfg, params = hf_model
+  scfg = dataclasses.replace(GREEDY, num_pages=9)  # 2 slots at up to 46 positions need 12 pages of 8
+  engine = sampling.RolloutEngine(cfg, scfg, num_slots=2, backend=_backend(kernel))
+  done, stats = engine.run(params, [sampling.Request(i, p) for i, p in enumerate(PROMPTS)], None, 0, None,
+                           jax.random.key(0))
+  assert stats.preempted > 0
+  for traj in done:
+    ref = greedy_run[traj.prompt_id]
+    np.testing.assert_array_equal(traj.response_tokens, ref.response_tokens)
+    np.testing.assert_allclose(traj.logprobs, ref.logprobs, atol=1e-4)
+    assert traj.segments == [(0, 0, NEW)]  # preemption does not split a segment
+  assert engine.pages.free_pages(0) == 9 and not engine.pages.held_B.any()
+
+
+def test_too_few_pages_for_one_slot_is_an_error(hf_model):
+  _, cfg, _ = hf_model
+  with pytest.raises(ValueError, match="num_pages=4 .* fewer than one slot may need \\(8\\)"):
+    sampling.RolloutEngine(cfg, dataclasses.replace(GREEDY, num_pages=4), num_slots=2)

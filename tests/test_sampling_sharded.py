@@ -1,18 +1,21 @@
-"""Sampling on 8 fake CPU devices (slots sharded, params replicated or fsdp-sharded) equals 1-device sampling."""
+"""Sampling on 8 fake CPU devices (slots and pages split, params moved to the sampling layout) equals 1 device."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from k15 import models, sampling
+from k15 import models, sampling, sharding
 
 CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                          qkv_bias=True, tie_embeddings=True)
 PROMPTS = [[(7 * i + j) % 64 for j in range(2 + i % 5)] for i in range(12)]  # 12 prompts for 8 slots: refills
 CONFIGS = {
-    "greedy": sampling.SamplingConfig(greedy=True, max_new_tokens=16, chunk_size=8, max_length=32),
-    "sampled": sampling.SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=16, chunk_size=8, max_length=32),
+    "greedy": sampling.SamplingConfig(greedy=True, max_new_tokens=16, chunk_size=8, max_length=32, page_size=4),
+    "sampled": sampling.SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=16, chunk_size=8, max_length=32,
+                                       page_size=4),
+    "nucleus": sampling.SamplingConfig(temperature=1.0, top_p=0.9, nucleus_candidates=16, max_new_tokens=16,
+                                       chunk_size=8, max_length=32, page_size=4),
 }
 
 
@@ -39,64 +42,76 @@ def single_device(params):
   return {name: _run(params, scfg)[1] for name, scfg in CONFIGS.items()}
 
 
-def _fsdp_spec(shape):
-  """The big kernels split over 'fsdp' along their d_model dim (after the layer axis); the rest replicated."""
-  for dim, size in enumerate(shape):
-    if size == CFG.d_model and len(shape) >= 2 and not (dim == 0 and shape[0] == CFG.n_layers):
-      return P(*([None] * dim + ["fsdp"]))
-  return P()
+# Meshes of 8 devices: data parallel only (the sampling layout replicates the params: a decode loop per device),
+# FSDP x tensor and data x FSDP x tensor (tensor parallel decode: one SPMD loop).
+MESHES = {"data8": {"data": 8}, "fsdp4_tensor2": {"fsdp": 4, "tensor": 2},
+          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
 
 
-@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_sharded_sampling_equals_single_device(params, single_device, layout, config):
+def test_sharded_sampling_equals_single_device(params, single_device, mesh_name, config):
+  """The params start in the training layout (FSDP over 'fsdp', tensor parallel over 'tensor') and move to the
+  sampling layout once per run; the tokens are the 1-device run's, and the log-probs agree."""
   assert jax.device_count() == 8
-  if layout == "replicated":
-    mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-  else:
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, _fsdp_spec(a.shape)), params)
-  sharded_params = jax.device_put(params, shardings)
-  engine, done = _run(sharded_params, CONFIGS[config], mesh)
+  mesh = sharding.make_mesh(MESHES[mesh_name])
+  train_params = jax.device_put(params, sharding.param_shardings(CFG, mesh, sharding.DEFAULT_RULES))
+  engine, done = _run(train_params, CONFIGS[config], mesh)
   for a, b in zip(done, single_device[config]):
     np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     assert a.finish_reason == b.finish_reason
-  # The slot dim of the cache really is split over the 8 devices, one slot each.
-  cache = engine._state.cache_k[0]
-  assert {s.data.shape[0] for s in cache.addressable_shards} == {1} and len(cache.addressable_shards) == 8
-  if layout == "fsdp":  # the params kept their (training) sharding
-    assert sharded_params["layers"]["mlp"]["gate"]["kernel"].sharding.spec == P(None, "fsdp")
+  # The cache's pages (and the slots) really are split over the slot axes, its kv heads over 'tensor'.
+  kv = engine._state.kv  # pylint: disable=protected-access
+  slot_shards = 8 // MESHES[mesh_name].get("tensor", 1)
+  shard_shape = kv.sharding.shard_shape(kv.shape)
+  assert shard_shape[1] == kv.shape[1] // slot_shards
+  assert shard_shape[3] == kv.shape[3] // MESHES[mesh_name].get("tensor", 1)
+  assert engine.local_loops == (mesh_name == "data8")
+  # the params kept their training layout: the move made a copy
+  assert train_params["layers"]["mlp"]["gate"]["kernel"].sharding.spec == sharding.logical_to_spec(
+      ("layers", "embed", "mlp"), (CFG.n_layers, CFG.d_model, CFG.d_ff), mesh, sharding.DEFAULT_RULES)
 
 
-@pytest.mark.parametrize("local_kernel", ["xla", "native"])
+@pytest.mark.parametrize("backend", ["model", "native"])
 @pytest.mark.parametrize("stop_when_free", [9, 2])
-def test_local_loops_match_one_loop(params, stop_when_free, local_kernel, request):
-  """Replicated params: each slot shard decodes in its own loop (with XLA's or the native step), and the
-  shards agree on stopping every few steps. Slot i (alone on device i) may generate i + 1 tokens. With no
-  work waiting (9 > 8 slots) both run to the chunk's end; with work waiting for 2 free slots, one loop
-  (SPMD, XLA's step) stops at step 2, the local loops at their next agreement (step SYNC_STEPS_WORK_WAITING).
-  Tokens and log-probs agree where both ran."""
+def test_local_loops_match_one_loop(params, stop_when_free, backend, request):
+  """Replicated params: each slot shard decodes in its own loop (with the model's or the native step), and the
+  shards agree on stopping every few steps. Slot i (alone on device i) may generate i + 1 tokens. With no work
+  waiting (9 > 8 slots) both run to the chunk's end; with work waiting for 2 free slots, one loop (SPMD) stops at
+  step 2, the local loops at their next agreement (step SYNC_STEPS_WORK_WAITING). Tokens and log-probs agree where
+  both ran."""
+  from k15.sampling import engine as engine_lib  # pylint: disable=g-import-not-at-top
   from k15.sampling import slots  # pylint: disable=g-import-not-at-top
-  if local_kernel == "native":
+  if backend == "native":
     request.getfixturevalue("needs_native_step")
-  mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
-  sharding = NamedSharding(mesh, P("data"))
-  replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    from k15.sampling import native  # pylint: disable=g-import-not-at-top
+    local_backend = native.NativeBackend()
+  else:
+    local_backend = sampling.ModelBackend()
+  mesh = sharding.make_mesh({"data": 8})
+  scfg = CONFIGS["greedy"]
   tokens = np.array([[(3 * i + j) % 64 for j in range(4)] for i in range(8)], np.int32)
-  lengths = np.full((8,), 4, np.int32)
 
   def chunk(local_loops):
-    kernel = local_kernel if local_loops else "xla"
-    state = slots.init_state(CFG, 8, 32, 32, sharding)
-    k, v = slots.encode_prefixes(CFG, None, replicated, tokens)
-    state = slots.load_slots(sharding, state, k, v, tokens, lengths, np.full((8,), 4, np.int32),
-                             np.arange(1, 9, dtype=np.int32), np.arange(8, dtype=np.int32),
-                             np.zeros((8, 2), np.uint32), jax.random.key(0))
-    weights = slots.decode_weights(kernel, CFG, replicated)
-    _, out = slots.decode_chunk(CFG, CONFIGS["greedy"], sharding, local_loops, kernel, replicated, weights, state,
-                                np.int32(stop_when_free))
+    engine = engine_lib.RolloutEngine(CFG, scfg, 8, mesh, backend=local_backend if local_loops else None)
+    weights = engine.prepare(params)
+    engine.pages = engine_lib.PageTable(8, engine.num_pages, scfg.page_size, scfg.pages_per_slot, engine.shards)
+    for slot in range(8):
+      assert engine.pages.grow(slot, 12)
+    rows = np.zeros((8, scfg.page_size), np.int32)
+    rows[:, :3] = tokens[:, :3]
+    positions = np.where(np.arange(scfg.page_size) < 3, np.arange(scfg.page_size), -1)[None].repeat(8, 0)
+    state = engine._call(slots.init_state, CFG, scfg, 8, engine.num_pages, engine.layout)  # pylint: disable=protected-access
+    kv = engine._call(slots.prefill, engine.backend, CFG, scfg, engine.layout, weights, state.kv, rows,  # pylint: disable=protected-access
+                      positions.astype(np.int32), engine.pages.table_BxM)
+    hist = np.zeros((8, scfg.max_length), np.int32)
+    hist[:, :4] = tokens
+    state = engine._call(slots.load_slots, engine.layout, state._replace(kv=kv), hist, np.arange(8, dtype=np.int32),  # pylint: disable=protected-access
+                         np.full((8,), 4, np.int32), np.full((8,), 4, np.int32), np.arange(1, 9, dtype=np.int32),
+                         np.zeros((8, 2), np.uint32), jax.random.key(0))
+    _, out = engine._call(slots.decode_chunk, engine.backend, CFG, scfg, engine.layout, local_loops, weights, state,  # pylint: disable=protected-access
+                          engine.pages.table_BxM, np.int32(stop_when_free))
     return jax.device_get(out)
 
   local, one = chunk(True), chunk(False)

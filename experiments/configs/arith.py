@@ -10,7 +10,7 @@ arg: "" for the full CPU run, "smoke" for the seconds-long variant the tests run
 import ml_collections
 
 from experiments.configs.architectures import ARCHITECTURES
-from k15.sharding import DEFAULT_RULES
+from k15.sharding import DEFAULT_RULES, SAMPLING_RULES
 
 VARIANTS = ("", "smoke")
 
@@ -33,7 +33,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs
+  c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs of training
+  c.sharding.sampling_rules = SAMPLING_RULES  # of sampling: tensor parallel; the params move once per rollout phase
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "arith"  # the synthetic task, generated into the workdir (k15/data/arith.py)
@@ -57,10 +58,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampling.num_slots = 32  # concurrent trajectories in the rollout engine
   c.sampling.repeat_ngram = 8  # n-gram size for repeat detection (0: off)
   c.sampling.repeat_count = 4  # an n-gram seen this often stops the trajectory with reason "repeat"
-  c.sampling.decode_kernel = "auto"  # "auto" (default): the native CPU step where it runs, else XLA's; "native"; "xla"
-  # The native step's matmuls: "auto" (default: "int8x9" on a CPU with AMX tiles, else "float32"), "float32",
-  # "bf16x6", "bf16x3", "int8x9" (k15/sampling/config.py).
-  c.sampling.native_matmul = "auto"
+  c.sampling.page_size = 16  # positions per page of the paged KV cache
+  c.sampling.num_pages = 0  # pages of the KV cache; 0: every slot can reach the longest sequence at once
+  # The sampler's device calls: "model" (the model's own paged passes, any platform) or a plug-in module:
+  # k15.sampling.native is C++ for float32 models on CPU (the model's passes where it cannot run).
+  c.sampling.backend = "k15.sampling.native"
+  # The plug-in's options: the native one's matmuls, "auto" (default: "int8x9" on a CPU with AMX tiles, else
+  # "float32"), "float32", "bf16x6", "bf16x3", "int8x9" (k15/sampling/native/weights.py).
+  c.sampling.backend_options = ml_collections.ConfigDict({"matmul": "auto"})
 
   c.reward = ml_collections.ConfigDict()
   c.reward.default_domain = "arith"  # verifier of examples without a domain field: arith | math | code

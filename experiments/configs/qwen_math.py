@@ -20,7 +20,7 @@ import os
 import ml_collections
 
 from experiments.configs.architectures import ARCHITECTURES
-from k15.sharding import DEFAULT_RULES
+from k15.sharding import DEFAULT_RULES, SAMPLING_RULES
 
 _FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "prompts")
 _MATH_FIELDS = {"question": "problem", "answer": "solution", "difficulty": "level"}  # MATH's field names
@@ -69,7 +69,8 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     c.tpu.accelerator_type = slice_name  # the slice this mesh is for (experiments.plan reads its chip facts)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if smoke else tpu["mesh"])  # -1: the rest
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs
+  c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs of training
+  c.sharding.sampling_rules = SAMPLING_RULES  # of sampling: tensor parallel; the params move once per rollout phase
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "prompts"  # prompt files through a seqio Mixture (k15/data/sources.py)
@@ -102,10 +103,12 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.sampling.num_slots = 32 if smoke else tpu["num_slots"]  # concurrent trajectories, split over data x fsdp
   c.sampling.repeat_ngram = 8  # n-gram size for repeat detection (0: off)
   c.sampling.repeat_count = 4  # an n-gram seen this often stops the trajectory with reason "repeat"
-  c.sampling.decode_kernel = "auto"  # "auto" (default): the native CPU step where it runs, else XLA's; "native"; "xla"
-  # The native step's matmuls: "auto" (default: "int8x9" on a CPU with AMX tiles, else "float32"), "float32",
-  # "bf16x6", "bf16x3", "int8x9" (k15/sampling/config.py).
-  c.sampling.native_matmul = "auto"
+  c.sampling.page_size = 16 if smoke else 64  # positions per page of the paged KV cache
+  c.sampling.num_pages = 0  # pages of the KV cache; 0: every slot can reach the longest sequence at once
+  # The sampler's device calls: "model" (the model's own paged passes; on TPU the Pallas ragged paged attention)
+  # or a plug-in module (k15.sampling.native: C++ for float32 models on CPU).
+  c.sampling.backend = "model"
+  c.sampling.backend_options = ml_collections.ConfigDict()  # the plug-in's make_backend options
 
   c.reward = ml_collections.ConfigDict()
   c.reward.default_domain = "math"  # verifier of examples without a domain field: arith | math | code

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from k15.models.config import ModelConfig
-from k15.models.transformer import KVCache, Transformer
+from k15.models.transformer import PagedCache, Transformer
 
 
 def _default_positions(tokens_BxT):
@@ -47,13 +47,23 @@ def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT: Optional[jax.Ar
   return logits
 
 
-def forward_with_cache(cfg: ModelConfig, params, tokens_BxT, positions_BxT, cache: KVCache):
-  """Logits of tokens written into `cache` at their absolute positions, and the updated cache.
+def kv_pages_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
+  """Shape of the paged KV cache of every layer, kv_LxPxZxCxH (`k15.models.attention`)."""
+  return (cfg.n_layers, num_pages, page_size, 2 * cfg.n_kv_heads, cfg.head_dim)
 
-  Each token attends to every cached position <= its own, so slots of a batch may sit at different
-  lengths; positions past the cache length are dropped (never written).
+
+def forward_paged(cfg: ModelConfig, params, tokens_RxT, positions_RxT, cache: PagedCache, *, logits: bool = True,
+                  impl: str = "auto", pages_per_block: int = 16, unroll: int = 1):
+  """A paged pass: each row's tokens (position < 0: padding) are written into the cache at their positions and
+  attend over their row's cached positions up to their own. Returns (float32 logits_RxTxV, or None without
+  `logits`; the updated cache).
+
+  Rows are decode slots (T = 1) or prefill chunks; the rows of one sequence may share a call (all their keys
+  and values are written before any attends). impl, pages_per_block: `k15.models.attention.paged_attention`'s;
+  unroll: layers per iteration of the layer loop.
   """
-  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, cache)
+  model = Transformer(cfg, paged_impl=impl, pages_per_block=pages_per_block, unroll=unroll)
+  return model.apply({"params": params}, tokens_RxT, positions_RxT, cache, logits)
 
 
 def logprobs_of(logits_BxTxV, targets_BxT):

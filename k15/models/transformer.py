@@ -1,11 +1,11 @@
 """A decoder-only transformer (Llama / Qwen2 families) in flax.linen, used through pure functions.
 
 Every param carries logical axis names; `k15.sharding` maps them to mesh axes. Layers are stacked with
-`nn.scan` (leading 'layers' axis), so compile time does not grow with depth and the KV cache is one
-array per k and v: `LxBxSxKxH`.
+`nn.scan` (leading 'layers' axis), so compile time does not grow with depth.
 
-The same code serves training (full causal sequence) and sampling (a KV cache written at each token's
-absolute position, so every slot of a batch can sit at its own length).
+Two modes of the same layers: a full causal pass over whole sequences (training, reference log-probs), and a paged
+pass (sampling) whose rows (decode slots, or prefill chunks of sequences) write their keys and values into a paged
+KV cache and attend over their sequences' cached positions (`k15.models.attention.paged_attention`).
 """
 from typing import NamedTuple, Optional
 
@@ -13,21 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from k15.models.attention import dot_product_attention, paged_attention
 from k15.models.config import ModelConfig
 
 
-class KVCache(NamedTuple):
-  """Keys and values for every layer, indexed by absolute position: k_LxBxSxKxH, v_LxBxSxKxH."""
-  k: jax.Array
-  v: jax.Array
-
-  @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
-
-
-KV_CACHE_LOGICAL_AXES = ("layers", "cache_batch", "cache_seq", "kv_heads", "head_dim")
+class PagedCache(NamedTuple):
+  """What a paged pass reads and writes: the cache of every layer and the pages of each row's sequence."""
+  kv_LxPxZxCxH: jax.Array  # the paged KV cache (`k15.models.attention`)
+  page_table_RxM: jax.Array  # int32 row r's position p is at page [r, p // Z]
 
 
 def _dense_init(fan_in: int):
@@ -59,24 +52,13 @@ def rotary(x_BxTxNxH, positions_BxT, theta: float):
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-  """Grouped-query attention; softmax in float32."""
-  B, T, N, H = q_BxTxNxH.shape
-  K = k_BxSxKxH.shape[2]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-  scores = scores * (H ** -0.5)
-  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out.reshape(B, T, N, H)
-
-
 class Attention(nn.Module):
   cfg: ModelConfig
+  paged_impl: str = "auto"  # `paged_attention`'s impl
+  pages_per_block: int = 16  # `paged_attention_xla`'s work block
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache_kv):
+  def __call__(self, x_BxTxD, positions_BxT, layer, paged: Optional[PagedCache]):
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
@@ -94,21 +76,15 @@ class Attention(nn.Module):
     k = rotary(proj("k", K, "kv_heads"), positions_BxT, cfg.rope_theta)
     v = proj("v", K, "kv_heads")
 
-    if cache_kv is None:  # full causal sequence
-      k_all, v_all = k, v
-      key_positions = positions_BxT
-    else:  # write at each token's absolute position, attend over the whole cache
-      cache_k, cache_v = cache_kv
-      b_idx = jnp.arange(x_BxTxD.shape[0])[:, None]
-      k_all = cache_k.at[b_idx, positions_BxT].set(k.astype(cache_k.dtype), mode="drop")
-      v_all = cache_v.at[b_idx, positions_BxT].set(v.astype(cache_v.dtype), mode="drop")
-      key_positions = jnp.broadcast_to(jnp.arange(k_all.shape[1]), (x_BxTxD.shape[0], k_all.shape[1]))
-      cache_kv = (k_all, v_all)
-    mask_BxTxS = key_positions[:, None, :] <= positions_BxT[:, :, None]
-    out = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_BxTxS)
+    if paged is None:  # full causal sequences
+      out = dot_product_attention(q, k, v, positions_BxT[:, None, :] <= positions_BxT[:, :, None])
+    else:
+      out, kv = paged_attention(q, k, v, paged.kv_LxPxZxCxH, layer, paged.page_table_RxM, positions_BxT,
+                                self.paged_impl, self.pages_per_block)
+      paged = paged._replace(kv_LxPxZxCxH=kv)
     o_kernel = param("o_kernel", (N, H, D), ("heads", "head_dim", "embed"), _dense_init(N * H))
     out = jnp.einsum("btnh,nhd->btd", out, o_kernel.astype(cfg.jnp_dtype))
-    return out, cache_kv
+    return out, paged
 
 
 class MLP(nn.Module):
@@ -130,23 +106,33 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
+  paged_impl: str = "auto"
+  pages_per_block: int = 16
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache_kv):
+  def __call__(self, carry, layer, positions_BxT):
+    """carry: (x_BxTxD, the PagedCache or None); layer: this layer's index (the paged cache's layer)."""
     cfg = self.cfg
+    x_BxTxD, paged = carry
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, cfg.jnp_dtype, name=name)
-    h, cache_kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BxTxD), positions_BxT, cache_kv)
+    h, paged = Attention(cfg, self.paged_impl, self.pages_per_block, name="attn")(
+        norm("attn_norm")(x_BxTxD), positions_BxT, layer, paged)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-    return x_BxTxD, cache_kv
+    return (x_BxTxD, paged), None
 
 
 class Transformer(nn.Module):
+  """Full causal pass (paged=None) or paged pass; `logits=False` skips the output head (prefill needs only the
+  cache). `unroll`: layers per iteration of the layer loop (n_layers: no loop)."""
   cfg: ModelConfig
+  paged_impl: str = "auto"
+  pages_per_block: int = 16
+  unroll: int = 1
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None):
+  def __call__(self, tokens_BxT, positions_BxT, paged: Optional[PagedCache] = None, logits: bool = True):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("vocab", "embed")),
@@ -156,17 +142,20 @@ class Transformer(nn.Module):
 
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, 0), length=cfg.n_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    cache_kv = None if cache is None else (cache.k, cache.v)
-    x_BxTxD, cache_kv = layers(x_BxTxD, positions_BxT, cache_kv)
+                     in_axes=(0, nn.broadcast), length=cfg.n_layers, unroll=self.unroll,
+                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.paged_impl, self.pages_per_block,
+                                                                     name="layers")
+    (x_BxTxD, paged), _ = layers((x_BxTxD, paged), jnp.arange(cfg.n_layers), positions_BxT)
+    if not logits:
+      return None, paged
 
     x_BxTxD = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, cfg.jnp_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
-      logits = embed.attend(x_BxTxD)
+      logits_BxTxV = embed.attend(x_BxTxD)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                        kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")),
-                        name="lm_head")(x_BxTxD)
-    logits_BxTxV = logits.astype(jnp.float32)
-    return logits_BxTxV, (None if cache is None else KVCache(*cache_kv))
+      logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                              kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")),
+                              name="lm_head")(x_BxTxD)
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32),
+                                              ("activation_batch", "activation_length", "activation_vocab"))
+    return logits_BxTxV, paged

@@ -179,7 +179,8 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
   ref_fn = trainer.make_eval(lambda p, batch: models.token_logprobs(model_cfg, p, batch["tokens"]))
   scfg = rollout.sampling_config(config.sampling, eos_id=tokenizer.eos_id, max_length=seq_len,
                                  max_new_tokens=rl.max_response_len, temperature=config.sampling.temperature)
-  engine = RolloutEngine(model_cfg, scfg, config.sampling.num_slots, trainer.mesh)
+  engine = RolloutEngine(model_cfg, scfg, config.sampling.num_slots, trainer.mesh, trainer.sampling_rules,
+                         rollout.sampling_backend(config.sampling, model_cfg, trainer.mesh))
   opt_state = trainer.init_opt_state(optimizer, params)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)

@@ -14,7 +14,12 @@ def sampling_config(rollout, *, eos_id: int, max_length: int, max_new_tokens: in
       greedy=greedy, temperature=1.0 if greedy else temperature,  # a greedy SamplingConfig ignores temperature
       top_p=rollout.top_p, top_k=rollout.top_k, max_new_tokens=max_new_tokens, chunk_size=rollout.chunk_size,
       stop_ids=(eos_id,), repeat_ngram=rollout.repeat_ngram, repeat_count=rollout.repeat_count,
-      max_length=max_length, decode_kernel=rollout.decode_kernel, native_matmul=rollout.native_matmul)
+      max_length=max_length, page_size=rollout.page_size, num_pages=rollout.num_pages)
+
+
+def sampling_backend(rollout, model_cfg, mesh):
+  """The sampler's backend on the mesh's devices: a RolloutConfig's backend and backend_options."""
+  return sampling.load_backend(rollout.backend, model_cfg, mesh.devices.flat, rollout.backend_options)
 
 
 def newest_segment_start(traj: sampling.Trajectory) -> int:
@@ -40,5 +45,6 @@ def generate_responses(trainer, params, prompts, tokenizer, rollout, *, temperat
                          max_new_tokens=max_new_tokens, temperature=temperature)
   with trainer.context():
     trajs = sampling.generate(trainer.cfg, params, prompts, scfg, jax.random.PRNGKey(seed),
-                              num_slots=min(len(prompts), rollout.num_slots), mesh=trainer.mesh)
+                              num_slots=min(len(prompts), rollout.num_slots), mesh=trainer.mesh,
+                              rules=trainer.sampling_rules, backend=sampling_backend(rollout, trainer.cfg, trainer.mesh))
   return [[int(x) for x in t.response_tokens if x != tokenizer.eos_id] for t in trajs]

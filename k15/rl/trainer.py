@@ -43,8 +43,10 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Ca
 class Trainer:
   """Holds the mesh, rules and shardings of a run; builds jitted steps and places arrays."""
 
-  def __init__(self, model_cfg: models.ModelConfig, mesh, rules=sharding.DEFAULT_RULES):
+  def __init__(self, model_cfg: models.ModelConfig, mesh, rules=sharding.DEFAULT_RULES,
+               sampling_rules=sharding.SAMPLING_RULES):
     self.cfg, self.mesh, self.rules = model_cfg, mesh, tuple(tuple(r) for r in rules)
+    self.sampling_rules = tuple(tuple(r) for r in sampling_rules)  # the sampler's layout on the same mesh
     self.param_shardings = sharding.param_shardings(model_cfg, mesh, self.rules)
 
   @contextlib.contextmanager

@@ -1,12 +1,17 @@
-"""The rollout engine: fixed decode slots, chunked decode, slot refill, partial rollouts.
+"""The rollout engine: fixed decode slots over a paged KV cache, chunked decode, slot refill, partial rollouts.
 
-One `run` is the rollout phase of one RL iteration. Work is taken in priority order: partial
-trajectories from the replay buffer first, then the new requests (each prompt k times). Between chunks,
-the host refills finished slots (a prefill into those slots only, while the others keep their cache).
-A trajectory that reaches the iteration's token budget goes back to the buffer, to be resumed in a later
-iteration by prefilling prompt + response-so-far with that iteration's params.
+One `run` is the rollout phase of one RL iteration. Work is taken in priority order: partial trajectories
+from the replay buffer first, then the new requests (each prompt k times). Between chunks, the host refills
+free slots: one prefill call encodes every sequence that enters a slot (new prompts and resumed partials
+alike), page by page, while the other slots keep their cache. A trajectory that reaches the iteration's token
+budget goes back to the buffer, to be resumed in a later iteration by prefilling prompt + response-so-far with
+that iteration's params.
+
+The engine is the host side: it schedules slots, pages (`paging.PageTable`) and the buffer over the device
+calls of `slots` and a backend (`backend.ModelBackend` unless a plug-in is given).
 """
 import dataclasses
+import functools
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from k15 import models
 from k15 import sharding as sharding_lib
 from k15.models import ModelConfig
-from k15.sampling import native
 from k15.sampling import slots as slots_lib
+from k15.sampling.backend import ModelBackend
 from k15.sampling.config import SamplingConfig
+from k15.sampling.paging import PageTable
 from k15.sampling.replay import ReplayBuffer, Trajectory
 
 _REASONS = {slots_lib.EOS: "eos", slots_lib.REPEAT: "repeat"}
@@ -40,11 +47,12 @@ class RolloutStats:
   num_slots: int
   decode_steps: int = 0  # while-loop iterations (each decodes one token in every slot)
   useful_tokens: int = 0  # tokens generated for live trajectories
-  prefill_tokens: int = 0  # prompt / prefix tokens re-encoded
+  prefill_tokens: int = 0  # prompt / prefix tokens encoded
   chunks: int = 0
-  prefills: int = 0
+  prefills: int = 0  # prefill calls
   resumed: int = 0  # partial trajectories taken from the replay buffer
   to_buffer: int = 0  # partial trajectories put into it
+  preempted: int = 0  # trajectories taken out of their slot for lack of pages, resumed later in the run
   finished: Dict[str, int] = dataclasses.field(default_factory=dict)  # finish reason -> count
   wall_time_s: float = 0.0
 
@@ -60,25 +68,13 @@ class RolloutStats:
     return out
 
 
-@dataclasses.dataclass
-class _Live:
-  """Host view of the trajectory in a slot."""
-  traj: Trajectory
-  new_tokens: List[int]
-  new_logprobs: List[float]
-  length: int  # prompt + response tokens, including this segment's so far
-
-
-def _bucket(n: int, lo: int, hi: int) -> int:
-  """Smallest power of two >= max(n, lo), capped at hi (bounds the number of compiled shapes)."""
-  return min(hi, max(lo, 1 << max(0, int(n) - 1).bit_length()))
-
-
-def slot_axes_of(mesh: Mesh, slot_axes: Optional[Sequence[str]] = None) -> Tuple[Tuple[str, ...], int]:
-  """The mesh axes the slot dim is sharded over (default 'data' and 'fsdp', else all), and their size."""
-  if slot_axes is None:
-    slot_axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or tuple(mesh.axis_names)
-  return tuple(slot_axes), int(np.prod([mesh.shape[a] for a in slot_axes]))
+def size_class(n: int, top: int) -> int:
+  """The shape of a device call for n rows: the smallest of top / 16, top / 4 and top that holds them. Three sizes
+  only, so a run meets them all early and compiles nothing new later; padding costs at most 4x a small call."""
+  for size in (max(1, top // 16), max(1, top // 4), top):
+    if n <= size:
+      return size
+  raise ValueError(f"{n} rows exceed the largest call of {top}")
 
 
 def _typed_key(rng):
@@ -87,53 +83,70 @@ def _typed_key(rng):
   return jax.random.wrap_key_data(rng)
 
 
-class RolloutEngine:
-  """Samples from params in num_slots decode slots; the jitted functions are shared across engines.
+def slot_axes_of(mesh: Mesh, rules=sharding_lib.SAMPLING_RULES) -> Tuple[Tuple[str, ...], int]:
+  """The mesh axes the slots are split over (those of the rules' 'cache_batch', of size > 1), and their size."""
+  axes = tuple(a for a in sharding_lib._rule_map(rules).get("cache_batch", ()) if mesh.shape[a] > 1)  # pylint: disable=protected-access
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
 
-  With a mesh, the slot dim of the cache and of every slot array is sharded over `slot_axes` (default:
-  the mesh's 'data' and 'fsdp' axes, or all of its axes when it has neither); params are used with
-  whatever sharding they have (the training shardings: no copy). When the params are replicated over the
-  mesh, each slot shard decodes in a loop of its own, without a per-step agreement across devices. The
-  decode step is SamplingConfig.decode_kernel's: on CPU the native step uses every core from one device;
-  XLA's step needs a mesh of one device per core (XLA_FLAGS=--xla_force_host_platform_device_count=<cores>)
-  to decode on all cores at once.
+
+class RolloutEngine:
+  """Samples from params in num_slots decode slots; the jitted device calls are shared across engines.
+
+  With a mesh, the params are put in the sampling layout (`rules`, default `sharding.SAMPLING_RULES`: tensor
+  parallel over 'tensor', replicated over 'data' and 'fsdp') once per `run`, and the slots, their prefill rows and
+  the cache's pages are split over the rules' 'cache_batch' axes. When the sampling layout replicates the params
+  (no tensor axis), or the backend cannot split over a mesh, each slot shard decodes in a loop of its own,
+  without a per-step agreement across devices.
   """
 
   def __init__(self, cfg: ModelConfig, sampling_cfg: SamplingConfig, num_slots: int, mesh: Optional[Mesh] = None,
-               slot_axes: Optional[Sequence[str]] = None, refill_min_free: Optional[int] = None,
-               static_batching: bool = False):
+               rules=None, backend=None, refill_min_free: Optional[int] = None, static_batching: bool = False):
+    if num_slots <= 0:
+      raise ValueError(f"num_slots must be positive, got {num_slots}")
     self.cfg, self.scfg, self.num_slots = cfg, sampling_cfg, num_slots
+    self.backend = backend or ModelBackend()
+    self.mesh = mesh
     # While work waits, a chunk ends early once this many slots are idle: refill often enough to keep
     # slots busy, rarely enough that prefill dispatches stay a small cost.
     self.refill_min_free = refill_min_free or max(1, num_slots // 8)
     self.static_batching = static_batching  # refill only once every slot is free (a baseline)
-    self.sharding = None
-    if mesh is not None:
-      slot_axes, shards = slot_axes_of(mesh, slot_axes)
-      if num_slots % shards:
-        raise ValueError(f"num_slots={num_slots} must be a multiple of the {shards} devices of slot axes "
-                         f"{tuple(slot_axes)}")
-      self.sharding = NamedSharding(mesh, PartitionSpec(tuple(slot_axes)))
-    self._shards = 1 if mesh is None else shards
+    self.shards, self.param_shardings, self.local_loops = 1, None, False
+    num_pages = sampling_cfg.num_pages or num_slots * sampling_cfg.pages_per_slot
+    if mesh is None:
+      self.layout = slots_lib.Layout(None, None, ())
+    else:
+      rules = tuple(tuple(r) for r in (rules or sharding_lib.SAMPLING_RULES))
+      slot_axes, self.shards = slot_axes_of(mesh, rules)
+      if num_slots % self.shards:
+        raise ValueError(f"num_slots={num_slots} must be a multiple of the {self.shards} devices of the slot axes "
+                         f"{slot_axes}")
+      num_pages = -(-num_pages // self.shards) * self.shards
+      kv_shape = models.kv_pages_shape(cfg, num_pages, sampling_cfg.page_size)
+      kv_spec = sharding_lib.logical_to_spec(models.KV_PAGES_LOGICAL_AXES, kv_shape, mesh, rules)
+      self.layout = slots_lib.Layout(NamedSharding(mesh, PartitionSpec(slot_axes or None)),
+                                     NamedSharding(mesh, kv_spec), rules)
+      self.param_shardings = sharding_lib.param_shardings(cfg, mesh, rules)
+      replicated = all(s.is_fully_replicated for s in jax.tree.leaves(self.param_shardings))
+      if not (self.backend.splits_over_mesh or replicated):
+        raise ValueError(f"the sampling backend {type(self.backend).__name__} needs the params replicated over the "
+                         "mesh; the sampling rules split them (use a mesh without a tensor axis)")
+      self.local_loops = self.shards > 1 and (replicated or not self.backend.splits_over_mesh)
+    self.num_pages = num_pages
+    self.pages = PageTable(num_slots, num_pages, sampling_cfg.page_size, sampling_cfg.pages_per_slot, self.shards)
     self._state = None
 
-  def _decode_kernel(self, local_loops: bool) -> str:
-    """"xla" or a native kernel (SamplingConfig.decode_kernel and native_matmul; `native.choose`). The native
-    step is a custom call XLA cannot split over a mesh: with one, it needs the params replicated (each device then
-    decodes its slots itself)."""
-    devices = jax.devices() if self.sharding is None else list(self.sharding.mesh.devices.flat)
-    if self.sharding is not None and self._shards > 1 and not local_loops:
-      if self.scfg.decode_kernel == "native":
-        raise ValueError("SamplingConfig.decode_kernel='native' needs params replicated over the mesh; these are "
-                         "sharded (use decode_kernel='xla' or 'auto')")
-      return "xla"
-    return native.choose(self.scfg.decode_kernel, self.cfg, devices, self.scfg.native_matmul)
+  def _call(self, fn, *args):
+    """A device call under the engine's mesh."""
+    if self.mesh is None:
+      return fn(*args)
+    with jax.set_mesh(self.mesh):
+      return fn(*args)
 
-  def _limits(self, traj: Trajectory, token_budget: Optional[int]) -> int:
-    cap = self.scfg.max_new_tokens if traj.max_new_tokens is None else traj.max_new_tokens
-    n_resp = len(traj.response_tokens)
-    limit = min(cap - n_resp, self.scfg.max_length - len(traj.prompt_tokens) - n_resp)
-    return limit if token_budget is None else min(limit, token_budget)
+  def prepare(self, params):
+    """The backend's weights from params, in the sampling layout (one move of the params per run)."""
+    if self.param_shardings is not None:
+      params = jax.device_put(params, self.param_shardings)
+    return self._call(_prepare, self.backend, self.cfg, params)
 
   def run(self, params, requests: Sequence[Request], replay_buffer: Optional[ReplayBuffer], iteration: int,
           token_budget: Optional[int], rng) -> Tuple[List[Trajectory], RolloutStats]:
@@ -142,131 +155,203 @@ class RolloutEngine:
     Trajectories that reach token_budget (new tokens in this run) go to replay_buffer, or, when it is
     None, are returned finished with reason "budget".
     """
-    start_time = time.perf_counter()
-    cfg, scfg, B, S = self.cfg, self.scfg, self.num_slots, self.scfg.max_length
-    rng = _typed_key(rng)
-    stats = RolloutStats(num_slots=B)
-    finished: List[Trajectory] = []
+    start = time.perf_counter()
+    if self._state is None:
+      self._state = self._call(slots_lib.init_state, self.cfg, self.scfg, self.num_slots, self.num_pages,
+                               self.layout)
+    schedule = _Schedule(self, self.prepare(params), requests, replay_buffer, iteration, token_budget,
+                         _typed_key(rng))
+    finished = schedule.run()
+    schedule.stats.wall_time_s = time.perf_counter() - start
+    return finished, schedule.stats
 
-    def finish(traj: Trajectory, reason: str):
-      traj.finish_reason = reason
-      stats.finished[reason] = stats.finished.get(reason, 0) + 1
-      finished.append(traj)
 
-    queue: List[Trajectory] = []
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prepare(backend, cfg, params):
+  return backend.prepare(cfg, params)
+
+
+@dataclasses.dataclass
+class _Live:
+  """Host view of the trajectory in a slot."""
+  traj: Trajectory
+  new_tokens: List[int]
+  new_logprobs: List[float]
+  length: int  # prompt + response tokens, including this segment's so far
+  remaining: int  # tokens it may still generate in this segment
+
+
+class _Schedule:
+  """One run's host state and its loop: refill free slots, decode a chunk, close finished slots."""
+
+  def __init__(self, engine: RolloutEngine, weights, requests, replay_buffer, iteration, token_budget, rng):
+    self.engine, self.weights, self.buffer = engine, weights, replay_buffer
+    self.iteration, self.budget, self.rng = iteration, token_budget, rng
+    self.stats = RolloutStats(num_slots=engine.num_slots)
+    self.finished: List[Trajectory] = []
+    self.queue: List[Trajectory] = []  # popped from the end
     if replay_buffer is not None:
-      queue.extend(replay_buffer.pop_all())
-      stats.resumed = len(queue)
+      self.queue.extend(replay_buffer.pop_all())
+      self.stats.resumed = len(self.queue)
     for req in requests:
       if len(req.prompt_tokens) == 0:
         raise ValueError(f"request {req.prompt_id}: empty prompt")
       for k in range(req.num_samples):
-        queue.append(Trajectory(req.prompt_id, k, req.prompt_tokens, [], [], [], max_new_tokens=req.max_new_tokens))
-    queue.reverse()  # pop() from the end keeps the priority order
+        self.queue.append(Trajectory(req.prompt_id, k, req.prompt_tokens, [], [], [],
+                                     max_new_tokens=req.max_new_tokens))
+    self.queue.reverse()
+    self.live: List[Optional[_Live]] = [None] * engine.num_slots
+    self.generated: Dict[int, int] = {}  # tokens generated in this run, by id of a preempted trajectory
 
-    live: List[Optional[_Live]] = [None] * B
-    # Params replicated over the mesh: each slot shard decodes in a loop of its own (see decode_chunk).
-    local_loops = self._shards > 1 and all(getattr(leaf, "sharding", None) is None or leaf.sharding.is_fully_replicated
-                                           for leaf in jax.tree.leaves(params))
-    kernel = self._decode_kernel(local_loops)
-    weights = slots_lib.decode_weights(kernel, cfg, params)
-    # The native step's weights also serve prefill's native kernels, on one device (custom calls do not split
-    # over a mesh).
-    prefill_weights = weights if kernel != "xla" and self.sharding is None else None
-
-    def fit_capacity(longest: int):
-      """Cache capacity for sequences up to `longest` tokens growing by a chunk, bucketed: XLA's step attends
-      over the whole capacity (the native step reads each slot up to its position, but a dense cache is
-      faster for it too), and a resize (a copy) happens only when the bucket changes."""
-      need = min(S, -(-(longest + scfg.chunk_size) // scfg.attn_bucket) * scfg.attn_bucket)
-      if self._state is None:
-        self._state = slots_lib.init_state(cfg, B, S, need, self.sharding)
-      elif slots_lib.capacity(self._state) != need:
-        self._state = slots_lib.resize(need, self.sharding, self._state)
-
-    def refill():
-      free = [i for i in range(B) if live[i] is None]
-      if self.static_batching and len(free) < B:
-        return
-      batch = []
-      while queue and len(batch) < len(free):
-        traj = queue.pop()
-        if self._limits(traj, token_budget) <= 0:  # nothing left to generate: a length cap was reached
-          finish(traj, "max_length")
-        else:
-          batch.append(traj)
-      if not batch:
-        return
-      rows = []  # (trajectory, its length, its slot)
-      for traj, slot in zip(batch, free):
-        n = len(traj.prompt_tokens) + len(traj.response_tokens)
-        rows.append((traj, n, slot))
-        live[slot] = _Live(traj, [], [], n)
-      fit_capacity(max(item.length for item in live if item is not None))
-      # One prefill per length bucket: a resumed long trajectory does not pad every short row to its length.
-      groups: Dict[int, list] = {}
-      for row in rows:
-        groups.setdefault(_bucket(row[1], 16, S), []).append(row)
-      for T, group in sorted(groups.items()):
-        prefill(group, T)
-
-    def prefill(rows, T: int):
-      """Encodes `rows` (trajectory, length, slot), each at most T tokens long, into their slots."""
-      P = _bucket(len(rows), 1, B)
-      tokens = np.zeros((P, T), np.int32)
-      lengths_P = np.ones((P,), np.int32)
-      starts, remaining = np.zeros((P,), np.int32), np.zeros((P,), np.int32)
-      slots_P, seeds = np.full((P,), B, np.int32), np.zeros((P, 2), np.uint32)
-      for row, (traj, n, slot) in enumerate(rows):
-        tokens[row, :n] = traj.tokens
-        lengths_P[row], starts[row], remaining[row] = n, len(traj.prompt_tokens), self._limits(traj, token_budget)
-        slots_P[row], seeds[row] = slot, (traj.prompt_id % 2**32, traj.sample_index % 2**32)
-      # With local decode loops (replicated params) the devices also split the prefill's rows.
-      rows_sharding = self.sharding if local_loops and P % self._shards == 0 else None
-      k_layers, v_layers = slots_lib.encode_prefixes(cfg, rows_sharding, params, tokens, prefill_weights)
-      self._state = slots_lib.load_slots(self.sharding, self._state, k_layers, v_layers, tokens, lengths_P, starts,
-                                         remaining, slots_P, seeds, rng)
-      stats.prefills += 1
-      stats.prefill_tokens += sum(n for _, n, _ in rows)
-
-    def close(slot: int, device_reason: int):
-      item = live[slot]
-      live[slot] = None
-      t = item.traj
-      t.response_tokens = np.concatenate([t.response_tokens, np.asarray(item.new_tokens, np.int32)])
-      t.logprobs = np.concatenate([t.logprobs, np.asarray(item.new_logprobs, np.float32)])
-      t.token_iterations = np.concatenate([t.token_iterations, np.full(len(item.new_tokens), iteration, np.int32)])
-      if device_reason in _REASONS:
-        finish(t, _REASONS[device_reason])
-      elif self._limits(t, None) <= 0:
-        finish(t, "max_length")
-      elif replay_buffer is None:
-        finish(t, "budget")
-      else:
-        replay_buffer.add(t)
-        stats.to_buffer += 1
-
+  def run(self) -> List[Trajectory]:
     while True:
-      refill()
-      busy = [i for i in range(B) if live[i] is not None]
-      if not busy:
+      self.refill()
+      if not any(self.live):
+        if self.queue:  # every page is free when every slot is: the first in line always fits
+          raise RuntimeError(f"{len(self.queue)} trajectories left waiting for pages with every slot free")
+        return self.finished
+      self.decode()
+
+  def limit(self, traj: Trajectory, budget: Optional[int]) -> int:
+    """Tokens the trajectory may still generate: its caps, and what is left of `budget` in this run."""
+    scfg = self.engine.scfg
+    cap = scfg.max_new_tokens if traj.max_new_tokens is None else traj.max_new_tokens
+    n_resp = len(traj.response_tokens)
+    limit = min(cap - n_resp, scfg.max_length - len(traj.prompt_tokens) - n_resp)
+    return limit if budget is None else min(limit, budget - self.generated.get(id(traj), 0))
+
+  def finish(self, traj: Trajectory, reason: str):
+    traj.finish_reason = reason
+    self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+    self.finished.append(traj)
+
+  def pages_needed(self, item: _Live) -> int:
+    """Positions the slot writes up to the end of the next chunk: the fed token's and those it may generate."""
+    return item.length - 1 + min(self.engine.scfg.chunk_size, item.remaining)
+
+  def refill(self):
+    """Moves queued trajectories into free slots (the shards with the most free pages first) and encodes them."""
+    engine, pages = self.engine, self.engine.pages
+    free = [i for i in range(engine.num_slots) if self.live[i] is None]
+    if engine.static_batching and len(free) < engine.num_slots:
+      return
+    free.sort(key=lambda slot: -pages.free_pages(pages.shard_of(slot)))
+    entering = []
+    for slot in free:
+      while self.queue and self.limit(self.queue[-1], self.budget) <= 0:  # a length cap was reached
+        self.finish(self.queue.pop(), "max_length")
+      if not self.queue:
         break
-      fit_capacity(max(live[i].length for i in busy))
-      waiting = len(queue) if not self.static_batching else 0
-      stop_when_free = np.int32(min(self.refill_min_free, waiting) if waiting else B + 1)
-      self._state, out = slots_lib.decode_chunk(cfg, scfg, self.sharding, local_loops, kernel, params, weights,
-                                                self._state, stop_when_free)
-      tokens_BxC, logp_BxC, reasons_B, steps = sharding_lib.to_host(out)  # gathered across processes
-      stats.chunks += 1
-      stats.decode_steps += int(np.max(steps))  # the loops of the slot shards run side by side
-      for i in busy:
-        item = live[i]
-        n = int(np.sum(tokens_BxC[i] >= 0))
-        item.new_tokens.extend(tokens_BxC[i, :n].tolist())
-        item.new_logprobs.extend(logp_BxC[i, :n].tolist())
-        item.length += n
-        stats.useful_tokens += n
-        if reasons_B[i] != slots_lib.RUNNING:
-          close(i, int(reasons_B[i]))
-    stats.wall_time_s = time.perf_counter() - start_time
-    return finished, stats
+      traj = self.queue[-1]
+      n = len(traj.prompt_tokens) + len(traj.response_tokens)
+      item = _Live(traj, [], [], n, self.limit(traj, self.budget))
+      if not pages.grow(slot, self.pages_needed(item)):
+        continue  # another shard may have the pages
+      self.queue.pop()
+      self.live[slot] = item
+      entering.append(slot)
+    if entering:
+      self.encode(entering)
+
+  def encode(self, entering: List[int]):
+    """Prefills the sequences entering `entering` slots (all but each one's last token, a page of a sequence per
+    row, every row in one call when they fit), then points the slots at them."""
+    engine = self.engine
+    Z, S = engine.scfg.page_size, engine.scfg.max_length
+    rows = [[] for _ in range(engine.shards)]  # per shard: (slot, first position)
+    for slot in entering:
+      n = self.live[slot].length
+      rows[engine.pages.shard_of(slot)].extend((slot, j) for j in range(0, n - 1, Z))
+    per_shard = max(len(r) for r in rows)
+    max_rows = 4 * engine.num_slots // engine.shards  # rows of one call per shard (bounds its memory)
+    for start in range(0, per_shard, max_rows):
+      R = size_class(min(max_rows, per_shard - start), max_rows)
+      tokens = np.zeros((engine.shards, R, Z), np.int32)
+      positions = np.full((engine.shards, R, Z), -1, np.int32)
+      tables = np.zeros((engine.shards, R, engine.pages.table_BxM.shape[1]), np.int32)
+      for shard, shard_rows in enumerate(rows):
+        for r, (slot, j) in enumerate(shard_rows[start:start + R]):
+          seq = self.live[slot].traj.tokens
+          m = min(Z, self.live[slot].length - 1 - j)
+          tokens[shard, r, :m], positions[shard, r, :m] = seq[j:j + m], np.arange(j, j + m)
+          tables[shard, r] = engine.pages.table_BxM[slot]
+          self.stats.prefill_tokens += m
+      flat = lambda a: a.reshape(engine.shards * R, *a.shape[2:])
+      state = engine._state  # pylint: disable=protected-access
+      kv = engine._call(slots_lib.prefill, engine.backend, engine.cfg, engine.scfg, engine.layout, self.weights,  # pylint: disable=protected-access
+                        state.kv, flat(tokens), flat(positions), flat(tables))
+      engine._state = state._replace(kv=kv)  # pylint: disable=protected-access
+      self.stats.prefills += 1
+    P = size_class(len(entering), engine.num_slots)
+    hist = np.zeros((P, S), np.int32)
+    lengths, starts, remaining = np.ones((P,), np.int32), np.zeros((P,), np.int32), np.zeros((P,), np.int32)
+    slots_P, seeds = np.full((P,), engine.num_slots, np.int32), np.zeros((P, 2), np.uint32)
+    for p, slot in enumerate(entering):
+      item = self.live[slot]
+      t = item.traj
+      hist[p, :item.length] = t.tokens
+      lengths[p], starts[p], remaining[p] = item.length, len(t.prompt_tokens), item.remaining
+      slots_P[p], seeds[p] = slot, (t.prompt_id % 2**32, t.sample_index % 2**32)
+    engine._state = engine._call(slots_lib.load_slots, engine.layout, engine._state, hist, slots_P, lengths, starts,  # pylint: disable=protected-access
+                                 remaining, seeds, self.rng)
+
+  def close(self, slot: int, device_reason: int):
+    """Ends the slot's segment: its trajectory finishes, goes to the buffer, or (preempted) back to the queue."""
+    item = self.live[slot]
+    self.live[slot] = None
+    self.engine.pages.release(slot)
+    t = item.traj
+    t.response_tokens = np.concatenate([t.response_tokens, np.asarray(item.new_tokens, np.int32)])
+    t.logprobs = np.concatenate([t.logprobs, np.asarray(item.new_logprobs, np.float32)])
+    t.token_iterations = np.concatenate([t.token_iterations, np.full(len(item.new_tokens), self.iteration, np.int32)])
+    if device_reason in _REASONS:
+      self.finish(t, _REASONS[device_reason])
+    elif self.limit(t, None) <= 0:
+      self.finish(t, "max_length")
+    elif device_reason == slots_lib.RUNNING:  # preempted: first in line again
+      self.generated[id(t)] = self.generated.get(id(t), 0) + len(item.new_tokens)
+      self.queue.append(t)
+      self.stats.preempted += 1
+    elif self.buffer is None:
+      self.finish(t, "budget")
+    else:
+      self.buffer.add(t)
+      self.stats.to_buffer += 1
+
+  def grow_pages(self):
+    """Gives every live slot the pages of the coming chunk; a slot whose shard runs out is preempted."""
+    engine = self.engine
+    stop = np.zeros((engine.num_slots,), bool)
+    for slot, item in enumerate(self.live):
+      if item is not None and not engine.pages.grow(slot, self.pages_needed(item)):
+        self.close(slot, slots_lib.RUNNING)
+        stop[slot] = True
+    if stop.any():
+      engine._state = engine._call(slots_lib.stop_slots, engine.layout, engine._state, stop)  # pylint: disable=protected-access
+
+  def decode(self):
+    engine = self.engine
+    self.grow_pages()
+    busy = [i for i in range(engine.num_slots) if self.live[i] is not None]
+    if not busy:
+      return
+    # Waiting work ends the chunk once it can take a few more slots than are free now (those wait for pages).
+    waiting = len(self.queue) if not engine.static_batching else 0
+    idle = engine.num_slots - len(busy)
+    stop_when_free = np.int32(idle + min(engine.refill_min_free, waiting) if waiting else engine.num_slots + 1)
+    engine._state, out = engine._call(  # pylint: disable=protected-access
+        slots_lib.decode_chunk, engine.backend, engine.cfg, engine.scfg, engine.layout, engine.local_loops,
+        self.weights, engine._state, engine.pages.table_BxM, stop_when_free)  # pylint: disable=protected-access
+    tokens_BxC, logp_BxC, reasons_B, steps = sharding_lib.to_host(out)  # gathered across processes
+    self.stats.chunks += 1
+    self.stats.decode_steps += int(np.max(steps))  # the loops of the slot shards run side by side
+    for i in busy:
+      item = self.live[i]
+      n = int(np.sum(tokens_BxC[i] >= 0))
+      item.new_tokens.extend(tokens_BxC[i, :n].tolist())
+      item.new_logprobs.extend(logp_BxC[i, :n].tolist())
+      item.length += n
+      item.remaining -= n
+      self.stats.useful_tokens += n
+      if reasons_B[i] != slots_lib.RUNNING:
+        self.close(i, int(reasons_B[i]))

@@ -1,13 +1,13 @@
-// The k15 transformer's CPU kernels in float32, as XLA FFI handlers: one decode step (K15DecodeStepF32) and, on
-// CPUs with AMX tiles, prefill's matmuls (K15MatmulAmx).
+// The k15 transformer's CPU kernel in float32, as an XLA FFI handler: a paged pass over token rows
+// (K15PagedStepF32): a decode step, or a prefill of pages of sequences.
 //
 // XLA's CPU backend runs a decode step of a small model as dozens of separate kernels (each matmul, norm,
 // rotary, cache write and softmax its own dispatch), and its matmuls with one row per slot run well below
 // the machine's matmul rate. The step handler does the whole step in one call: register-blocked matmuls over
 // the fused weights, attention that reads each slot's cache only up to its own position, and the cache
 // written in place (the cache inputs alias the cache outputs). The threads of XLA's CPU pool share the work
-// phase by phase (`PhasedStep`): matmuls split by columns, attention by slots. It computes the same function as
-// `k15.sampling.step.decode_step`; tests compare the two logit for logit. Its matmuls run either as float32
+// phase by phase (`PhasedStep`): matmuls split by columns, attention by slots. It computes what the model's paged
+// pass computes (`k15.models.forward_paged`); tests compare the two logit for logit. Its matmuls run either as float32
 // FMAs (`pieces` 0) or on AMX tiles over bfloat16 pieces of both operands (`pieces` 2 or 3; see "Matmuls on AMX
 // tiles" below) or over int8 slices (int8 weights, `pieces` 3; "Matmuls on AMX int8 tiles").
 //
@@ -16,11 +16,15 @@
 //   tokens_B (int32), positions_B (int32), embed_VxD, attn_norm_LxD, qkv (packed, N = E = (n_heads + 2
 //   n_kv_heads) head_dim), qkv_bias_LxE, o (packed, K = n_heads head_dim, N = D), mlp_norm_LxD, gate_up (gate
 //   and up packed each, N = F, their panels alternating), down (packed, K = F), final_norm_D, head (packed,
-//   K = D, N = V), then L key caches BxKxHxS and L value caches BxKxSxH.
-// Results: logits_BxV; per slot the first index of its largest logit (int32, V - 1 when a logit is NaN, as
-// `select.first_argmax`), that logit and log sum exp(logits - it) (float32 each); then the L key caches and
-// L value caches (aliasing the inputs). The sampling loop takes the greedy token and log-probs from these.
-// A slot whose position is outside [0, S) writes nothing and gets garbage logits (inactive slots).
+//   K = D, N = V), the paged KV cache LxPxZxCxH (P pages of Z positions, C = 2 n_kv_heads: kv head k's keys at 2k,
+//   its values at 2k + 1; `k15.models.attention`), and the page table RxM (int32: row r's position p is in page
+//   [r, p // Z]). The B tokens form R rows of `tokens_per_row` consecutive tokens each (decode: one per slot).
+// Results: logits_BxV; per token the first index of its largest logit (int32, V - 1 when a logit is NaN, as
+// `select.first_argmax`), that logit and log sum exp(logits - it) (float32 each); then the cache (aliasing the
+// input). The sampling loop takes the greedy token and log-probs from these. With `prefill`, every token's keys
+// and values are written before any attends (a row may read pages another row writes), and only the cache is
+// computed (the logits results have no rows).
+// A token whose position is outside [0, M Z) writes nothing and gets garbage logits (inactive slots).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -53,7 +57,7 @@ namespace {
 #ifdef K15_PHASE_TIMES
 // A profiling build (benchmarks/decode_step.py): seconds each thread spends running and waiting in each
 // kind of phase, summed over threads and calls until K15PhaseTimes reads and clears them.
-constexpr int kPhaseKinds = 11;  // PhasedStep::Kind; native.PHASE_KINDS names them
+constexpr int kPhaseKinds = 12;  // PhasedStep::Kind; native.PHASE_KINDS names them
 std::mutex g_times_mutex;
 double g_times[2 * kPhaseKinds + 1];  // (running, waiting) per kind, then the number of calls
 using Clock = std::chrono::steady_clock;
@@ -183,35 +187,6 @@ void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int
     m += rows;
   }
   if (a_) a_->rest();
-}
-
-// Columns [n, N) of C[MxN] = A[MxK] B[KxN] in slabs of 16 NV columns, while whole slabs fit within `limit`
-// columns; returns the first column not done.
-template <int NV>
-int64_t slabs(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t n, int64_t N,
-              int64_t limit, float* C, int64_t ldc, Ahead* ahead) {
-  for (; n < N && n + 16 * NV <= limit; n += 16 * NV) {
-    const int64_t cols = std::min<int64_t>(16 * NV, N - n);
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) block<2, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols, ahead);
-    if (m < M) block<1, NV>(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, K, false, cols, ahead);
-  }
-  return n;
-}
-
-// C[MxN] = A[MxK] B[KxN] with row strides lda, ldb, ldc, for attention: A holds a few query heads (M is
-// small), B a slot's keys (HxS) or values (SxH) in the cache. Wide slabs read long runs of each row of B;
-// the last columns go 16 at a time (reading up to 15 columns past N when the row has them: never used).
-void matmul_strided(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, int64_t N,
-                    float* C, int64_t ldc, Ahead* ahead) {
-  int64_t n = slabs<8>(A, lda, M, K, B, ldb, 0, N, N, C, ldc, ahead);
-  n = slabs<1>(A, lda, M, K, B, ldb, n, N, ldb, C, ldc, ahead);
-  for (int64_t m = 0; m < M; ++m)  // columns without a whole vector left in the row
-    for (int64_t j = n; j < N; ++j) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += A[m * lda + k] * B[k * ldb + j];
-      C[m * ldc + j] = s;
-    }
 }
 
 // ---- Matmuls on AMX tiles, to float32 accuracy ----
@@ -499,17 +474,6 @@ void softmax(float* x, int64_t n, float scale) {
   for (int64_t i = 0; body + i < n; ++i) x[body + i] = tail[i] / sum;
 }
 
-// out_GxH = softmax(q_GxH k_HxS[:, :n] / sqrt(H)) v_SxH[:n]: the G query heads of one kv head over positions < n.
-// `keys` and `values`: the next kv head's cache, fetched while the score and value products run.
-void attend(const float* q, int64_t G, int64_t H, const float* k, const float* v, int64_t S, int64_t n,
-            float* scores, float* out, Ahead& keys, Ahead& values) {
-  matmul_strided(q, H, G, H, k, S, n, scores, S, &keys);
-  keys.rest();
-  for (int64_t g = 0; g < G; ++g) softmax(scores + g * S, n, 1.0f / std::sqrt(static_cast<float>(H)));
-  matmul_strided(scores, S, G, n, v, H, H, out, H, &values);
-  values.rest();
-}
-
 // The first index of x[:V]'s largest value (V - 1 if any is NaN), that value, and log sum exp(x - it), in
 // `k15.models.logprobs_of`'s order of operations (shift by the max, sum the exps, then the log).
 void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, float* lse_out) {
@@ -550,13 +514,144 @@ struct Step {
   const void *qkv, *o, *gate_up, *down, *head;  // packed: float32 (pieces 0) or bfloat16 pieces for AMX
   int pieces;  // 0: float32 FMAs; 2 or 3: bfloat16 pieces (or with `int8`, 3 int8 slices) of each operand on AMX
   bool int8;  // the packed weights are int8 slices (`pack_int8`)
-  std::vector<float*> k_caches, v_caches;
+  bool prefill;  // write every token's keys and values before attending; no logits
+  float* kv;  // the paged cache, L x P x Z x 2KV x H
+  const int32_t* table;  // R x M
   float* logits;
   int32_t* argmax;
   float *max, *lse;
   float eps, theta;
-  int64_t B, L, V, D, N, KV, H, S, F;
+  int64_t B, L, V, D, N, KV, H, F, P, Z, M, T;  // T: tokens per row of the page table
+
+  // Token b's page j in layer l (Z x 2KV x H), or null when the table names no page of the cache.
+  float* page(int64_t l, int64_t b, int64_t j) const {
+    const int64_t at = table[(b / T) * M + j];
+    return at >= 0 && at < P ? kv + (l * P + at) * Z * 2 * KV * H : nullptr;
+  }
 };
+
+// The 16 horizontal sums of t[0..15] as one vector (lane i: the sum of t[i]'s lanes): pairs, quads, octets, halves.
+inline v16 hsum16(const v16* t) {
+  v16 u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i)
+    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], v16i{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+           __builtin_shuffle(t[2 * i], t[2 * i + 1], v16i{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  for (int i = 0; i < 4; ++i)
+    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], v16i{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(u[2 * i], u[2 * i + 1], v16i{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  for (int i = 0; i < 2; ++i)
+    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], v16i{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(w[2 * i], w[2 * i + 1], v16i{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  return __builtin_shuffle(x[0], x[1], v16i{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+         __builtin_shuffle(x[0], x[1], v16i{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+}
+
+// acc[g] = acc[g] * alpha[g] + sum over `count` positions j of p[g][j] * (at[j] + off)[c:c + 16], for NG query heads
+// (their block weights p with row stride 16).
+template <int NG>
+inline void weigh_block(const float* p, const float* alpha, const float* const* at, int64_t off, int64_t count,
+                        int64_t c, float* acc, int64_t H) {
+  v16 a[NG];
+  for (int g = 0; g < NG; ++g) a[g] = load(acc + g * H + c) * alpha[g];
+  for (int64_t j = 0; j < count; ++j) {
+    const v16 v = load(at[j] + off + c);
+    for (int g = 0; g < NG; ++g) a[g] += p[g * 16 + j] * v;
+  }
+  for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
+}
+
+// Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few at a time.
+struct RowFetch {
+  const float* const* at = nullptr;
+  int64_t n = 0, lines = 0, j = 0, c = 0;
+
+  void next(int64_t count) {
+    for (; count > 0 && j < n; --count) {
+      __builtin_prefetch(at[j] + 16 * c, 0, 2);
+      if (++c == lines) c = 0, ++j;
+    }
+  }
+};
+
+// One token's attention over n positions of its pages: for each kv head k, out[G heads of k] = softmax(q k^T /
+// sqrt(H)) v, the keys of position i at at[i] + 2kH and its values H floats after (a position's heads are one run
+// of memory). Blocks of 16 positions are read in order, each while in L1: every head's scores, a running max and
+// sum per query head (online softmax), then its values. Meanwhile `ahead` fetches the next token's positions
+// (a block ahead is too late to hide the memory's latency). `scratch`: 19 KV G floats.
+void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float* const* at, int64_t n,
+                  float* scratch, float* out, RowFetch& ahead) {
+  const int64_t NQ = KV * G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  float *p = scratch, *m = p + 16 * NQ, *l = m + NQ, *alpha = l + NQ;
+  std::fill(m, m + NQ, -INFINITY);
+  std::fill(l, l + NQ, 0.0f);
+  std::fill(out, out + NQ * H, 0.0f);
+  const int64_t per_head = (ahead.n * ahead.lines + 1) / std::max<int64_t>(1, (n + 15) / 16 * NQ) + 1;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t count = std::min<int64_t>(16, n - i);
+    const float* const* block = at + i;
+    for (int64_t k = 0; k < KV; ++k)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = k * G + g;
+        ahead.next(per_head);
+        const float* qr = q + r * H;
+        v16 sv;
+        if (H % 16 == 0) {  // lane sums of q * k per position, then their horizontal sums
+          v16 t[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            if (j >= count) {
+              t[j] = splat(0.0f);
+              continue;
+            }
+            const float* key = block[j] + 2 * k * H;
+            t[j] = load(qr) * load(key);
+            for (int64_t c = 16; c < H; c += 16) t[j] += load(qr + c) * load(key + c);
+          }
+          sv = hsum16(t) * scale;
+        } else {
+          sv = splat(0.0f);
+          for (int64_t j = 0; j < count; ++j) {
+            float sum = 0.0f;
+            for (int64_t c = 0; c < H; ++c) sum += qr[c] * block[j][2 * k * H + c];
+            sv[j] = sum * scale;
+          }
+        }
+        for (int64_t j = count; j < 16; ++j) sv[j] = -INFINITY;
+        float block_max = sv[0];
+        for (int j = 1; j < 16; ++j) block_max = std::max(block_max, sv[j]);
+        const float m_new = std::max(m[r], block_max);
+        alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
+        const v16 e = vexp(sv - m_new);
+        store(p + 16 * r, e);
+        float sum = 0.0f;
+        for (int j = 0; j < 16; ++j) sum += e[j];
+        l[r] = l[r] * alpha[r] + sum;
+        m[r] = m_new;
+      }
+    for (int64_t k = 0; k < KV; ++k) {  // the block's values, weighted, into each query head's running sum
+      const int64_t off = (2 * k + 1) * H;
+      const float* pk = p + 16 * k * G;
+      const float* ak = alpha + k * G;
+      float* ok = out + k * G * H;
+      int64_t c = 0;
+      for (; c + 16 <= H; c += 16)
+        for (int64_t g = 0; g < G;) {
+          const int64_t left = G - g;
+          if (left >= 4) weigh_block<4>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 4;
+          else if (left >= 2) weigh_block<2>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 2;
+          else weigh_block<1>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 1;
+        }
+      for (; c < H; ++c)  // a head_dim that is not a multiple of 16
+        for (int64_t g = 0; g < G; ++g) {
+          float sum = ok[g * H + c] * ak[g];
+          for (int64_t j = 0; j < count; ++j) sum += pk[16 * g + j] * block[j][off + c];
+          ok[g * H + c] = sum;
+        }
+    }
+  }
+  for (int64_t r = 0; r < NQ; ++r)
+    for (int64_t c = 0; c < H; ++c) out[r * H + c] /= l[r];
+}
 
 // Spins until `done` reaches n: items other threads took and are running (yielding after a while, as the
 // other threads may not be running).
@@ -637,14 +732,14 @@ class PhasedStep {
     if (p.pieces) {  // the left sides of the AMX matmuls, split; zero past the B rows and the K columns
       h16_ = left_k(p.D), att16_ = left_k(p.N * p.H), act16_ = left_k(p.F);
     }
-    cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2);
+    cos_.resize(B * p.H / 2), sin_.resize(B * p.H / 2), zeros_.resize(2 * p.KV * p.H);
     phases_ = 3 + kLayerPhases * p.L;
     counters_.reset(new Counter[phases_]);
   }
 
   void work() {
-    Scratch scratch{Aligned<float>((p_.N / p_.KV) * p_.S), Aligned<float>(Mp() * 32), Aligned<float>(Mp() * 32),
-                    Aligned<float>(Mp() * 32)};
+    Scratch scratch{Aligned<float>(19 * p_.N), Aligned<float>(Mp() * 32), Aligned<float>(Mp() * 32),
+                    Aligned<float>(Mp() * 32), std::vector<const float*>(S()), std::vector<const float*>(S())};
 #if K15_AMX
     if (p_.pieces) configure_tiles();  // per thread
 #endif
@@ -689,6 +784,7 @@ class PhasedStep {
   };
   struct Scratch {  // per thread
     Aligned<float> scores, gate, up, out;  // out: an AMX panel's Mp x 32 results
+    std::vector<const float*> positions, next_positions;  // where a token's (the next token's) positions are
   };
   static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kAmxPanelsPerItem = 4;
   // Panels per matmul item: AMX tile loads stream longer runs of a weight faster, while a phase keeps at least
@@ -698,6 +794,7 @@ class PhasedStep {
   }
 
   int64_t E() const { return (p_.N + 2 * p_.KV) * p_.H; }
+  int64_t S() const { return p_.M * p_.Z; }  // positions a row's pages hold
   int64_t Mp() const { return p_.pieces ? padded_rows(p_.B) : p_.B; }
   AmxFormat amx() const { return {p_.pieces, p_.int8}; }
 
@@ -735,12 +832,14 @@ class PhasedStep {
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   int64_t panel_items(int64_t cols) const { return ceil_div(ceil_div(cols, 32), per_item(cols)); }
 
-  // Phase ph: 0 embeds; then per layer 8 phases (qkv, attention, o, norm, gate_up, act split, down, norm); then
-  // the head; last the logits' stats. kind(ph) numbers them in that order, 0 to 10 (the layer's phases 1 to 8).
-  // The act split has items with int8 slices only (their scale per row needs all of gate_up's columns); the
-  // other matmuls split act panel by panel in gate_up.
-  enum Kind { kEmbed, kQkv, kAttention, kO, kMlpNorm, kGateUp, kActSplit, kDown, kNorm, kHead, kStats };
-  static constexpr int64_t kLayerPhases = 8;
+  // Phase ph: 0 embeds; then per layer 9 phases (qkv, write, attention, o, norm, gate_up, act split, down, norm);
+  // then the head; last the logits' stats. kind(ph) numbers them in that order, 0 to 11 (the layer's phases 1 to
+  // 9). The act split has items with int8 slices only (their scale per row needs all of gate_up's columns); the
+  // other matmuls split act panel by panel in gate_up. The write has items in a prefill only (a decode's token
+  // writes its own keys and values in the attention phase); a prefill computes no logits, and its last layer
+  // stops at the write.
+  enum Kind { kEmbed, kQkv, kWrite, kAttention, kO, kMlpNorm, kGateUp, kActSplit, kDown, kNorm, kHead, kStats };
+  static constexpr int64_t kLayerPhases = 9;
   Kind kind(int64_t ph) const {
     if (ph == 0) return kEmbed;
     if (ph == phases_ - 2) return kHead;
@@ -749,7 +848,11 @@ class PhasedStep {
   }
 
   int64_t items(int64_t ph) const {
-    switch (kind(ph)) {
+    const Kind k = kind(ph);
+    if (p_.prefill && (k == kHead || k == kStats || (ph > (p_.L - 1) * kLayerPhases + 2 && ph < phases_ - 2)))
+      return 0;  // after the last layer's write: only the logits need it
+    switch (k) {
+      case kWrite: return p_.prefill ? ceil_div(p_.B, kSlotsPerItem) : 0;
       case kQkv: return panel_items(E());
       case kO: case kDown: return panel_items(p_.D);
       case kGateUp: return panel_items(p_.F);
@@ -783,7 +886,7 @@ class PhasedStep {
   void run(int64_t ph, int64_t i, int64_t next, Scratch& scratch) {
     float* scores = scratch.scores.data();
     const Step& p = p_;
-    const int64_t D = p.D, N = p.N, KV = p.KV, H = p.H, S = p.S, F = p.F, B = p.B;
+    const int64_t D = p.D, N = p.N, KV = p.KV, H = p.H, F = p.F, B = p.B;
     const int64_t G = N / KV, NH = N * H, E = this->E();
     const int64_t b0 = i * kSlotsPerItem, b1 = std::min(B, b0 + kSlotsPerItem);
     if (ph == 0) {
@@ -819,48 +922,35 @@ class PhasedStep {
           for (int64_t e = n0; e < n1; ++e) qkv_[b * E + e] += bias[e];
         return;
       }
-      case 1: {  // rotary, cache write and attention for the item's (slot, kv head) pairs
-        // The hardware prefetchers do not follow the key rows' strided runs, and one kv head's cache is too
-        // little to hide the latency: each pair's cache is fetched while the pair before it computes (the
-        // item's first pair up front, unless the item before fetched it: one more prefetch of a line in
-        // flight or in the cache costs next to nothing).
-        Ahead keys, values;
-        auto fetch = [&](int64_t b, int64_t kv) {  // spread over attend's loops: ~1.4 key and 1 value line each
-          const int64_t pos = p.positions[b], n = pos >= 0 && pos < S ? pos + 1 : 0;
-          keys = Ahead(p.k_caches[l] + (b * KV + kv) * H * S, (n + 15) / 16, S, n ? H : 0, 3, 2);
-          values = Ahead(p.v_caches[l] + (b * KV + kv) * S * H, (n * H + 15) / 16, 0, n ? 1 : 0, 1, 1);
-        };
-        fetch(b0, 0);
-        keys.rest(), values.rest();
+      case 1:  // prefill: rotary and cache write of every token before any attends
+        for (int64_t b = b0; b < b1; ++b) rotate_and_write(l, b);
+        return;
+      case 2:  // attention for the item's tokens (a decode's token first rotates and writes its own keys and values)
+        positions(l, b0, scratch.next_positions);
         for (int64_t b = b0; b < b1; ++b) {
-          float* row = qkv_.data() + b * E;
-          rotary(row, N + KV, H, cos_.data() + b * H / 2, sin_.data() + b * H / 2);  // q and k heads are adjacent
-          const int64_t pos = p.positions[b];
-          const bool active = pos >= 0 && pos < S;
-          for (int64_t kv = 0; kv < KV; ++kv) {
-            float* kb = p.k_caches[l] + (b * KV + kv) * H * S;
-            float* vb = p.v_caches[l] + (b * KV + kv) * S * H;
-            if (active) {
-              for (int64_t j = 0; j < H; ++j) kb[j * S + pos] = row[NH + kv * H + j];
-              std::copy(row + NH + KV * H + kv * H, row + NH + KV * H + (kv + 1) * H, vb + pos * H);
-            }
-            const int64_t next_b = kv + 1 < KV || b + 1 < b1 ? b + (kv + 1) / KV : next * kSlotsPerItem;
-            if (next_b >= 0) fetch(next_b, (kv + 1) % KV);
-            attend(row + kv * G * H, G, H, kb, vb, S, active ? pos + 1 : 1, scores, att_.data() + b * NH + kv * G * H,
-                   keys, values);
-          }
+          std::swap(scratch.positions, scratch.next_positions);  // the token before found this one's positions
+          if (!p.prefill) rotate_and_write(l, b);
+          const int64_t pos = p.positions[b], n = pos >= 0 && pos < S() ? pos + 1 : 0;
+          const int64_t after = b + 1 < b1 ? b + 1 : next * kSlotsPerItem;  // the token this thread attends next
+          RowFetch ahead{scratch.next_positions.data(),
+                         after >= 0 && after < B ? positions(l, after, scratch.next_positions) : 0,
+                         (2 * KV * H + 15) / 16};
+          float* out = att_.data() + b * NH;
+          if (n == 0)
+            std::fill(out, out + NH, 0.0f);  // an inactive slot: garbage logits
+          else
+            attend_token(qkv_.data() + b * E, KV, G, H, scratch.positions.data(), n, scores, out, ahead);
         }
         split_rows(att_.data(), NH, b0, b1, 0, NH, att16_, NH);
         return;
-      }
-      case 2:
+      case 3:
         matmul_item(i, next, att_.data(), att16_, NH, p.o, l, D, x_.data(), true, scratch);
         return;
-      case 3:
+      case 4:
         rms_norm(x_.data() + b0 * D, b1 - b0, D, p.mlp_norm + l * D, p.eps, h_.data() + b0 * D);
         split_rows(h_.data(), D, b0, b1, 0, D, h16_, D);
         return;
-      case 4: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
+      case 5: {  // act = silu(h Wgate) * (h Wup): the gate and up panels of the same columns together
         const int64_t panels = per_item(F);
         const int64_t n0 = i * panels * 32, n1 = std::min(F, n0 + panels * 32);
         float* gate = scratch.gate.data();
@@ -896,13 +986,13 @@ class PhasedStep {
         }
         return;
       }
-      case 5:  // int8 slices only: act's rows, once gate_up has written all their columns
+      case 6:  // int8 slices only: act's rows, once gate_up has written all their columns
         split_rows(act_.data(), F, b0, b1, 0, F, act16_, F);
         return;
-      case 6:
+      case 7:
         matmul_item(i, next, act_.data(), act16_, F, p.down, l, D, x_.data(), true, scratch);
         return;
-      case 7: {
+      case 8: {
         const float* scale = l + 1 < p.L ? p.attn_norm + (l + 1) * D : p.final_norm;
         rms_norm(x_.data() + b0 * D, b1 - b0, D, scale, p.eps, h_.data() + b0 * D);
         split_rows(h_.data(), D, b0, b1, 0, D, h16_, D);
@@ -911,46 +1001,84 @@ class PhasedStep {
     }
   }
 
+  // Where token b's positions up to its own are in layer l's pages (at[j]: position j's run of every head's keys and
+  // values; a page outside the cache reads zeros); returns how many.
+  int64_t positions(int64_t l, int64_t b, std::vector<const float*>& at) const {
+    const Step& p = p_;
+    const int64_t pos = p.positions[b], n = pos >= 0 && pos < S() ? pos + 1 : 0, run = 2 * p.KV * p.H;
+    for (int64_t j = 0; j < n; j += p.Z) {  // a page's positions: one run of memory
+      const float* page = p.page(l, b, j / p.Z);
+      for (int64_t o = 0; o < p.Z && j + o < n; ++o) at[j + o] = page ? page + o * run : zeros_.data();
+    }
+    return n;
+  }
+
+  // Rotary on token b's query and key heads (in qkv_), then its keys and values into its position in layer l's pages.
+  void rotate_and_write(int64_t l, int64_t b) {
+    const Step& p = p_;
+    const int64_t H = p.H, KV = p.KV, NH = p.N * p.H;
+    float* row = qkv_.data() + b * E();
+    rotary(row, p.N + KV, H, cos_.data() + b * H / 2, sin_.data() + b * H / 2);  // q and k heads are adjacent
+    const int64_t pos = p.positions[b];
+    float* page = pos >= 0 && pos < S() ? p.page(l, b, pos / p.Z) : nullptr;
+    if (page == nullptr) return;
+    float* at = page + (pos % p.Z) * 2 * KV * H;
+    for (int64_t kv = 0; kv < KV; ++kv) {
+      std::copy(row + NH + kv * H, row + NH + (kv + 1) * H, at + 2 * kv * H);
+      std::copy(row + NH + (KV + kv) * H, row + NH + (KV + kv + 1) * H, at + (2 * kv + 1) * H);
+    }
+  }
+
   Step p_;
-  std::vector<float> x_, h_, qkv_, att_, act_, cos_, sin_;
+  std::vector<float> x_, h_, qkv_, att_, act_, cos_, sin_, zeros_;  // zeros_: a position outside the cache
   Left h16_, att16_, act16_;  // on AMX: h, att and act split
   int64_t phases_;
   std::unique_ptr<Counter[]> counters_;
 };
 
-ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, int64_t KV, int64_t F, int64_t pieces,
-                      int64_t threads, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  std::vector<ffi::AnyBuffer> in;
+ffi::Error PagedStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, int64_t KV, int64_t F, int64_t pieces,
+                     int64_t threads, int64_t tokens_per_row, bool prefill, ffi::RemainingArgs args,
+                     ffi::RemainingRets rets) {
+  std::vector<ffi::AnyBuffer> in, outs;
   for (size_t i = 0; i < args.size(); ++i) {
     auto a = args.get<ffi::AnyBuffer>(i);
     if (!a.has_value()) return a.error();
     in.push_back(*a);
   }
-  std::vector<ffi::AnyBuffer> outs;
   for (size_t i = 0; i < rets.size(); ++i) {
     auto r = rets.get<ffi::AnyBuffer>(i);
     if (!r.has_value()) return r.error();
     outs.push_back(**r);
   }
-  if (in.size() < 14 || (in.size() - 12) % 2 != 0 || outs.size() != in.size() - 8)
-    return ffi::Error::InvalidArgument("k15 decode step: wrong number of arguments or results");
+  if (in.size() != 14 || outs.size() != 5)
+    return ffi::Error::InvalidArgument("k15 paged step: wrong number of arguments or results");
   if (pieces != 0 && pieces != 2 && pieces != 3)
-    return ffi::Error::InvalidArgument("k15 decode step: pieces must be 0 (float32), 2 or 3 (AMX)");
+    return ffi::Error::InvalidArgument("k15 paged step: pieces must be 0 (float32), 2 or 3 (AMX)");
   if (pieces && !amx_ready())
-    return ffi::Error::InvalidArgument("k15 decode step: AMX weights, but this build or this CPU has no AMX");
-  const bool packed[] = {false, false, false, false, true, false, true, false, true, true, false, true};
+    return ffi::Error::InvalidArgument("k15 paged step: AMX weights, but this build or this CPU has no AMX");
+  const bool packed[] = {false, false, false, false, true, false, true, false, true, true, false, true, false};
   const bool int8 = pieces == 3 && in[4].element_type() == ffi::S8;
   const auto packed_type = int8 ? ffi::S8 : pieces ? ffi::BF16 : ffi::F32;
-  for (size_t i = 2; i < in.size(); ++i)
-    if (in[i].element_type() != (i < 12 && packed[i] ? packed_type : ffi::F32))
-      return ffi::Error::InvalidArgument("k15 decode step: caches, norms and embedding must be float32, packed "
+  for (size_t i = 2; i < 13; ++i)
+    if (in[i].element_type() != (packed[i] ? packed_type : ffi::F32))
+      return ffi::Error::InvalidArgument("k15 paged step: cache, norms and embedding must be float32, packed "
                                          "weights float32 (pieces 0), bfloat16 pieces or int8 slices (AMX, 3)");
   auto f32 = [&](int i) { return reinterpret_cast<const float*>(in[i].untyped_data()); };
+  const auto kvd = in[12].dimensions(), td = in[13].dimensions();
+  if (kvd.size() != 5 || td.size() != 2 || in[13].element_type() != ffi::S32 || kvd[3] != 2 * KV)
+    return ffi::Error::InvalidArgument("k15 paged step: the cache must be L x P x Z x 2 n_kv_heads x H float32, the "
+                                       "page table R x M int32");
   Step p;
-  p.L = (in.size() - 12) / 2;
+  p.L = kvd[0], p.P = kvd[1], p.Z = kvd[2], p.H = kvd[4], p.M = td[1];
   p.V = in[2].dimensions()[0], p.D = in[2].dimensions()[1];
-  p.S = in[12].dimensions()[3], p.H = in[12].dimensions()[2];
+  p.B = in[0].dimensions()[0], p.T = tokens_per_row;
   p.F = F, p.N = N, p.KV = KV, p.eps = eps, p.theta = theta, p.pieces = static_cast<int>(pieces), p.int8 = int8;
+  p.prefill = prefill;
+  if (p.T <= 0 || td[0] * p.T != p.B || in[1].dimensions()[0] != p.B)
+    return ffi::Error::InvalidArgument("k15 paged step: tokens and positions must be R x tokens_per_row, R the page "
+                                       "table's rows");
+  if (outs[0].element_count() != (prefill ? 0 : p.B * p.V))
+    return ffi::Error::InvalidArgument("k15 paged step: logits must be B x V (none with prefill)");
   const int64_t E = (N + 2 * KV) * p.H;
   // The elements of a packed KxN weight, `copies` of it per layer over `layers` layers.
   auto packed_size = [&](int64_t layers, int64_t copies, int64_t K, int64_t n) {
@@ -963,22 +1091,19 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
                             in[9].element_count() == packed_size(p.L, 1, F, p.D) &&
                             in[11].element_count() == packed_size(1, 1, p.D, p.V);
   if (N % KV != 0 || p.H % 2 != 0 || !shapes_match || (int8 && std::max({p.D, N * p.H, F}) > kMaxInt8K))
-    return ffi::Error::InvalidArgument("k15 decode step: weight shapes do not match the head counts and d_ff");
+    return ffi::Error::InvalidArgument("k15 paged step: weight shapes do not match the cache, the head counts and d_ff");
   p.tokens = reinterpret_cast<const int32_t*>(in[0].untyped_data());
   p.positions = reinterpret_cast<const int32_t*>(in[1].untyped_data());
   p.embed = f32(2), p.attn_norm = f32(3), p.qkv_bias = f32(5), p.mlp_norm = f32(7), p.final_norm = f32(10);
   p.qkv = in[4].untyped_data(), p.o = in[6].untyped_data(), p.gate_up = in[8].untyped_data();
   p.down = in[9].untyped_data(), p.head = in[11].untyped_data();
-  for (int64_t l = 0; l < p.L; ++l) {
-    p.k_caches.push_back(reinterpret_cast<float*>(outs[4 + l].untyped_data()));
-    p.v_caches.push_back(reinterpret_cast<float*>(outs[4 + p.L + l].untyped_data()));
-  }
+  p.kv = reinterpret_cast<float*>(outs[4].untyped_data());
+  p.table = reinterpret_cast<const int32_t*>(in[13].untyped_data());
   p.logits = reinterpret_cast<float*>(outs[0].untyped_data());
   p.argmax = reinterpret_cast<int32_t*>(outs[1].untyped_data());
   p.max = reinterpret_cast<float*>(outs[2].untyped_data());
   p.lse = reinterpret_cast<float*>(outs[3].untyped_data());
 
-  p.B = in[0].dimensions()[0];
   int64_t parts = pool.num_threads();
   if (threads > 0) parts = std::min(parts, threads);
   auto job = std::make_shared<PhasedStep>(p);
@@ -992,198 +1117,9 @@ ffi::Error DecodeStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, i
 }
 
 
-// Items [0, items) shared by XLA's CPU threads: each thread takes the next from a counter (`run_items`). The
-// caller runs items too and then waits only for items taken (`run_parallel`), so it never waits on a pool task
-// that has not started; a task that starts late finds nothing left.
-struct Parallel {
-  int64_t items = 0;
-  std::atomic<int64_t> next{0};
-  alignas(64) std::atomic<int64_t> done{0};
-
-  template <class F>
-  void run_items(F&& run) {
-    for (int64_t i; (i = next.fetch_add(1)) < items;) {
-      run(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// job->work() (which calls run_items) on up to `threads` threads (0: all of the pool's) and the caller; returns
-// once every item is done.
-template <class Job>
-void run_parallel(ffi::ThreadPool& pool, int64_t threads, const std::shared_ptr<Job>& job) {
-  int64_t parts = pool.num_threads();
-  if (threads > 0) parts = std::min(parts, threads);
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  wait_for(job->done, job->items);
-}
-
-// ---- Matmul on AMX tiles (prefill) ----
-// y[M x N] = x[M x K] W for a packed weight W (`native.pack_amx`, layer `layer` of its stack) on AMX tiles; with
-// `swiglu`, W holds gate and up panels alternating (`native.pack_pairs`) and y[M x N] = silu(x Wgate) * (x Wup).
-// Prefill's matmuls have thousands of rows: the work is split into items of (a block of rows, a group of output
-// panels) that XLA's CPU threads take from a counter; each item splits its rows into bfloat16 pieces (kept in
-// L2 while its panels stream past) and runs `amx_rows` over them. The caller never waits on a pool task that
-// has not started: it runs items too and waits only for items taken.
-// Rows per item: a block's bfloat16 pieces take about 256 KB, so they stay in L2 while the panels stream past
-// (128 KB and 512 KB measured no faster on prefill's shapes).
-inline int64_t row_block(int64_t K, const AmxFormat& amx) {
-  return std::clamp<int64_t>(256 * 1024 / amx.left_row_bytes(K) / 32 * 32, 32, 512);
-}
-
-// dst[:cols] = silu(gate) * up for one row of a panel (cols <= 32).
-inline void swiglu_row(const float* gate, const float* up, int64_t cols, float* dst) {
-  int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
-    const v16 g = load(gate + c);
-    store(dst + c, g * (1.0f / (1.0f + vexp(-g))) * load(up + c));
-  }
-  for (; c < cols; ++c) dst[c] = gate[c] * (1.0f / (1.0f + exp1(-gate[c]))) * up[c];
-}
-
-struct MatmulJob : Parallel {
-  const float* x;
-  const void* w;  // the layer's panels
-  float* y;
-  int64_t M, K, N, out_panels, groups;
-  AmxFormat amx;
-  bool swiglu;
-
-  void work() {
-#if K15_AMX
-    configure_tiles();
-    const int64_t rb_rows = row_block(K, amx), Mb = std::min(rb_rows, padded_rows(M));
-    Aligned<uint8_t> A(Mb * amx.left_row_bytes(K));
-    std::vector<float> scale(Mb, 1.0f);
-    Aligned<float> out(Mb * 32), gate(Mb * 32);
-    auto panel = [&](int64_t Mp, int64_t j, float* out) { amx.panel(A.data(), scale.data(), Mp, K, w, j, out); };
-    run_items([&](int64_t i) {
-      const int64_t rb = i / groups, g = i % groups;
-      const int64_t r0 = rb * rb_rows, rows = std::min(rb_rows, M - r0), Mp = padded_rows(rows);
-      std::fill(A.begin(), A.end(), 0);  // the padding rows and columns
-      for (int64_t r = 0; r < rows; ++r) amx.split_row(x + (r0 + r) * K, K, 0, A.data(), scale.data(), Mp, K, r);
-      const int64_t p0 = g * out_panels / groups, p1 = (g + 1) * out_panels / groups;
-      for (int64_t j = p0; j < p1; ++j) {
-        const int64_t cols = std::min<int64_t>(32, N - 32 * j);
-        float* dst = y + r0 * N + 32 * j;
-        if (swiglu) {
-          panel(Mp, 2 * j, gate.data());
-          panel(Mp, 2 * j + 1, out.data());
-          for (int64_t b = 0; b < rows; ++b) swiglu_row(gate.data() + b * 32, out.data() + b * 32, cols, dst + b * N);
-        } else {
-          panel(Mp, j, out.data());
-          for (int64_t b = 0; b < rows; ++b) std::copy(out.data() + b * 32, out.data() + b * 32 + cols, dst + b * N);
-        }
-      }
-    });
-    _tile_release();
-#endif
-  }
-};
-
-ffi::Error Matmul(ffi::ThreadPool pool, int64_t layer, int64_t n_cols, bool swiglu, int64_t threads, ffi::AnyBuffer x,
-                  ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
-  if (!amx_ready()) return ffi::Error::InvalidArgument("k15 matmul: this build or this CPU has no AMX");
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  const bool int8 = w.element_type() == ffi::S8;
-  // bfloat16 pieces: [L x] P x K/32 x pieces x 2 x 16 x 32; int8 slices: [L x] P x (header + K/64 x 3 x 2 x 1024)
-  const size_t rank = int8 ? 2 : 6;
-  if (x.element_type() != ffi::F32 || (w.element_type() != ffi::BF16 && !int8) || y->element_type() != ffi::F32 ||
-      wd.size() < rank || wd.size() > rank + 1 ||
-      (!int8 && (wd[wd.size() - 3] != 2 || wd[wd.size() - 2] != kTile || wd[wd.size() - 1] != 32)))
-    return ffi::Error::InvalidArgument("k15 matmul: x float32 (... x K), w packed bfloat16 pieces (pack_amx) or "
-                                       "int8 slices (pack_int8)");
-  const int64_t K = xd[xd.size() - 1], M = x.element_count() / K, pieces = int8 ? kSlices : wd[wd.size() - 4];
-  const int64_t layers = wd.size() == rank + 1 ? wd[0] : 1, panels = wd[wd.size() - rank];
-  const int64_t out_panels = (n_cols + 31) / 32;
-  const bool k_matches = int8 ? wd[wd.size() - 1] == kPanelHeader + kSlices * padded64(K) * 32 && K <= kMaxInt8K
-                              : wd[wd.size() - 5] * 32 == padded(K);
-  if ((pieces != 2 && pieces != 3) || !k_matches || layer < 0 || layer >= layers ||
-      panels != (swiglu ? 2 : 1) * out_panels || y->element_count() != M * n_cols)
-    return ffi::Error::InvalidArgument("k15 matmul: shapes of x, w and y do not match");
-  auto job = std::make_shared<MatmulJob>();
-  job->x = reinterpret_cast<const float*>(x.untyped_data());
-  job->w = static_cast<const char*>(w.untyped_data()) + layer * (w.size_bytes() / layers);
-  job->y = reinterpret_cast<float*>(y->untyped_data());
-  job->M = M, job->K = K, job->N = n_cols, job->amx = {pieces, int8}, job->out_panels = out_panels;
-  job->swiglu = swiglu;
-  const int64_t parts = std::max<int64_t>(1, threads > 0 ? std::min<int64_t>(threads, pool.num_threads())
-                                                         : pool.num_threads());
-  const int64_t block = row_block(K, job->amx), row_blocks = (M + block - 1) / block;
-  job->groups = std::min(out_panels, std::max<int64_t>(1, (4 * parts + row_blocks - 1) / row_blocks));  // 4 per thread
-  job->items = row_blocks * job->groups;
-  run_parallel(pool, threads, job);
-  return ffi::Error::Success();
-}
-
-
-// ---- Causal attention for prefill ----
-// out[p, t] = softmax(q[p, t] k[p, :t + 1]^T / sqrt(H)) v[p, :t + 1] for every row p, position t and query head,
-// grouped-query (n_heads / n_kv_heads query heads per kv head). XLA runs prefill's attention as many small
-// batched dots, far below the machine's matmul rate; here each item is one (row, kv head): its keys (transposed)
-// and values copied once into scratch blocks, then per query head and block of kBlockRows positions the scores
-// against the positions before the block's end (register-blocked `slab`s), their softmax and the weighted sum
-// of the values.
-struct AttentionJob : Parallel {
-  const float *q, *k, *v;
-  float* out;
-  int64_t T, N, KV, H;
-
-  void work() {
-    constexpr int64_t kBlockRows = 32;
-    const int64_t G = N / KV, Tp = padded(T), Hp = padded(H);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-    // A slab reads whole 32-column panels: keys as HxTp, values as TxHp, scores as rows of Tp (zero padding).
-    Aligned<float> keys(H * Tp), values(T * Hp), scores(kBlockRows * Tp);
-    run_items([&](int64_t item) {
-      const int64_t p = item / KV, kv = item % KV;
-      for (int64_t s = 0; s < T; ++s) {
-        const float* ks = k + ((p * T + s) * KV + kv) * H;
-        for (int64_t h = 0; h < H; ++h) keys[h * Tp + s] = ks[h];
-        std::copy(v + ((p * T + s) * KV + kv) * H, v + ((p * T + s) * KV + kv + 1) * H, values.data() + s * Hp);
-      }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t t0 = 0; t0 < T; t0 += kBlockRows) {
-          const int64_t rows = std::min(kBlockRows, T - t0), n = t0 + rows;  // positions < n
-          const float* queries = q + ((p * T + t0) * N + kv * G + g) * H;
-          float* o = out + ((p * T + t0) * N + kv * G + g) * H;
-          for (int64_t c = 0; c < n; c += 32)
-            slab(queries, N * H, rows, H, keys.data() + c, Tp, scores.data() + c, Tp, false,
-                 std::min<int64_t>(32, n - c));
-          for (int64_t r = 0; r < rows; ++r) {
-            float* row = scores.data() + r * Tp;
-            softmax(row, t0 + r + 1, scale);
-            std::fill(row + t0 + r + 1, row + padded(n), 0.0f);  // the future, and the slab's padding: no weight
-          }
-          for (int64_t c = 0; c < H; c += 32)
-            slab(scores.data(), Tp, rows, n, values.data() + c, Hp, o + c, N * H, false, std::min<int64_t>(32, H - c));
-        }
-    });
-  }
-};
-
-ffi::Error PrefillAttention(ffi::ThreadPool pool, int64_t threads, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                            ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 || v.element_type() != ffi::F32 ||
-      qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || qd[2] % kd[2] != 0 ||
-      v.element_count() != k.element_count() || out->element_count() != q.element_count())
-    return ffi::Error::InvalidArgument("k15 prefill attention: q PxTxNxH, k and v PxTxKxH float32, N a multiple of K");
-  auto job = std::make_shared<AttentionJob>();
-  job->q = reinterpret_cast<const float*>(q.untyped_data());
-  job->k = reinterpret_cast<const float*>(k.untyped_data());
-  job->v = reinterpret_cast<const float*>(v.untyped_data());
-  job->out = reinterpret_cast<float*>(out->untyped_data());
-  job->T = qd[1], job->N = qd[2], job->KV = kd[2], job->H = qd[3], job->items = qd[0] * kd[2];
-  run_parallel(pool, threads, job);
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PagedStepF32, PagedStep,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("eps")
@@ -1193,28 +1129,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15DecodeStepF32, DecodeStep,
                                   .Attr<int64_t>("d_ff")
                                   .Attr<int64_t>("pieces")
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("tokens_per_row")
+                                  .Attr<bool>("prefill")
                                   .RemainingArgs()
                                   .RemainingRets());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PrefillAttention, PrefillAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("threads")
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(K15MatmulAmx, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("layer")
-                                  .Attr<int64_t>("n_cols")
-                                  .Attr<bool>("swiglu")
-                                  .Attr<int64_t>("threads")
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
 
 // 1 when this build and this CPU can run the AMX matmuls (and this process may use AMX's tiles), else 0.
 extern "C" int K15AmxAvailable() { return amx_ready() ? 1 : 0; }

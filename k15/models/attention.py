@@ -1,0 +1,180 @@
+"""Attention over a full sequence (training) and over a paged KV cache (sampling: prefill and decode).
+
+The paged cache holds, per layer, kv_pages_PxZxCxH: P pages of Z positions, C = 2K combined heads (kv head k's
+keys at 2k, its values at 2k + 1), head_dim H: the layout of jax's Pallas TPU kernel `ragged_paged_attention`.
+All layers sit in one array, kv_LxPxZxCxH. A row of queries (a decode slot, or a prefill chunk of a sequence)
+reads its sequence's pages through its row of a page table: position p lives in page page_table[r, p // Z] at
+offset p % Z. Each query attends to its row's positions up to its own.
+
+On TPU the kernel runs; elsewhere `paged_attention_xla` computes the same over work items (row, filled page),
+blocks of them at a time with an online softmax, so its cost follows the rows' filled pages, not the capacity.
+"""
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from k15 import sharding
+
+# The kernel's mask value: finite, so a query with every key masked (a padding row) gets no NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# Logical axes of the paged cache kv_LxPxZxCxH; rows (slots, prefill chunks) are 'cache_batch'.
+KV_PAGES_LOGICAL_AXES = ("layers", "cache_pages", None, "kv_heads", "head_dim")
+
+
+def _scores(q, k, equation: str):
+  """Scaled dot products q.k / sqrt(H) in float32."""
+  return jnp.einsum(equation, q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+  """Grouped-query attention of every query over the keys its mask allows; softmax in float32."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+  scores = _scores(q_BxTxKxGxH, k_BxSxKxH, "btkgh,bskh->bkgts")
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(B, T, N, H)
+
+
+def combine_heads(k_RxTxKxH, v_RxTxKxH):
+  """Keys and values -> RxTxCxH, interleaved (k0, v0, k1, v1, ...) as the paged cache holds them."""
+  R, T, K, H = k_RxTxKxH.shape
+  return jnp.stack([k_RxTxKxH, v_RxTxKxH], axis=3).reshape(R, T, 2 * K, H)
+
+
+def write_pages(kv_LxPxZxCxH, layer, k_RxTxKxH, v_RxTxKxH, page_table_RxM, positions_RxT):
+  """The cache with each row's keys and values written at their positions in layer `layer`; a negative
+  position (padding) writes nothing."""
+  kv_LxPxZxCxH, page_table_RxM, positions_RxT = map(jnp.asarray, (kv_LxPxZxCxH, page_table_RxM, positions_RxT))
+  Z = kv_LxPxZxCxH.shape[2]
+  P = kv_LxPxZxCxH.shape[1]
+  valid = positions_RxT >= 0
+  pos = jnp.where(valid, positions_RxT, 0)
+  pages_RxT = jnp.take_along_axis(page_table_RxM, pos // Z, axis=1)
+  pages_RxT = jnp.where(valid, pages_RxT, P)  # out of range: dropped
+  new = combine_heads(k_RxTxKxH, v_RxTxKxH).astype(kv_LxPxZxCxH.dtype)
+  return kv_LxPxZxCxH.at[layer, pages_RxT, pos % Z].set(new, mode="drop")
+
+
+def paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT, pages_per_block: int):
+  """Each query's attention over its row's positions <= its own (position < 0: padding, a garbage output).
+
+  kv_XxZxCxH: the pages the table indexes. Work items are (row, page) pairs over each row's filled pages (up to
+  its last position), taken `pages_per_block` at a time; each block's scores go into per-row running maxima,
+  sums and outputs (online softmax), so the work and the pages read follow the rows' lengths.
+  """
+  q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT = map(jnp.asarray, (q_RxTxNxH, kv_XxZxCxH, page_table_RxM,
+                                                                          positions_RxT))
+  R, T, N, H = q_RxTxNxH.shape
+  Z, C = kv_XxZxCxH.shape[1], kv_XxZxCxH.shape[2]
+  K = C // 2
+  G, W = N // K, pages_per_block
+  lengths_R = jnp.max(positions_RxT, axis=1) + 1
+  pages_R = (lengths_R + Z - 1) // Z
+  ends_R = jnp.cumsum(pages_R)  # row r's items are [ends_R[r] - pages_R[r], ends_R[r])
+  total = ends_R[-1]
+  q_RxKxGxTxH = jnp.transpose(q_RxTxNxH.reshape(R, T, K, G, H), (0, 2, 3, 1, 4))
+
+  def block(carry):
+    start, m_RxKxGxT, l_RxKxGxT, o_RxKxGxTxH = carry
+    items_W = start + jnp.arange(W)
+    valid_W = items_W < total
+    row_W = jnp.minimum(jnp.searchsorted(ends_R, items_W, side="right", method="compare_all"), R - 1)
+    page_index_W = items_W - (ends_R[row_W] - pages_R[row_W])
+    page_W = jnp.take_along_axis(page_table_RxM[row_W], jnp.clip(page_index_W, 0, page_table_RxM.shape[1] - 1)[:, None],
+                                 axis=1)[:, 0]
+    kv_WxZxCxH = kv_XxZxCxH[jnp.where(valid_W, page_W, 0)]
+    k_WxZxKxH, v_WxZxKxH = kv_WxZxCxH[:, :, 0::2], kv_WxZxCxH[:, :, 1::2]
+    s = _scores(q_RxKxGxTxH[row_W], k_WxZxKxH.astype(q_RxTxNxH.dtype), "wkgth,wzkh->wkgtz")
+    key_pos_WxZ = page_index_W[:, None] * Z + jnp.arange(Z)
+    mask_WxTxZ = (key_pos_WxZ[:, None, :] <= positions_RxT[row_W][:, :, None]) & valid_W[:, None, None]
+    s = jnp.where(mask_WxTxZ[:, None, None], s, MASK_VALUE)
+    m_W = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m_W[..., None])
+    o_W = jnp.einsum("wkgtz,wzkh->wkgth", p.astype(v_WxZxKxH.dtype), v_WxZxKxH.astype(q_RxTxNxH.dtype),
+                     preferred_element_type=jnp.float32)
+    segment_W = jnp.where(valid_W, row_W, R)  # out of range: dropped by the segment reductions
+    m_new = jnp.maximum(m_RxKxGxT, jax.ops.segment_max(m_W, segment_W, num_segments=R))
+    scale_old, scale_W = jnp.exp(m_RxKxGxT - m_new), jnp.exp(m_W - m_new[row_W])
+    l_new = l_RxKxGxT * scale_old + jax.ops.segment_sum(jnp.sum(p, axis=-1) * scale_W, segment_W, num_segments=R)
+    o_new = o_RxKxGxTxH * scale_old[..., None] + jax.ops.segment_sum(o_W * scale_W[..., None], segment_W,
+                                                                      num_segments=R)
+    return start + W, m_new, l_new, o_new
+
+  init = (jnp.int32(0), jnp.full((R, K, G, T), MASK_VALUE, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
+          jnp.zeros((R, K, G, T, H), jnp.float32))
+  _, _, l, o = jax.lax.while_loop(lambda c: c[0] < total, block, init)
+  out = o / jnp.maximum(l, 1e-30)[..., None]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, T, N, H).astype(q_RxTxNxH.dtype)
+
+
+def paged_attention_kernel(q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT, kernel=None):
+  """The same through jax's ragged paged attention (TPU), or `kernel` with its signature (e.g. the kernel's
+  reference function, for tests).
+
+  The kernel places a row's T queries at the T positions ending at its kv length; rows here are contiguous
+  positions p0.. p0 + T - 1 (trailing padding past a sequence's end attends past it, a garbage output).
+  """
+  R, T, N, H = q_RxTxNxH.shape
+  if kernel is None:
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa  # TPU only
+    kernel = functools.partial(rpa.ragged_paged_attention, num_kv_pages_per_block=None, num_queries_per_block=None)
+  kv_lens_R = jnp.maximum(positions_RxT[:, 0], 0).astype(jnp.int32) + T
+  cu_q_lens = (jnp.arange(R + 1) * T).astype(jnp.int32)
+  out = kernel(q_RxTxNxH.reshape(R * T, N, H), kv_XxZxCxH, kv_lens_R, page_table_RxM.astype(jnp.int32), cu_q_lens,
+               jnp.array([R], jnp.int32), sm_scale=H ** -0.5)
+  return out.reshape(R, T, N, H)
+
+
+def _local(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM, positions_RxT, impl: str,
+           pages_per_block: int):
+  """paged_attention on one device's rows and pages (page table entries index this device's pages)."""
+  kv_LxPxZxCxH = write_pages(kv_LxPxZxCxH, layer, k_RxTxKxH, v_RxTxKxH, page_table_RxM, positions_RxT)
+  L, P = kv_LxPxZxCxH.shape[:2]
+  kv_XxZxCxH = kv_LxPxZxCxH.reshape(L * P, *kv_LxPxZxCxH.shape[2:])  # every layer's pages: no copy of one
+  table_RxM = page_table_RxM + layer * P
+  if impl == "kernel":
+    out = paged_attention_kernel(q_RxTxNxH, kv_XxZxCxH, table_RxM, positions_RxT)
+  else:
+    out = paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, table_RxM, positions_RxT, pages_per_block)
+  return out, kv_LxPxZxCxH
+
+
+def paged_attention(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM, positions_RxT,
+                    impl: str = "auto", pages_per_block: int = 16):
+  """Writes the rows' keys and values into the paged cache at their positions, then attends each query over
+  its row's positions <= its own. Returns (out_RxTxNxH, the updated kv_LxPxZxCxH).
+
+  impl: "kernel" (jax's Pallas TPU kernel), "xla" (`paged_attention_xla`), or "auto" (the kernel on TPU).
+  Under a mesh (jax.set_mesh) with logical axis rules (flax's), the rows and pages are split over the mesh axes
+  of 'cache_batch' and the heads over those of 'kv_heads' (shard_map): each device attends its rows over its own
+  pages, so page table entries index the pages of the row's device.
+  """
+  if impl == "auto":
+    impl = "kernel" if jax.default_backend() == "tpu" else "xla"
+  if impl not in ("kernel", "xla"):
+    raise ValueError(f"paged attention impl must be 'auto', 'kernel' or 'xla', got {impl!r}")
+  local = functools.partial(_local, impl=impl, pages_per_block=pages_per_block)
+  R, K, P = q_RxTxNxH.shape[0], k_RxTxKxH.shape[2], kv_LxPxZxCxH.shape[1]
+  rows = sharding.context_mesh_axes("cache_batch", R)
+  if rows != sharding.context_mesh_axes("cache_batch", P):
+    raise ValueError(f"paged attention: {R} rows and {P} pages must split alike over the mesh axes of "
+                     f"'cache_batch' ({rows} vs {sharding.context_mesh_axes('cache_batch', P)})")
+  heads = sharding.context_mesh_axes("kv_heads", K)
+  if not rows and not heads:  # nothing split (or already split by an enclosing shard_map)
+    return local(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM, positions_RxT)
+  rows, heads = rows or None, heads or None
+  qkv_spec = PartitionSpec(rows, None, heads, None)
+  kv_spec = PartitionSpec(None, rows, None, heads, None)
+  table_spec = PartitionSpec(rows, None)
+  return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, kv_spec, PartitionSpec(), table_spec,
+                                                   table_spec),
+                       out_specs=(qkv_spec, kv_spec), check_vma=False)(
+                           q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM, positions_RxT)

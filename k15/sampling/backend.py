@@ -1,0 +1,51 @@
+"""Where the sampler's device computations come from: the model's own paged passes, or a plug-in.
+
+A backend is a hashable object (a static argument of the jitted sampling functions) with three methods:
+  prepare(cfg, params) -> weights: what prefill and step read, built once per rollout run from the params;
+  prefill(cfg, scfg, weights, kv, tokens_RxT, positions_RxT, table_RxM) -> kv: rows' keys and values into the cache;
+  step(cfg, scfg, weights, kv, tokens_B, positions_B, table_BxM) -> (logits_BxV, LogitStats, kv): one decode step.
+and one attribute, `splits_over_mesh`: whether it runs as one SPMD program over a mesh whose tensor axes split
+the weights (else it needs the weights replicated, and each device decodes its slots in a loop of its own).
+The cache is `k15.models.attention`'s paged layout; the host's page table says which pages each row reads.
+"""
+import dataclasses
+import importlib
+
+from k15 import models
+from k15.sampling.select import logit_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBackend:
+  """The model's paged passes (`k15.models.forward_paged`): any platform; the Pallas kernel's attention on TPU."""
+  splits_over_mesh = True
+
+  def prepare(self, cfg, params):
+    del cfg
+    return params
+
+  def _paged(self, cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM, logits):
+    return models.forward_paged(cfg, params, tokens_RxT, positions_RxT, models.PagedCache(kv, table_RxM),
+                                logits=logits, impl=scfg.attention, pages_per_block=scfg.attention_block,
+                                unroll=cfg.n_layers if scfg.unroll_layers else 1)
+
+  def prefill(self, cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM):
+    return self._paged(cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM, logits=False)[1].kv_LxPxZxCxH
+
+  def step(self, cfg, scfg, params, kv, tokens_B, positions_B, table_BxM):
+    logits, cache = self._paged(cfg, scfg, params, kv, tokens_B[:, None], positions_B[:, None], table_BxM, logits=True)
+    logits_BxV = logits[:, 0]
+    return logits_BxV, logit_stats(logits_BxV), cache.kv_LxPxZxCxH
+
+
+def load_backend(name: str, cfg: models.ModelConfig, devices, options=None):
+  """The backend `name` names: "model" (`ModelBackend`), or the module path of a plug-in whose
+  `make_backend(cfg, devices, **options)` returns one, or None where it cannot run on `devices` (then the
+  model's)."""
+  if name == "model":
+    return ModelBackend()
+  try:
+    module = importlib.import_module(name)
+  except ImportError as e:
+    raise ValueError(f"sampling backend {name!r}: not 'model' and not an importable plug-in module ({e})") from e
+  return module.make_backend(cfg, list(devices), **dict(options or {})) or ModelBackend()
