@@ -19,7 +19,8 @@ def _default_positions(tokens_BxT):
 
 def _boxed_init(cfg: ModelConfig, rng):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(cfg).init(rng, tokens, _default_positions(tokens))["params"]
+  with nn.logical_axis_rules(()):  # a 1x1 batch: no activation layout to ask for, whatever the caller's rules
+    return Transformer(cfg).init(rng, tokens, _default_positions(tokens))["params"]
 
 
 @functools.partial(jax.jit, static_argnums=0)  # eager flax scan init would recompile on every call
@@ -36,7 +37,8 @@ def param_logical_axes(cfg: ModelConfig):
 
 def abstract_params(cfg: ModelConfig):
   """ShapeDtypeStructs of the params, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(cfg, jax.random.PRNGKey(0))))
+  with nn.logical_axis_rules(()):  # shapes only: no layout to apply
+    return jax.eval_shape(lambda: nn.meta.unbox(_boxed_init(cfg, jax.random.PRNGKey(0))))
 
 
 def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT: Optional[jax.Array] = None):
