@@ -7,13 +7,13 @@ Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix)
 as a fraction of a 2048-square float32 matmul's, and on a long-tailed length workload, slot refill with
 partial rollouts against static batching (wall time, slot utilization).
 
-k15 runs as a user gets it on CPU (the native decode step, one device, the slots split over the cores; on a CPU
-with AMX its matmuls and prefill's run on AMX tiles over int8 slices, with float32's accuracy), then, where the
-CPU has AMX, with the native step's float32 FMAs, with bfloat16 pieces (`native_matmul="bf16x6"`, float32's
-accuracy) and with the opt-in 16-bit AMX matmuls (`native_matmul="bf16x3"`), and with
-XLA's step in its fastest CPU setup (a mesh of one fake CPU device per core, slots sharded and params
-replicated, each device decoding its slots in a loop of its own). Each k15 run's log-probs are compared with
-a float32 forward over its tokens.
+k15 runs as a user gets it on CPU (the native plug-in, `sampling.backend="k15.sampling.native"`: one device, the
+slots split over the cores; on a CPU with AMX its matmuls run on AMX tiles over int8 slices, with float32's
+accuracy), then, where the CPU has AMX, with the plug-in's float32 FMAs, with bfloat16 pieces (`matmul="bf16x6"`,
+float32's accuracy) and with the opt-in 16-bit AMX matmuls (`matmul="bf16x3"`), and with the model's own paged
+passes (`sampling.backend="model"`, XLA: what runs on TPU, there with the Pallas attention) in their fastest CPU
+setup (a mesh of one fake CPU device per core, slots and pages split and params replicated, each device decoding
+its slots in a loop of its own). Each k15 run's log-probs are compared with a float32 forward over its tokens.
 """
 import argparse
 import collections
@@ -34,9 +34,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from k15 import models, sampling
+from k15 import flops, models, sampling, sharding
+from k15.sampling import engine as engine_lib
 from k15.sampling import native
 from k15.sampling import slots as slots_lib
 
@@ -48,6 +49,7 @@ def parse_args():
   p.add_argument("--prompt", type=int, default=64)
   p.add_argument("--new", type=int, default=256)
   p.add_argument("--chunk", type=int, default=64, help="k15 decode steps per dispatch")
+  p.add_argument("--page_size", type=int, default=16, help="positions per page of k15's KV cache")
   p.add_argument("--repeats", type=int, default=5,
                  help="timed rounds; each round runs every system once (interleaved), the best per system is kept")
   p.add_argument("--skip_tunix", action="store_true")
@@ -116,52 +118,45 @@ def stream_run(n_bytes):
 def useful_flops(cfg: models.ModelConfig, batch, prompt, new):
   """Matmul and (causal) attention FLOPs of prefilling `prompt` tokens and decoding `new`, per batch."""
   tokens = prompt + new - 1  # every token but the last is fed once
-  return batch * sum(token_flops(cfg, c + 1) for c in range(tokens))
-
-
-def token_flops(cfg: models.ModelConfig, context):
-  """Matmul and attention FLOPs of one token attending over `context` positions."""
-  return matmul_flops_per_token(cfg) + 4 * context * cfg.n_heads * cfg.head_dim * cfg.n_layers  # q.k and p.v
+  return batch * sum(flops.token_flops(cfg, c + 1) for c in range(tokens))
 
 
 def weights_bytes(cfg: models.ModelConfig):
   """Float32 bytes of the weights every decode step reads: the matmul weights (output head included) and the
   norms (the embedding rows of the slots' tokens are a few KB more)."""
-  return 4 * (matmul_flops_per_token(cfg) // 2 + (2 * cfg.n_layers + 1) * cfg.d_model)
+  return 4 * (flops.matmul_weights(cfg) + (2 * cfg.n_layers + 1) * cfg.d_model)
 
 
-def matmul_flops_per_token(cfg: models.ModelConfig):
-  D, N, K, H, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-  return 2 * (L * (2 * D * N * H + 2 * D * K * H + 3 * D * F) + D * V)
+def step_runs(cfg, params, batch, context, steps, backend, mesh=None, page_size=16):
+  """A run of `steps` decode steps of `backend` at `context` cached positions (each slot's pages spread over the
+  cache), each step feeding the greedy token to the next. On a mesh each device steps its share of the slots over
+  its own pages on its own (shard_map, params replicated), as k15's decode loop does there."""
+  M = -(-context // page_size)
+  shards = 1 if mesh is None else mesh.size
+  kv = jnp.zeros(models.kv_pages_shape(cfg, batch * M, page_size), cfg.jnp_dtype)
+  local_pages = batch * M // shards
+  table = np.random.RandomState(0).permutation(local_pages)[None].repeat(shards, 0).reshape(-1)
+  table = table.reshape(batch, M).astype(np.int32)  # each shard's slots over its own pages
+  weights = jax.jit(backend.prepare, static_argnums=0)(cfg, replicate(params, mesh))
+  scfg = sampling.SamplingConfig(page_size=page_size)
 
-
-def step_runs(cfg, params, batch, context, steps, kernel, mesh=None):
-  """A run of `steps` decode steps of `kernel` ("native" or "xla") at `context` cached positions, each step
-  feeding the greedy token to the next. On a mesh each device steps its share of the slots on its own
-  (shard_map, params replicated), as k15's decode loop does there."""
-  K, H = cfg.n_kv_heads, cfg.head_dim
-  cache_k = tuple(jnp.zeros((batch, K, H, context), cfg.jnp_dtype) for _ in range(cfg.n_layers))
-  cache_v = tuple(jnp.zeros((batch, K, context, H), cfg.jnp_dtype) for _ in range(cfg.n_layers))
-  params = replicate(params, mesh)
-  weights = slots_lib.decode_weights(kernel, cfg, params)
-  step = slots_lib.step_fn(kernel, cfg, 0 if mesh is None else 1)
-
-  def run_steps(params, weights, cache_k, cache_v):
-    B = cache_v[0].shape[0]
+  def run_steps(weights, kv, table):
+    B = table.shape[0]
     def body(i, carry):
-      cache_k, cache_v, tokens_B = carry
+      kv, tokens_B = carry
       positions_B = jnp.full((B,), context - steps, jnp.int32) + i
-      _, stats, cache_k, cache_v = step(params, weights, cache_k, cache_v, tokens_B, positions_B)
-      return cache_k, cache_v, stats.argmax_B
-    return jax.lax.fori_loop(0, steps, body, (cache_k, cache_v, jnp.zeros((B,), jnp.int32)))
+      _, stats, kv = backend.step(cfg, scfg, weights, kv, tokens_B, positions_B, table)
+      return kv, stats.argmax_B
+    return jax.lax.fori_loop(0, steps, body, (kv, jnp.zeros((B,), jnp.int32)))
 
   if mesh is not None:
     rows, same = PartitionSpec("data"), PartitionSpec()
-    run_steps = jax.shard_map(run_steps, mesh=mesh, in_specs=(same, same, rows, rows), out_specs=rows,
-                              check_vma=False)
-    cache_k, cache_v = jax.device_put((cache_k, cache_v), NamedSharding(mesh, rows))
+    run_steps = jax.shard_map(run_steps, mesh=mesh, in_specs=(same, PartitionSpec(None, "data"), rows),
+                              out_specs=(PartitionSpec(None, "data"), rows), check_vma=False)
+    kv = jax.device_put(kv, NamedSharding(mesh, PartitionSpec(None, "data")))
+    table = jax.device_put(table, NamedSharding(mesh, rows))
   run_steps = jax.jit(run_steps)
-  run = lambda: jax.block_until_ready(run_steps(params, weights, cache_k, cache_v))
+  run = lambda: jax.block_until_ready(run_steps(weights, kv, table))
   run()
   return run
 
@@ -170,20 +165,20 @@ def device_mesh():
   """All devices on one slot axis, or None when there is one device."""
   if jax.device_count() == 1:
     return None
-  return Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+  return sharding.make_mesh({"data": -1})
 
 
 def replicate(params, mesh):
   return params if mesh is None else jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
-def bench_k15(cfg, params, prompts, args, fields, mesh=None):
-  """A generate of the workload with SamplingConfig `fields`, its tokens, and the largest gap between its
-  log-probs and those of a float32 forward over prompt + response."""
+def bench_k15(cfg, params, prompts, args, backend, mesh=None):
+  """A generate of the workload with `backend`, its tokens, and the largest gap between its log-probs and those of
+  a float32 forward over prompt + response."""
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=args.new, chunk_size=args.chunk,
-                                 max_length=args.prompt + args.new, **fields)
+                                 max_length=args.prompt + args.new, page_size=args.page_size)
   params = replicate(params, mesh)
-  run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0), mesh=mesh)
+  run = lambda: sampling.generate(cfg, params, prompts, scfg, jax.random.key(0), mesh=mesh, backend=backend)
   out = run()  # compiles every shape it meets
   full = jax.jit(models.token_logprobs, static_argnums=0)(cfg, params, np.stack([t.tokens for t in out]))
   full = np.asarray(full)  # row i, column j: log p(token j + 1 | tokens up to j)
@@ -191,26 +186,23 @@ def bench_k15(cfg, params, prompts, args, fields, mesh=None):
   return run, np.stack([t.response_tokens for t in out]), float(gap)
 
 
-# Bytes per weight the native step reads, per native_matmul: float32, bfloat16 pieces, int8 slices.
+# Bytes per weight the native plug-in reads, per matmul: float32, bfloat16 pieces, int8 slices.
 WEIGHT_BYTES = {"float32": 4, "bf16x3": 4, "bf16x6": 6, "int8x9": 3}
 
 
 def k15_setups(cfg, mesh):
-  """{name: (SamplingConfig fields, mesh, the decode kernel it resolves to)}: k15 as a user gets it first."""
-  setups = {"k15": dict(decode_kernel="native")}
+  """{name: (backend, mesh)}: k15 as a user gets it first."""
+  setups = {"k15": (native.make_backend(cfg, jax.devices(), required=True), None)}
   if native.amx_available():
-    setups["k15, float32 FMAs"] = dict(decode_kernel="native", native_matmul="float32")
-    setups["k15, bf16x6"] = dict(decode_kernel="native", native_matmul="bf16x6")
-    setups["k15, bf16x3 (opt-in)"] = dict(decode_kernel="native", native_matmul="bf16x3")
-  out = {name: (fields, None) for name, fields in setups.items()}
+    for name, matmul in [("float32 FMAs", "float32"), ("bf16x6", "bf16x6"), ("bf16x3 (opt-in)", "bf16x3")]:
+      setups[f"k15, {name}"] = (native.NativeBackend(matmul), None)
   if mesh is not None:
-    out[f"k15, XLA step, {jax.device_count()} devices"] = (dict(decode_kernel="xla"), mesh)
-  kernel = lambda f: native.choose(f["decode_kernel"], cfg, jax.devices(), f.get("native_matmul", "auto"))
-  return {name: (fields, m, kernel(fields)) for name, (fields, m) in out.items()}
+    setups[f"k15, model's passes (XLA), {jax.device_count()} devices"] = (sampling.ModelBackend(), mesh)
+  return setups
 
 
-# The rollout engine's device calls (k15.sampling.slots), in the order a generate makes them.
-ENGINE_CALLS = ("decode_weights", "init_state", "encode_prefixes", "load_slots", "resize", "decode_chunk")
+# The rollout engine's device calls (k15.sampling.engine's and slots'), in the order a generate makes them.
+ENGINE_CALLS = ("_prepare", "init_state", "prefill", "load_slots", "stop_slots", "decode_chunk")
 
 
 @contextlib.contextmanager
@@ -218,7 +210,8 @@ def timed_engine_calls():
   """Yields {call: [seconds, count]}, filled while inside: each of the engine's ENGINE_CALLS waited for and
   timed. Waiting serializes the host's dispatch with the device's work, so a timed run is a little slower."""
   times = collections.defaultdict(lambda: [0.0, 0])
-  originals = {name: getattr(slots_lib, name) for name in ENGINE_CALLS}
+  module = lambda name: engine_lib if name == "_prepare" else slots_lib
+  originals = {name: getattr(module(name), name) for name in ENGINE_CALLS}
 
   def timed(name, fn):
     def call(*args, **kwargs):
@@ -230,12 +223,12 @@ def timed_engine_calls():
     return call
 
   for name, fn in originals.items():
-    setattr(slots_lib, name, timed(name, fn))
+    setattr(module(name), name, timed(name, fn))
   try:
     yield times
   finally:
     for name, fn in originals.items():
-      setattr(slots_lib, name, fn)
+      setattr(module(name), name, fn)
 
 
 def calls_summary(times, seconds, in_ms=True):
@@ -321,7 +314,7 @@ def bench_tunix(path, cfg, prompts, args):
   return run, tokens
 
 
-def long_tail(cfg, params, args):
+def long_tail(cfg, params, args, backend):
   """RL-style iterations of new prompts whose response lengths follow a long-tailed (log-normal) law.
 
   Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
@@ -338,10 +331,10 @@ def long_tail(cfg, params, args):
   requests = [sampling.Request(i, prompts[i].tolist(), max_new_tokens=int(n)) for i, n in enumerate(lengths)]
   by_iter = [requests[i * per_iter:(i + 1) * per_iter] for i in range(iters)]
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=cap, chunk_size=args.chunk, max_length=prompt_len + cap,
-                                 attn_bucket=64)
+                                 page_size=args.page_size)
 
   def run(static, token_budget):
-    engine = sampling.RolloutEngine(cfg, scfg, slots, static_batching=static)
+    engine = sampling.RolloutEngine(cfg, scfg, slots, backend=backend, static_batching=static)
     buffer = sampling.ReplayBuffer() if token_budget else None
     per_iteration, done = [], 0
     start = time.perf_counter()
@@ -384,8 +377,8 @@ def main():
 
     setups = k15_setups(cfg, device_mesh())
     systems, gaps = {}, {}
-    for name, (fields, m, _) in setups.items():
-      *systems[name], gaps[name] = bench_k15(cfg, params, prompts, args, fields, m)
+    for name, (backend, m) in setups.items():
+      *systems[name], gaps[name] = bench_k15(cfg, params, prompts, args, backend, m)
     systems["transformers"] = bench_hf(torch_model, prompts, args)
     if not args.skip_tunix:
       systems["tunix"] = bench_tunix(path, cfg, prompts, args)
@@ -395,8 +388,8 @@ def main():
     weight_bytes = weights_bytes(cfg)
     cache_bytes = args.batch * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * 4
     runs["matmul"], runs["stream"] = matmul_run(), stream_run(weight_bytes + cache_bytes)
-    for name, (_, m, kernel) in setups.items():
-      runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, kernel, m)
+    for name, (backend, m) in setups.items():
+      runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, backend, m, args.page_size)
     best = interleaved_best(runs, args.repeats)
     breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in setups}
 
@@ -410,33 +403,32 @@ def main():
     gap = f"; log-probs within {gaps[name]:.1e} of a float32 forward" if name in gaps else ""
     print(f"{name:>26}: {n_tokens / best[name]:9.0f} tok/s  ({best[name]:.2f} s; first 16 tokens agree with k15: "
           f"{agree:.0%}{gap})")
-  flops = useful_flops(cfg, args.batch, args.prompt, args.new)
-  flops_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
+  work = useful_flops(cfg, args.batch, args.prompt, args.new)
+  work_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
   for k15 in k15_names:
     print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer}" for peer in peers) +
-          f"; {flops / best[k15] / 1e9:.1f} GFLOP/s = {flops / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
+          f"; {work / best[k15] / 1e9:.1f} GFLOP/s = {work / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
 
   print(f"\n== where k15's generate goes (fastest of {args.repeats} runs, each engine call waited for) ==")
   for k15 in k15_names:
     times, seconds = breakdowns[k15]
     print(f"{k15}: {calls_summary(times, seconds)}")
-    decode_s, prefill_s = times["decode_chunk"][0], times["encode_prefixes"][0]
+    decode_s, prefill_s = times["decode_chunk"][0], times["prefill"][0]
     print(f"  decode chunks {decode_s / seconds:.0%} of it ({decode_s / args.new * 1e3:.2f} ms a step); prefill "
-          f"{prefill_s / seconds:.0%} ({flops_prefill / prefill_s / mm:.0%} of the matmul's FLOP/s on its "
+          f"{prefill_s / seconds:.0%} ({work_prefill / prefill_s / mm:.0%} of the matmul's FLOP/s on its "
           f"{args.batch * args.prompt} tokens)")
 
   print(f"\n== one decode step (batch {args.batch}, {context} cached positions: the decode's mean) against the "
         f"machine's floors ==")
   bandwidth = STREAM_PASSES * (weight_bytes + cache_bytes) / best["stream"]
   for k15 in k15_names:
-    kernel = setups[k15][2]
-    matmul = native.matmul_of(kernel) if kernel != "xla" else "float32"
+    matmul = getattr(setups[k15][0], "matmul", "float32")
     step_bytes = cache_bytes + weight_bytes * WEIGHT_BYTES[matmul] // 4
     print(f"{k15}: {best[(k15, 'step')] / steps * 1e3:.2f} ms; reads {step_bytes / 1e6:.1f} MB "
           f"({step_bytes / bandwidth * 1e3:.2f} ms at the streaming rate)")
   read_s = (weight_bytes + cache_bytes) / bandwidth
-  compute_s = args.batch * matmul_flops_per_token(cfg) / mm
+  compute_s = args.batch * 2 * flops.matmul_weights(cfg) / mm
   print(f"a step reads the weights ({weight_bytes / 1e6:.1f} MB in float32, {1.5 * weight_bytes / 1e6:.1f} MB as 3 "
         f"bfloat16 pieces, {0.75 * weight_bytes / 1e6:.1f} MB as 3 int8 slices) and KV cache "
         f"({cache_bytes / 1e6:.1f} MB); the float32 weights and the cache take "
@@ -447,13 +439,13 @@ def main():
                         ("reads and matmuls fully overlapped", max(read_s, compute_s))]:
     decode_s = args.new * seconds
     print(f"  a decode at the pace of {what} (prefill free): {n_tokens / decode_s:.0f} tok/s = " +
-          ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {flops / decode_s / mm:.0%} of the matmul")
+          ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {work / decode_s / mm:.0%} of the matmul")
 
   if args.skip_long_tail:
     return
-  results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args)
+  results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, setups["k15"][0])
   print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
-        f"(k15 as a user gets it: {setups['k15'][2]}, 1 device); response "
+        f"(k15 as a user gets it: {setups['k15'][0]}, 1 device); response "
         f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
         f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
   base = results["static batching"]

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from k15 import config as config_lib
 from k15 import flops, models, sharding
@@ -104,6 +104,10 @@ def _model_and_rules(config):
   return config.model, tuple(tuple(r) for r in config.sharding.logical_axis_rules)
 
 
+def _sampling_rules(config):
+  return tuple(tuple(r) for r in config.sharding.sampling_rules)
+
+
 def sharding_problems(config, sizes: dict) -> list:
   """Everything that would not split over the mesh as the rules ask (jax would silently replicate it)."""
   model_cfg, rules = _model_and_rules(config)
@@ -122,7 +126,7 @@ def sharding_problems(config, sizes: dict) -> list:
         problems.append(f"param {jax.tree_util.keystr(path)} dim {dim} ({name}={x.shape[dim]}) is not split over "
                         f"{missing} (sizes {[sizes[a] for a in missing]})")
   from k15.sampling import engine  # pylint: disable=g-import-not-at-top
-  _, slot_shards = engine.slot_axes_of(mesh)
+  _, slot_shards = engine.slot_axes_of(mesh, _sampling_rules(config))
   if config.sampling.num_slots % slot_shards:
     problems.append(f"sampling.num_slots={config.sampling.num_slots} is not a multiple of the {slot_shards} slot "
                     "shards (data x fsdp)")
@@ -134,13 +138,31 @@ def sharding_problems(config, sizes: dict) -> list:
   return problems
 
 
-def _cache_bytes(model_cfg, mesh, num_slots: int, length: int):
-  """(total, per device) bytes of the rollout engine's slot state (KV caches, token history) at full length."""
+def sampler_state(config, mesh, length: int):
+  """The rollout engine's slot state for sequences of `length` (its paged KV cache at the config's pages, 0: every
+  slot at full length, and the slot arrays), as ShapeDtypeStructs with the engine's shardings on `mesh`."""
+  from k15.rl import rollout  # pylint: disable=g-import-not-at-top
   from k15.sampling import engine, slots  # pylint: disable=g-import-not-at-top
-  state = jax.eval_shape(lambda: slots.init_state(model_cfg, num_slots, length, length))
-  slot_axes, _ = engine.slot_axes_of(mesh)
-  shard = NamedSharding(mesh, PartitionSpec(slot_axes))  # the engine splits every slot array this way
-  return tree_bytes(state, jax.tree.map(lambda _: shard, state))
+  scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=length, max_new_tokens=1, temperature=1.0)
+  num_slots = int(config.sampling.num_slots)
+  layout, _, num_pages = engine.sampling_layout(config.model, scfg, num_slots, mesh, _sampling_rules(config))
+  state = jax.eval_shape(lambda: slots.init_state(config.model, scfg, num_slots, num_pages, slots.Layout(None, None, ())))
+  shardings = slots.SlotState(layout.kv, *([layout.slots] * (len(slots.SlotState._fields) - 1)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings), layout
+
+
+def _cache_bytes(config, mesh, length: int):
+  """(total, per device) bytes of the rollout engine's slot state (paged KV cache, token history)."""
+  state, _ = sampler_state(config, mesh, length)
+  return tree_bytes(state, jax.tree.map(lambda x: x.sharding, state))
+
+
+def sampling_params_bytes(config, mesh):
+  """(total, per device) bytes of the params in the sampling layout and the compute dtype: the copy each rollout
+  phase moves them into."""
+  dtype = config.model.jnp_dtype
+  compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), models.abstract_params(config.model))
+  return tree_bytes(compute, sharding.param_shardings(config.model, mesh, _sampling_rules(config)))
 
 
 def iteration_flops(config, seq: dict) -> dict:
@@ -148,7 +170,7 @@ def iteration_flops(config, seq: dict) -> dict:
   cfg, _ = _model_and_rules(config)
   n = int(config.rl.prompts_per_iteration) * int(config.rl.samples_per_prompt)
   Lp, R, budget = seq["prompt"], seq["response"], int(config.rl.token_budget)
-  decode = n * R * flops.token_flops(cfg, seq["rollout_cache"])  # worst case: the cache at full length
+  decode = n * R * flops.token_flops(cfg, seq["rollout_cache"])  # worst case: every sequence at full length
   segments = max(1, -(-R // budget))  # a response spans this many iterations; each resume re-encodes its prefix
   prefill = n * sum(flops.forward_flops(cfg, Lp + j * budget) for j in range(segments))
   reference = n * flops.forward_flops(cfg, Lp + R)
@@ -202,17 +224,21 @@ def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
   o_shard = sharding.opt_state_shardings(optimizer, abstract, p_shard, mesh)
   params, params_dev = tree_bytes(abstract, p_shard)
   opt, opt_dev = tree_bytes(opt_abstract, o_shard)
-  kv, kv_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["rollout_cache"])
-  kv_eval, kv_eval_dev = _cache_bytes(model_cfg, mesh, int(config.sampling.num_slots), seq["eval_cache"])
+  kv, kv_dev = _cache_bytes(config, mesh, seq["rollout_cache"])
+  kv_eval, kv_eval_dev = _cache_bytes(config, mesh, seq["eval_cache"])
+  sampling_params, sampling_params_dev = sampling_params_bytes(config, mesh)
+  kv_spec = sampler_state(config, mesh, seq["rollout_cache"])[0].kv.sharding.spec
   acts = activation_bytes(config, sizes, seq)
   work = iteration_flops(config, seq)
   devices = int(np.prod(list(sizes.values())))
-  per_device = dict(params=params_dev, optimizer=opt_dev, gradients=params_dev, rollout_kv_cache=kv_dev,
-                    eval_kv_cache=kv_eval_dev, activations=max(acts["train"], acts["reference"]))
+  per_device = dict(params=params_dev, optimizer=opt_dev, gradients=params_dev, sampling_params=sampling_params_dev,
+                    rollout_kv_cache=kv_dev, eval_kv_cache=kv_eval_dev,
+                    activations=max(acts["train"], acts["reference"]))
   return dict(
       model=model_cfg, sizes=sizes, devices=devices, info=info, seq=seq, num_params=model_cfg.num_params(),
       params_bytes=params, params_bytes_per_device=params_dev, opt_bytes=opt, opt_bytes_per_device=opt_dev,
       kv_bytes=kv, kv_bytes_per_device=kv_dev, eval_kv_bytes=kv_eval, eval_kv_bytes_per_device=kv_eval_dev,
+      kv_spec=kv_spec, sampling_params_bytes=sampling_params, sampling_params_bytes_per_device=sampling_params_dev,
       activations=acts, per_device=per_device, total_per_device=sum(per_device.values()), flops=work,
       flops_per_device=work["total"] / devices, problems=sharding_problems(config, sizes))
 
@@ -223,8 +249,9 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   Returns (loss, chunk output) as ShapeDtypeStructs; shape or sharding errors raise here, before any slice exists.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from k15 import sampling  # pylint: disable=g-import-not-at-top
   from k15.rl import loop, rollout, trainer  # pylint: disable=g-import-not-at-top
-  from k15.sampling import engine, slots  # pylint: disable=g-import-not-at-top
+  from k15.sampling import slots  # pylint: disable=g-import-not-at-top
   model_cfg, rules = _model_and_rules(config)
   mesh = abstract_mesh(sizes)
   seq = lengths(config, prompt_len)
@@ -247,17 +274,14 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
 
   scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=seq["rollout_cache"],
                                  max_new_tokens=config.rl.max_response_len, temperature=config.sampling.temperature)
-  slot_axes, _ = engine.slot_axes_of(mesh)
-  slot_shard = NamedSharding(mesh, PartitionSpec(slot_axes))
-  state = jax.eval_shape(lambda: slots.init_state(model_cfg, int(config.sampling.num_slots),
-                                                  seq["rollout_cache"], seq["rollout_cache"]))
-  state = with_sharding(state, jax.tree.map(lambda _: slot_shard, state))
+  state, layout = sampler_state(config, mesh, seq["rollout_cache"])
+  weights = with_sharding(abstract, sharding.param_shardings(model_cfg, mesh, layout.rules))  # the sampling layout
+  table = jax.ShapeDtypeStruct((int(config.sampling.num_slots), scfg.pages_per_slot), jnp.int32, sharding=layout.slots)
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
     _, _, metrics = jax.eval_shape(train_step, params, opt_state, batch)
-    def decode(p, s):  # sharded params: XLA's step, one SPMD loop
-      return slots.decode_chunk(model_cfg, scfg, slot_shard, False, "xla", p, slots.decode_weights("xla", model_cfg, p),
-                                s, jnp.int32(1))
-    _, chunk = jax.eval_shape(decode, params, state)
+  with jax.sharding.use_abstract_mesh(mesh):  # the model's passes, tensor parallel: one SPMD loop
+    _, chunk = jax.eval_shape(lambda w, s, t: slots.decode_chunk(sampling.ModelBackend(), model_cfg, scfg, layout,
+                                                                 False, w, s, t, jnp.int32(1)), weights, state, table)
   return metrics["loss"], chunk
 
 
@@ -267,6 +291,12 @@ def _count(n):
 
 def _gib(n):
   return f"{n / GiB:8.2f} GiB"
+
+
+def _split(spec) -> str:
+  """'data x fsdp, tensor' for the page and kv head dims of the cache's PartitionSpec."""
+  name = lambda axes: "none" if axes is None else axes if isinstance(axes, str) else " x ".join(axes)
+  return f"{name(spec[1] if len(spec) > 1 else None)}, {name(spec[3] if len(spec) > 3 else None)}"
 
 
 def format_plan(p: dict, name: str = "") -> str:
@@ -290,8 +320,11 @@ def format_plan(p: dict, name: str = "") -> str:
       f"    optimizer state          {p['opt_bytes_per_device']:>16,d}  {_gib(p['opt_bytes_per_device'])}"
       f"   (one copy: {p['opt_bytes']:,d} B)",
       f"    gradients                {p['params_bytes_per_device']:>16,d}  {_gib(p['params_bytes_per_device'])}",
+      f"    params, sampling layout  {p['sampling_params_bytes_per_device']:>16,d}  "
+      f"{_gib(p['sampling_params_bytes_per_device'])}   (compute dtype, split over 'tensor' only; moved into once per "
+      "rollout phase)",
       f"    rollout KV cache         {p['kv_bytes_per_device']:>16,d}  {_gib(p['kv_bytes_per_device'])}"
-      f"   (one copy: {p['kv_bytes']:,d} B)",
+      f"   (one copy: {p['kv_bytes']:,d} B; pages, kv heads split over {_split(p['kv_spec'])})",
       f"    eval KV cache            {p['eval_kv_bytes_per_device']:>16,d}  {_gib(p['eval_kv_bytes_per_device'])}",
       f"    activations (estimate)   {p['per_device']['activations']:>16,d}  {_gib(p['per_device']['activations'])}"
       f"   (train step {p['activations']['train_rows_per_device']} rows/device: "

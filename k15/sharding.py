@@ -111,7 +111,7 @@ def context_mesh_axes(logical: str, size: int) -> tuple:
     return ()
   chosen, n = [], 1
   for axis in _rule_map(flax.core.spmd.get_logical_axis_rules() or ()).get(logical, ()):
-    if mesh.shape[axis] > 1 and axis not in mesh.manual_axes and size % (n * mesh.shape[axis]) == 0:
+    if mesh.shape.get(axis, 1) > 1 and axis not in mesh.manual_axes and size % (n * mesh.shape[axis]) == 0:
       chosen.append(axis)
       n *= mesh.shape[axis]
   return tuple(chosen)

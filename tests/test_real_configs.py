@@ -88,7 +88,7 @@ def test_a_mesh_that_does_not_divide_is_reported():
   assert any("kv_heads=2" in q and "tensor" in q for q in problems)
   assert any("heads=12" in q for q in problems)
   config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, num_slots=100))
-  assert any("num_slots=100" in q for q in plan.sharding_problems(config, {"data": 1, "fsdp": 16, "tensor": 1}))
+  assert any("num_slots=100" in q for q in plan.sharding_problems(config, {"data": 1, "fsdp": 16, "tensor": 2}))
 
 
 @pytest.mark.parametrize("name, slice_name", CASES)
@@ -113,11 +113,21 @@ def test_plan_bytes_are_the_sums_of_the_abstract_leaves(name, slice_name):
   split = sizes["fsdp"] * sizes["tensor"]
   assert p["params_bytes"] / split <= p["params_bytes_per_device"] < 1.01 * p["params_bytes"] / split + 2**20
 
-  # The rollout engine's slot state at full length, by hand: k and v caches, token history, 25 bytes of scalars.
-  S, slots_ = p["seq"]["rollout_cache"], config.sampling.num_slots
-  caches = 2 * model_cfg.n_layers * slots_ * model_cfg.n_kv_heads * model_cfg.head_dim * S * 2  # bfloat16
-  assert p["kv_bytes"] == caches + slots_ * S * 4 + slots_ * 25
-  assert p["kv_bytes_per_device"] * sizes["data"] * sizes["fsdp"] == p["kv_bytes"]  # slots over data x fsdp
+  # The rollout engine's state, by hand: a paged KV cache with pages for every slot at full length (bfloat16),
+  # token history, 25 bytes of scalars per slot. The cache's pages split over data x fsdp, its kv heads over tensor.
+  S, slots_, Z = p["seq"]["rollout_cache"], config.sampling.num_slots, config.sampling.page_size
+  kv = model_cfg.n_layers * slots_ * -(-S // Z) * Z * 2 * model_cfg.n_kv_heads * model_cfg.head_dim * 2
+  rest = slots_ * S * 4 + slots_ * 25
+  assert p["kv_bytes"] == kv + rest
+  slot_shards = sizes["data"] * sizes["fsdp"]
+  assert sizes["tensor"] > 1 and model_cfg.n_kv_heads % sizes["tensor"] == 0
+  assert p["kv_bytes_per_device"] == kv // (slot_shards * sizes["tensor"]) + rest // slot_shards
+  # The params in the sampling layout (the compute dtype, bfloat16): split over 'tensor' only.
+  sampling_shard = sharding.param_shardings(model_cfg, mesh, config.sharding.sampling_rules)
+  compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), abstract)
+  assert p["sampling_params_bytes_per_device"] == _spec_bytes_per_device(compute, sampling_shard, sizes)
+  assert 2 * NUM_PARAMS[name] / sizes["tensor"] <= p["sampling_params_bytes_per_device"] < (
+      1.01 * 2 * NUM_PARAMS[name] / sizes["tensor"] + 2**20)
 
 
 @pytest.mark.parametrize("name", qwen_math.SIZES)
@@ -136,6 +146,8 @@ def test_plan_command_prints_those_bytes(name):
   assert printed("optimizer state") == p["opt_bytes_per_device"]
   assert printed("gradients") == p["params_bytes_per_device"]
   assert printed("rollout KV cache") == p["kv_bytes_per_device"]
+  assert printed("params, sampling layout") == p["sampling_params_bytes_per_device"]
+  assert "pages, kv heads split over fsdp, tensor" in out.stdout
   assert f"(one copy: {p['params_bytes']:,d} B)" in out.stdout
   assert "fits" in out.stdout and "every dimension splits as the rules ask" in out.stdout
 

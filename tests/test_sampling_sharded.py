@@ -73,6 +73,20 @@ def test_sharded_sampling_equals_single_device(params, single_device, mesh_name,
       ("layers", "embed", "mlp"), (CFG.n_layers, CFG.d_model, CFG.d_ff), mesh, sharding.DEFAULT_RULES)
 
 
+@pytest.mark.parametrize("config", ["greedy", "sampled"])
+def test_the_native_plug_in_on_8_devices_equals_one(params, single_device, config, needs_native_step):
+  """The CPU plug-in on a mesh of 8 devices (the params replicated, each device prefilling and decoding its own
+  slots over its own pages) samples what the model's passes sample on one device."""
+  from k15.sampling import native  # pylint: disable=g-import-not-at-top
+  engine = sampling.RolloutEngine(CFG, CONFIGS[config], num_slots=8, mesh=sharding.make_mesh({"data": 8}),
+                                  backend=native.NativeBackend())
+  requests = [sampling.Request(i, p, num_samples=1) for i, p in enumerate(PROMPTS)]
+  done, _ = engine.run(params, requests, None, 0, None, jax.random.key(3))
+  for a, b in zip(sorted(done, key=lambda t: t.prompt_id), single_device[config]):
+    np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["model", "native"])
 @pytest.mark.parametrize("stop_when_free", [9, 2])
 def test_local_loops_match_one_loop(params, stop_when_free, backend, request):
@@ -103,8 +117,8 @@ def test_local_loops_match_one_loop(params, stop_when_free, backend, request):
     rows[:, :3] = tokens[:, :3]
     positions = np.where(np.arange(scfg.page_size) < 3, np.arange(scfg.page_size), -1)[None].repeat(8, 0)
     state = engine._call(slots.init_state, CFG, scfg, 8, engine.num_pages, engine.layout)  # pylint: disable=protected-access
-    kv = engine._call(slots.prefill, engine.backend, CFG, scfg, engine.layout, weights, state.kv, rows,  # pylint: disable=protected-access
-                      positions.astype(np.int32), engine.pages.table_BxM)
+    kv = engine._call(slots.prefill, engine.backend, CFG, scfg, engine.layout, engine.local_loops, weights,  # pylint: disable=protected-access
+                      state.kv, rows, positions.astype(np.int32), engine.pages.table_BxM)
     hist = np.zeros((8, scfg.max_length), np.int32)
     hist[:, :4] = tokens
     state = engine._call(slots.load_slots, engine.layout, state._replace(kv=kv), hist, np.arange(8, dtype=np.int32),  # pylint: disable=protected-access

@@ -29,10 +29,11 @@ _MATH_FIELDS = {"question": "problem", "answer": "solution", "difficulty": "leve
 # devices are the chips) with the batch settings that fit its memory. A training minibatch of prompts / minibatches
 # prompts x 8 samples holds float32 logits over the ~152k-token vocab for every row, the largest memory item.
 SIZES = {
+    # A 'tensor' axis of 2: the 2 kv heads (so the rollout KV cache splits over it), 12 heads, d_ff and vocab divide.
     "1.5b": dict(architecture="qwen2.5-math-1.5b", prompts_per_iteration=128, learning_rate=1e-6, slices={
-        "v5p-32": dict(mesh=dict(data=1, fsdp=16, tensor=1), minibatches=16, num_slots=512),  # 16 chips x 95 GiB
-        "v5p-64": dict(mesh=dict(data=2, fsdp=16, tensor=1), minibatches=8, num_slots=512),  # 2 FSDP replicas
-        "v5litepod-64": dict(mesh=dict(data=1, fsdp=64, tensor=1), minibatches=16, num_slots=512),  # 64 x 16 GiB
+        "v5p-32": dict(mesh=dict(data=1, fsdp=8, tensor=2), minibatches=16, num_slots=512),  # 16 chips x 95 GiB
+        "v5p-64": dict(mesh=dict(data=2, fsdp=8, tensor=2), minibatches=8, num_slots=512),  # 2 FSDP replicas
+        "v5litepod-64": dict(mesh=dict(data=1, fsdp=32, tensor=2), minibatches=16, num_slots=512),  # 64 x 16 GiB
     }),
     # A 'tensor' axis of 4: the 4 kv heads, 28 heads, d_ff and vocab all divide by it.
     "7b": dict(architecture="qwen2.5-math-7b", prompts_per_iteration=256, learning_rate=5e-7, slices={

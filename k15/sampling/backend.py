@@ -1,7 +1,8 @@
 """Where the sampler's device computations come from: the model's own paged passes, or a plug-in.
 
 A backend is a hashable object (a static argument of the jitted sampling functions) with three methods:
-  prepare(cfg, params) -> weights: what prefill and step read, built once per rollout run from the params;
+  prepare(cfg, params) -> weights: what prefill and step read, built once per rollout run from the params (a
+    backend that splits over a mesh returns a tree shaped like the params: the engine lays it out by the rules);
   prefill(cfg, scfg, weights, kv, tokens_RxT, positions_RxT, table_RxM) -> kv: rows' keys and values into the cache;
   step(cfg, scfg, weights, kv, tokens_B, positions_B, table_BxM) -> (logits_BxV, LogitStats, kv): one decode step.
 and one attribute, `splits_over_mesh`: whether it runs as one SPMD program over a mesh whose tensor axes split
@@ -10,6 +11,8 @@ The cache is `k15.models.attention`'s paged layout; the host's page table says w
 """
 import dataclasses
 import importlib
+
+import jax
 
 from k15 import models
 from k15.sampling.select import logit_stats
@@ -21,8 +24,9 @@ class ModelBackend:
   splits_over_mesh = True
 
   def prepare(self, cfg, params):
-    del cfg
-    return params
+    """The params in the compute dtype (the passes cast every weight to it): decode reads half the bytes of float32
+    params in bfloat16."""
+    return jax.tree.map(lambda x: x.astype(cfg.jnp_dtype), params)
 
   def _paged(self, cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM, logits):
     return models.forward_paged(cfg, params, tokens_RxT, positions_RxT, models.PagedCache(kv, table_RxM),

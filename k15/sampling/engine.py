@@ -85,8 +85,27 @@ def _typed_key(rng):
 
 def slot_axes_of(mesh: Mesh, rules=sharding_lib.SAMPLING_RULES) -> Tuple[Tuple[str, ...], int]:
   """The mesh axes the slots are split over (those of the rules' 'cache_batch', of size > 1), and their size."""
-  axes = tuple(a for a in sharding_lib._rule_map(rules).get("cache_batch", ()) if mesh.shape[a] > 1)  # pylint: disable=protected-access
+  axes = tuple(a for a in sharding_lib._rule_map(rules).get("cache_batch", ()) if mesh.shape.get(a, 1) > 1)  # pylint: disable=protected-access
   return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def sampling_layout(cfg: ModelConfig, scfg: SamplingConfig, num_slots: int, mesh=None,
+                    rules=None) -> Tuple[slots_lib.Layout, int, int]:
+  """(Layout, slot shards, pages in the cache) of an engine of num_slots slots on `mesh` (a Mesh or an AbstractMesh;
+  None: one device) under the sampling `rules` (default `sharding.SAMPLING_RULES`). The pages are
+  SamplingConfig.num_pages (0: every slot at max_length), rounded up to split evenly over the slot shards."""
+  num_pages = scfg.num_pages or num_slots * scfg.pages_per_slot
+  if mesh is None:
+    return slots_lib.Layout(None, None, ()), 1, num_pages
+  rules = tuple(tuple(r) for r in (rules or sharding_lib.SAMPLING_RULES))
+  slot_axes, shards = slot_axes_of(mesh, rules)
+  if num_slots % shards:
+    raise ValueError(f"num_slots={num_slots} must be a multiple of the {shards} devices of the slot axes {slot_axes}")
+  num_pages = -(-num_pages // shards) * shards
+  kv_shape = models.kv_pages_shape(cfg, num_pages, scfg.page_size)
+  kv_spec = sharding_lib.logical_to_spec(models.KV_PAGES_LOGICAL_AXES, kv_shape, mesh, rules)
+  layout = slots_lib.Layout(NamedSharding(mesh, PartitionSpec(slot_axes or None)), NamedSharding(mesh, kv_spec), rules)
+  return layout, shards, num_pages
 
 
 class RolloutEngine:
@@ -110,29 +129,17 @@ class RolloutEngine:
     # slots busy, rarely enough that prefill dispatches stay a small cost.
     self.refill_min_free = refill_min_free or max(1, num_slots // 8)
     self.static_batching = static_batching  # refill only once every slot is free (a baseline)
-    self.shards, self.param_shardings, self.local_loops = 1, None, False
-    num_pages = sampling_cfg.num_pages or num_slots * sampling_cfg.pages_per_slot
-    if mesh is None:
-      self.layout = slots_lib.Layout(None, None, ())
-    else:
-      rules = tuple(tuple(r) for r in (rules or sharding_lib.SAMPLING_RULES))
-      slot_axes, self.shards = slot_axes_of(mesh, rules)
-      if num_slots % self.shards:
-        raise ValueError(f"num_slots={num_slots} must be a multiple of the {self.shards} devices of the slot axes "
-                         f"{slot_axes}")
-      num_pages = -(-num_pages // self.shards) * self.shards
-      kv_shape = models.kv_pages_shape(cfg, num_pages, sampling_cfg.page_size)
-      kv_spec = sharding_lib.logical_to_spec(models.KV_PAGES_LOGICAL_AXES, kv_shape, mesh, rules)
-      self.layout = slots_lib.Layout(NamedSharding(mesh, PartitionSpec(slot_axes or None)),
-                                     NamedSharding(mesh, kv_spec), rules)
-      self.param_shardings = sharding_lib.param_shardings(cfg, mesh, rules)
+    self.layout, self.shards, self.num_pages = sampling_layout(cfg, sampling_cfg, num_slots, mesh, rules)
+    self.param_shardings, self.local_loops = None, False
+    if mesh is not None:
+      self.param_shardings = sharding_lib.param_shardings(cfg, mesh, self.layout.rules)
       replicated = all(s.is_fully_replicated for s in jax.tree.leaves(self.param_shardings))
       if not (self.backend.splits_over_mesh or replicated):
         raise ValueError(f"the sampling backend {type(self.backend).__name__} needs the params replicated over the "
                          "mesh; the sampling rules split them (use a mesh without a tensor axis)")
       self.local_loops = self.shards > 1 and (replicated or not self.backend.splits_over_mesh)
-    self.num_pages = num_pages
-    self.pages = PageTable(num_slots, num_pages, sampling_cfg.page_size, sampling_cfg.pages_per_slot, self.shards)
+    self.pages = PageTable(num_slots, self.num_pages, sampling_cfg.page_size, sampling_cfg.pages_per_slot,
+                           self.shards)
     self._state = None
 
   def _call(self, fn, *args):
@@ -143,10 +150,14 @@ class RolloutEngine:
       return fn(*args)
 
   def prepare(self, params):
-    """The backend's weights from params, in the sampling layout (one move of the params per run)."""
-    if self.param_shardings is not None:
-      params = jax.device_put(params, self.param_shardings)
-    return self._call(_prepare, self.backend, self.cfg, params)
+    """The backend's weights from params, in the sampling layout: one move of the params per run. A backend that
+    splits over the mesh gets them from the training layout directly (its prepare and the move in one program);
+    another gets them replicated first."""
+    if self.param_shardings is None:
+      return self._call(_prepare, self.backend, self.cfg, params, None)
+    if self.backend.splits_over_mesh:
+      return self._call(_prepare, self.backend, self.cfg, params, self.param_shardings)
+    return self._call(_prepare, self.backend, self.cfg, jax.device_put(params, self.param_shardings), None)
 
   def run(self, params, requests: Sequence[Request], replay_buffer: Optional[ReplayBuffer], iteration: int,
           token_budget: Optional[int], rng) -> Tuple[List[Trajectory], RolloutStats]:
@@ -166,9 +177,9 @@ class RolloutEngine:
     return finished, schedule.stats
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prepare(backend, cfg, params):
-  return backend.prepare(cfg, params)
+def _prepare(backend, cfg, params, shardings):
+  """backend.prepare, jitted; its result laid out by `shardings` (None: as it comes)."""
+  return jax.jit(backend.prepare, static_argnums=0, out_shardings=shardings)(cfg, params)
 
 
 @dataclasses.dataclass
@@ -278,8 +289,8 @@ class _Schedule:
           self.stats.prefill_tokens += m
       flat = lambda a: a.reshape(engine.shards * R, *a.shape[2:])
       state = engine._state  # pylint: disable=protected-access
-      kv = engine._call(slots_lib.prefill, engine.backend, engine.cfg, engine.scfg, engine.layout, self.weights,  # pylint: disable=protected-access
-                        state.kv, flat(tokens), flat(positions), flat(tables))
+      kv = engine._call(slots_lib.prefill, engine.backend, engine.cfg, engine.scfg, engine.layout,  # pylint: disable=protected-access
+                        engine.local_loops, self.weights, state.kv, flat(tokens), flat(positions), flat(tables))
       engine._state = state._replace(kv=kv)  # pylint: disable=protected-access
       self.stats.prefills += 1
     P = size_class(len(entering), engine.num_slots)

@@ -68,15 +68,23 @@ def init_state(cfg: models.ModelConfig, scfg: SamplingConfig, num_slots: int, nu
   return jax.device_put(state, SlotState(layout.kv, *([layout.slots] * 7)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def prefill(backend, cfg: models.ModelConfig, scfg: SamplingConfig, layout: Layout, weights, kv, tokens_RxT,
-            positions_RxT, table_RxM):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+def prefill(backend, cfg: models.ModelConfig, scfg: SamplingConfig, layout: Layout, local: bool, weights, kv,
+            tokens_RxT, positions_RxT, table_RxM):
   """Writes the keys and values of the rows' tokens (a negative position: padding) into the cache: `backend`'s
-  prefill. The rows are split over the slot shards alike (row r's pages are on its shard)."""
-  with nn.logical_axis_rules(layout.rules):
-    tokens_RxT, positions_RxT, table_RxM = _constrain((tokens_RxT, positions_RxT, table_RxM), layout.slots)
-    kv = backend.prefill(cfg, scfg, weights, kv, tokens_RxT, positions_RxT, table_RxM)
-    return _constrain(kv, layout.kv)
+  prefill. The rows are split over the slot shards alike (row r's pages are on its shard). With `local` (the
+  weights replicated over the mesh, as for `decode_chunk`'s local loops), each device encodes its own rows into its
+  own pages (shard_map); otherwise one SPMD program does, split as the layout's rules say."""
+  if layout.slots is None or not local:
+    with nn.logical_axis_rules(layout.rules):
+      tokens_RxT, positions_RxT, table_RxM = _constrain((tokens_RxT, positions_RxT, table_RxM), layout.slots)
+      kv = backend.prefill(cfg, scfg, weights, kv, tokens_RxT, positions_RxT, table_RxM)
+      return _constrain(kv, layout.kv)
+  rows, pages = PartitionSpec(*layout.slots.spec), PartitionSpec(None, *layout.slots.spec)
+  encode = jax.shard_map(functools.partial(backend.prefill, cfg, scfg), mesh=layout.slots.mesh,
+                         in_specs=(PartitionSpec(), pages, rows, rows, rows), out_specs=pages, check_vma=False)
+  with nn.logical_axis_rules(()):  # each device runs the model on its own rows: nothing to split
+    return encode(weights, kv, tokens_RxT, positions_RxT, table_RxM)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
