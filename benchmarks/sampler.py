@@ -202,7 +202,7 @@ def k15_setups(cfg, mesh):
 
 
 # The rollout engine's device calls (k15.sampling.engine's and slots'), in the order a generate makes them.
-ENGINE_CALLS = ("_prepare", "init_state", "prefill", "load_slots", "stop_slots", "decode_chunk")
+ENGINE_CALLS = ("prepare", "init_state", "prefill", "load_slots", "stop_slots", "decode_chunk")
 
 
 @contextlib.contextmanager
@@ -210,7 +210,7 @@ def timed_engine_calls():
   """Yields {call: [seconds, count]}, filled while inside: each of the engine's ENGINE_CALLS waited for and
   timed. Waiting serializes the host's dispatch with the device's work, so a timed run is a little slower."""
   times = collections.defaultdict(lambda: [0.0, 0])
-  module = lambda name: engine_lib if name == "_prepare" else slots_lib
+  module = lambda name: engine_lib.RolloutEngine if name == "prepare" else slots_lib
   originals = {name: getattr(module(name), name) for name in ENGINE_CALLS}
 
   def timed(name, fn):

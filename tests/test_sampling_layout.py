@@ -26,7 +26,7 @@ def tp_loop():
   mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
   params = jax.jit(lambda r: models.init_params(CFG, r),
                    out_shardings=sharding.param_shardings(CFG, mesh, sharding.DEFAULT_RULES))(jax.random.key(0))
-  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=64, chunk_size=8, max_length=128, page_size=16)
+  scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=64, chunk_size=8, max_length=1024, page_size=16)
   engine = sampling.RolloutEngine(CFG, scfg, 16, mesh)
   weights = engine.prepare(params)
   state = engine._call(slots.init_state, CFG, scfg, 16, engine.num_pages, engine.layout)  # pylint: disable=protected-access
@@ -69,7 +69,7 @@ def test_the_kv_cache_is_split_evenly_over_all_devices(tp_loop):
                 if len(dims) == 5 and dims[0] == L and dims[2] == Z and dims[4] == H]
   assert cache_like and all(d[1] * d[3] <= 1.25 * P * C / 8 for d in cache_like), cache_like
   memory = compiled.memory_analysis()
-  assert memory.temp_size_in_bytes < per_device  # no copy of the cache in the loop
+  assert memory.temp_size_in_bytes < 0.5 * per_device  # no copy of the cache in the loop (1 MB per device here)
 
 
 def test_attention_cost_follows_the_filled_lengths():
@@ -172,24 +172,28 @@ def _nucleus(logits, temperature, top_p):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_top_p_draws_follow_a_reference_nucleus_sampler(split):
-  """On fixed logits of a 20k vocabulary (a nucleus of ~60 tokens, candidates 256 < vocab), the draws' frequencies
+  """On fixed logits of an 8k vocabulary (a nucleus of tens of tokens, candidates 256 < vocab), the draws' frequencies
   fit the reference nucleus distribution (chi-square, total variation) and never leave it; with the vocab split
   over 'tensor' (each shard's own top candidates) too."""
-  V, draws = 20000, 30000
+  V, draws, rounds = 8000, 6000, 4
   rng = np.random.RandomState(1)
   logits = (rng.standard_normal(V) * 2.5).astype(np.float32)
   scfg = sampling.SamplingConfig(temperature=0.9, top_p=0.8, nucleus_candidates=256)
   want = _nucleus(logits, 0.9, 0.8)
-  keys = jax.random.split(jax.random.key(0), draws)
+  select = jax.jit(sampling.select_tokens, static_argnums=2)
   batch = jnp.broadcast_to(jnp.asarray(logits), (draws, V))
-  if split:
-    mesh = sharding.make_mesh({"data": 4, "tensor": 2})
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.SAMPLING_RULES):
-      batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data",), "tensor")))
-      tokens = jax.jit(sampling.select_tokens, static_argnums=2)(batch, keys, scfg)
-  else:
-    tokens = jax.jit(sampling.select_tokens, static_argnums=2)(batch, keys, scfg)
-  counts = np.bincount(np.asarray(tokens), minlength=V)
+  counts = np.zeros(V, np.int64)
+  for r in range(rounds):
+    keys = jax.random.split(jax.random.key(r), draws)
+    if split:
+      mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.SAMPLING_RULES):
+        on_mesh = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "tensor")))
+        tokens = select(on_mesh, keys, scfg)
+    else:
+      tokens = select(batch, keys, scfg)
+    counts += np.bincount(np.asarray(tokens), minlength=V)
+  draws *= rounds
   support = want > 0
   assert 20 < support.sum() < 256
   assert counts[~support].sum() == 0, "a token outside the nucleus was drawn"

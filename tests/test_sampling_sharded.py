@@ -1,4 +1,6 @@
 """Sampling on 8 fake CPU devices (slots and pages split, params moved to the sampling layout) equals 1 device."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,36 @@ def test_local_loops_match_one_loop(params, stop_when_free, backend, request):
   np.testing.assert_array_equal(local.tokens_BxC[:, :n], one.tokens_BxC[:, :n])
   np.testing.assert_allclose(local.logprobs_BxC[:, :n], one.logprobs_BxC[:, :n], atol=1e-5)
   np.testing.assert_array_equal((local.tokens_BxC >= 0).sum(axis=1), np.minimum(np.arange(1, 9), steps))
+
+
+def _schedule_run(params, scfg, mesh, budget):
+  """Every prompt sampled to its end, through the replay buffer in segments of `budget` tokens (None: one run)."""
+  engine = sampling.RolloutEngine(CFG, scfg, num_slots=8, mesh=mesh)
+  buffer, done = sampling.ReplayBuffer(), {}
+  requests = [sampling.Request(i, p, num_samples=1) for i, p in enumerate(PROMPTS)]
+  for it in range(8):
+    finished, _ = engine.run(params, requests if it == 0 else [], buffer, it, budget, jax.random.key(3))
+    done.update({t.prompt_id: t for t in finished})
+    if not len(buffer):
+      break
+  return [done[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("mesh_name", ["fsdp4_tensor2", "data2_fsdp2_tensor2"])
+def test_chunks_partial_rollouts_and_repeat_stops_on_8_devices(params, single_device, mesh_name):
+  """On the tensor-parallel meshes: another chunk size, and partial rollouts (budgets of 5 tokens, resumed from the
+  replay buffer) give the uninterrupted 1-device run's tokens; a repeat stop ends the same trajectories at the same
+  token as on 1 device."""
+  mesh = sharding.make_mesh(MESHES[mesh_name])
+  greedy = CONFIGS["greedy"]
+  for scfg, budget in [(dataclasses.replace(greedy, chunk_size=3), None), (greedy, 5)]:
+    for a, b in zip(_schedule_run(params, scfg, mesh, budget), single_device["greedy"]):
+      np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  repeat = dataclasses.replace(greedy, repeat_ngram=1, repeat_count=3)
+  one = _schedule_run(params, repeat, None, None)
+  eight = _schedule_run(params, repeat, mesh, None)
+  assert any(t.finish_reason == "repeat" for t in one)
+  for a, b in zip(eight, one):
+    np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+    assert a.finish_reason == b.finish_reason

@@ -154,10 +154,10 @@ class RolloutEngine:
     splits over the mesh gets them from the training layout directly (its prepare and the move in one program);
     another gets them replicated first."""
     if self.param_shardings is None:
-      return self._call(_prepare, self.backend, self.cfg, params, None)
+      return self._call(_prepare(self.backend, self.cfg, None, ()), params)
     if self.backend.splits_over_mesh:
-      return self._call(_prepare, self.backend, self.cfg, params, self.param_shardings)
-    return self._call(_prepare, self.backend, self.cfg, jax.device_put(params, self.param_shardings), None)
+      return self._call(_prepare(self.backend, self.cfg, self.mesh, self.layout.rules), params)
+    return self._call(_prepare(self.backend, self.cfg, None, ()), jax.device_put(params, self.param_shardings))
 
   def run(self, params, requests: Sequence[Request], replay_buffer: Optional[ReplayBuffer], iteration: int,
           token_budget: Optional[int], rng) -> Tuple[List[Trajectory], RolloutStats]:
@@ -177,9 +177,12 @@ class RolloutEngine:
     return finished, schedule.stats
 
 
-def _prepare(backend, cfg, params, shardings):
-  """backend.prepare, jitted; its result laid out by `shardings` (None: as it comes)."""
-  return jax.jit(backend.prepare, static_argnums=0, out_shardings=shardings)(cfg, params)
+@functools.lru_cache(maxsize=None)
+def _prepare(backend, cfg: ModelConfig, mesh, rules):
+  """backend.prepare(cfg, params), jitted once per (backend, model, layout); with a mesh its result is laid out as
+  the params are under `rules`."""
+  shardings = None if mesh is None else sharding_lib.param_shardings(cfg, mesh, rules)
+  return jax.jit(functools.partial(backend.prepare, cfg), out_shardings=shardings)
 
 
 @dataclasses.dataclass
