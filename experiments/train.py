@@ -52,8 +52,8 @@ def load_task(config: Config, workdir: str, write: bool = True):
 
 
 # Fields that may change between the runs of one workdir: how long, how often, where and how fast, not what.
-DEFINING_SKIPS = ("rl.iterations", "rl.max_bad_steps", "eval.every", "checkpoint.", "sampling.decode_kernel",
-                  "sampling.native_matmul", "mesh.", "sharding.", "tpu", "long2short")
+DEFINING_SKIPS = ("rl.iterations", "rl.max_bad_steps", "eval.every", "checkpoint.", "sampling.backend",
+                  "sampling.page_size", "sampling.num_pages", "mesh.", "sharding.", "tpu", "long2short")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
