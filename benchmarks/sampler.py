@@ -105,7 +105,7 @@ def stream_run(n_bytes):
   """STREAM_PASSES reads of a float32 array of `n_bytes` on every core (benchmarks/stream.cc): the rate a
   decode step can read its weights and KV cache. The array is as large as what a step reads, so it stays in
   the same level of the memory (a large L3 cache holds it whole; a small one does not)."""
-  lib = ctypes.cdll.LoadLibrary(str(native.build(pathlib.Path(__file__).with_name("stream.cc"))))
+  lib = ctypes.cdll.LoadLibrary(str(native.build.build(pathlib.Path(__file__).with_name("stream.cc"))))
   lib.k15_stream.restype = ctypes.c_double
   lib.k15_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
   x = np.ones(n_bytes // 4, np.float32)

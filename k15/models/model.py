@@ -29,12 +29,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
   return nn.meta.unbox(_boxed_init(cfg, rng))
 
 
+@functools.lru_cache(maxsize=None)  # a trace of the model's init: engines and plans ask for it often
 def param_logical_axes(cfg: ModelConfig):
   """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
   abstract = jax.eval_shape(lambda: _boxed_init(cfg, jax.random.PRNGKey(0)))
   return nn.get_partition_spec(abstract)
 
 
+@functools.lru_cache(maxsize=None)
 def abstract_params(cfg: ModelConfig):
   """ShapeDtypeStructs of the params, without allocating them."""
   with nn.logical_axis_rules(()):  # shapes only: no layout to apply

@@ -24,7 +24,8 @@
 // input). The sampling loop takes the greedy token and log-probs from these. With `prefill`, every token's keys
 // and values are written before any attends (a row may read pages another row writes), and only the cache is
 // computed (the logits results have no rows).
-// A token whose position is outside [0, M Z) writes nothing and gets garbage logits (inactive slots).
+// A token whose position is outside [0, M Z) (an inactive slot, a prefill row's padding) is not computed: it writes
+// nothing, and its logits and stats are zero.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -517,15 +518,16 @@ struct Step {
   bool prefill;  // write every token's keys and values before attending; no logits
   float* kv;  // the paged cache, L x P x Z x 2KV x H
   const int32_t* table;  // R x M
+  const int32_t* table_row;  // per token: its row of the table
   float* logits;
   int32_t* argmax;
   float *max, *lse;
   float eps, theta;
-  int64_t B, L, V, D, N, KV, H, F, P, Z, M, T;  // T: tokens per row of the page table
+  int64_t B, L, V, D, N, KV, H, F, P, Z, M;
 
   // Token b's page j in layer l (Z x 2KV x H), or null when the table names no page of the cache.
   float* page(int64_t l, int64_t b, int64_t j) const {
-    const int64_t at = table[(b / T) * M + j];
+    const int64_t at = table[table_row[b] * M + j];
     return at >= 0 && at < P ? kv + (l * P + at) * Z * 2 * KV * H : nullptr;
   }
 };
@@ -1071,10 +1073,10 @@ ffi::Error PagedStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, in
   Step p;
   p.L = kvd[0], p.P = kvd[1], p.Z = kvd[2], p.H = kvd[4], p.M = td[1];
   p.V = in[2].dimensions()[0], p.D = in[2].dimensions()[1];
-  p.B = in[0].dimensions()[0], p.T = tokens_per_row;
+  p.B = in[0].dimensions()[0];
   p.F = F, p.N = N, p.KV = KV, p.eps = eps, p.theta = theta, p.pieces = static_cast<int>(pieces), p.int8 = int8;
   p.prefill = prefill;
-  if (p.T <= 0 || td[0] * p.T != p.B || in[1].dimensions()[0] != p.B)
+  if (tokens_per_row <= 0 || td[0] * tokens_per_row != p.B || in[1].dimensions()[0] != p.B)
     return ffi::Error::InvalidArgument("k15 paged step: tokens and positions must be R x tokens_per_row, R the page "
                                        "table's rows");
   if (outs[0].element_count() != (prefill ? 0 : p.B * p.V))
@@ -1104,11 +1106,44 @@ ffi::Error PagedStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, in
   p.max = reinterpret_cast<float*>(outs[2].untyped_data());
   p.lse = reinterpret_cast<float*>(outs[3].untyped_data());
 
+  // Only tokens at a position in their pages are computed (an inactive slot, a prefill row's padding costs
+  // nothing); their logits and stats are gathered back to their rows, the others' are zero.
+  const int64_t B = p.B, S = p.M * p.Z;
+  std::vector<int32_t> tokens, positions, table_row;
+  std::vector<int64_t> rows;
+  for (int64_t b = 0; b < B; ++b) {
+    if (p.positions[b] < 0 || p.positions[b] >= S) continue;
+    rows.push_back(b);
+    tokens.push_back(p.tokens[b]), positions.push_back(p.positions[b]);
+    table_row.push_back(static_cast<int32_t>(b / tokens_per_row));
+  }
+  const int64_t Bc = static_cast<int64_t>(rows.size());
+  float *logits = p.logits, *max = p.max, *lse = p.lse;
+  int32_t* argmax = p.argmax;
+  std::vector<float> logits_c, max_c, lse_c;
+  std::vector<int32_t> argmax_c;
+  const bool gather = !prefill && Bc < B;
+  if (gather) {
+    logits_c.resize(Bc * p.V), max_c.resize(Bc), lse_c.resize(Bc), argmax_c.resize(Bc);
+    p.logits = logits_c.data(), p.max = max_c.data(), p.lse = lse_c.data(), p.argmax = argmax_c.data();
+  }
+  p.B = Bc, p.tokens = tokens.data(), p.positions = positions.data(), p.table_row = table_row.data();
   int64_t parts = pool.num_threads();
   if (threads > 0) parts = std::min(parts, threads);
-  auto job = std::make_shared<PhasedStep>(p);
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
-  job->work();
+  if (Bc > 0) {
+    auto job = std::make_shared<PhasedStep>(p);
+    for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->work(); });
+    job->work();
+  }
+  if (gather) {
+    std::fill(logits, logits + B * p.V, 0.0f), std::fill(max, max + B, 0.0f);  // zero logits and their stats
+    std::fill(lse, lse + B, std::log(static_cast<float>(p.V)));
+    std::fill(argmax, argmax + B, 0);
+    for (int64_t i = 0; i < Bc; ++i) {
+      std::copy(logits_c.data() + i * p.V, logits_c.data() + (i + 1) * p.V, logits + rows[i] * p.V);
+      max[rows[i]] = max_c[i], lse[rows[i]] = lse_c[i], argmax[rows[i]] = argmax_c[i];
+    }
+  }
 #ifdef K15_PHASE_TIMES
   std::lock_guard<std::mutex> lock(g_times_mutex);
   g_times[2 * kPhaseKinds] += 1;
