@@ -229,6 +229,7 @@ class RLConfig:
   priority_floor: float
   priority_ema: float
   max_bad_steps: int
+  pack: bool  # training rows packed with several samples each (sequence packing); False: a sample per row
 
   def __post_init__(self):
     _at_least(self, 1, "iterations", "prompts_per_iteration", "samples_per_prompt", "token_budget",

@@ -63,6 +63,11 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # params, and Adam moments, in float32
   c.model.dtype = "float32" if smoke else "bfloat16"  # matmuls and activations; logits and softmax stay float32
   c.model.remat = not smoke  # recompute each layer in the backward pass: activations are the largest training cost
+  # Full passes' attention: "auto" (splash on TPU; else dense up to attention_block tokens, blockwise beyond),
+  # "dense", "blockwise" (flash-style, no T x T matrix), "splash" (Pallas, TPU).
+  c.model.attention = "auto"
+  c.model.attention_block = 512  # query and key block of blockwise and splash attention
+  c.model.logprob_chunk = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
   c.model.hf_path = ""  # Hugging Face checkpoint directory to start from (on every worker); "": random init
 
   if not smoke:
@@ -145,6 +150,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.rl.priority_floor = 0.05
   c.rl.priority_ema = 0.5  # s_i <- ema*s_i + (1-ema)*batch success
   c.rl.max_bad_steps = 3  # training steps with a non-finite loss, gradient or update skipped before the run stops
+  c.rl.pack = True  # several samples per training row (sequence packing): long-tailed lengths waste little
 
   c.eval = ml_collections.ConfigDict()  # held-out evaluation
   c.eval.temperature = 0.0  # 0: greedy

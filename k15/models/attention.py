@@ -18,9 +18,8 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from k15 import sharding
+from k15.models.blockwise import MASK_VALUE, blockwise_attention
 
-# The kernel's mask value: finite, so a query with every key masked (a padding row) gets no NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 # Logical axes of the paged cache kv_LxPxZxCxH; rows (slots, prefill chunks) are 'cache_batch'.
 KV_PAGES_LOGICAL_AXES = ("layers", "cache_pages", None, "kv_heads", "head_dim")
@@ -41,6 +40,69 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
   return out.reshape(B, T, N, H)
+
+
+def segment_positions(segments_BxT):
+  """Each token's position within its segment (a run of equal ids): positions restart in a packed row."""
+  T = segments_BxT.shape[1]
+  index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segments_BxT.shape)
+  first = jnp.concatenate([jnp.ones_like(segments_BxT[:, :1], bool), segments_BxT[:, 1:] != segments_BxT[:, :-1]], 1)
+  return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
+
+
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash")
+
+
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT=None, impl: str = "auto", block: int = 512):
+  """Each query's attention over the keys at or before its index in its row and in its segment (segments_BxT: a
+  packed row's sample ids; None: one sequence per row).
+
+  impl: "dense" (a T x T score matrix), "blockwise" (`blockwise_attention`: blocks of `block`, no T x T matrix),
+  "splash" (jax's Pallas splash attention, TPU), or "auto" (splash on TPU, else dense up to `block` tokens and
+  blockwise beyond).
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "splash" if jax.default_backend() == "tpu" else "dense" if T <= block else "blockwise"
+  segments_BxT = jnp.zeros((B, T), jnp.int32) if segments_BxT is None else segments_BxT.astype(jnp.int32)
+  if impl == "dense":
+    index = jnp.arange(T)
+    mask = (index[None, :] <= index[:, None])[None] & (segments_BxT[:, :, None] == segments_BxT[:, None, :])
+    return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
+  Tp = -(-T // block) * block  # padding: a segment of its own, sliced off
+  pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  q = jnp.transpose(pad(q_BxTxNxH).reshape(B, Tp, K, N // K, H), (0, 2, 3, 1, 4)) * (H ** -0.5)
+  k, v = (jnp.transpose(pad(x), (0, 2, 1, 3)) for x in (k_BxTxKxH, v_BxTxKxH))
+  segments = pad(segments_BxT, jnp.iinfo(jnp.int32).min)
+  if impl == "splash":
+    out = splash_attention(q, k, v, segments, block)
+  else:
+    out = blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, block)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tp, N, H)[:, :T].astype(q_BxTxNxH.dtype)
+
+
+def splash_attention(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments_BxT, block: int, interpret: bool = False):
+  """`blockwise_attention`'s contract through jax's Pallas splash attention (TPU; `interpret` runs it on CPU, for
+  tests): each kv head's G query heads as multi-query attention, a causal mask and segment ids."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # TPU kernels
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  B, K, G, T, H = q_BxKxGxTxH.shape
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mqa_single_device(masks.MultiHeadMask([masks.CausalMask((T, T))] * G),
+                                                block_sizes=sizes, interpret=interpret)
+  one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))  # G x T x H; T x H; T x H; T
+  local = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))  # over rows, then kv heads
+  rows = sharding.context_mesh_axes("activation_batch", B) or None
+  heads = sharding.context_mesh_axes("kv_heads", K) or None
+  if rows is None and heads is None:
+    return local(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments_BxT)
+  spec = PartitionSpec(rows, heads)  # a kernel XLA cannot split: each device runs its rows and heads
+  return jax.shard_map(local, in_specs=(spec, spec, spec, PartitionSpec(rows)), out_specs=spec, check_vma=False)(
+      q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segments_BxT)
 
 
 def combine_heads(k_RxTxKxH, v_RxTxKxH):

@@ -26,6 +26,11 @@ class ModelConfig:
   param_dtype: str = "float32"  # "float32" or "bfloat16"
   dtype: str = "float32"  # compute dtype; logits are always float32
   remat: bool = False  # rematerialize each layer in the backward pass
+  # Full passes (training, reference log-probs): "dense" (T x T scores), "blockwise" (flash-style, no T x T
+  # matrix), "splash" (Pallas, TPU), "auto" (splash on TPU; else dense up to attention_block tokens, blockwise beyond).
+  attention: str = "auto"
+  attention_block: int = 512  # query and key block of blockwise and splash attention
+  logprob_chunk: int = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -35,6 +40,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.attention not in ("auto", "dense", "blockwise", "splash"):
+      raise ValueError(f"ModelConfig.attention must be 'auto', 'dense', 'blockwise' or 'splash', got {self.attention!r}")
+    if self.attention_block <= 0 or self.logprob_chunk < 0:
+      raise ValueError(f"ModelConfig.attention_block must be positive and logprob_chunk >= 0, got "
+                       f"{self.attention_block} and {self.logprob_chunk}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")

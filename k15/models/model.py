@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from k15.models.attention import segment_positions
 from k15.models.config import ModelConfig
 from k15.models.transformer import PagedCache, Transformer
 
@@ -43,12 +44,16 @@ def abstract_params(cfg: ModelConfig):
     return jax.eval_shape(lambda: nn.meta.unbox(_boxed_init(cfg, jax.random.PRNGKey(0))))
 
 
-def forward(cfg: ModelConfig, params, tokens_BxT, positions_BxT: Optional[jax.Array] = None):
-  """Float32 logits_BxTxV of a causal full-sequence pass."""
-  if positions_BxT is None:
-    positions_BxT = _default_positions(tokens_BxT)
-  logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT)
+def forward(cfg: ModelConfig, params, tokens_BxT, segments_BxT: Optional[jax.Array] = None):
+  """Float32 logits_BxTxV of a causal full-sequence pass. segments_BxT: the sample of each token of packed rows
+  (each sample attends within itself, from position 0); None: one sequence per row."""
+  logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, _positions(tokens_BxT, segments_BxT),
+                                     segments_BxT=segments_BxT)
   return logits
+
+
+def _positions(tokens_BxT, segments_BxT):
+  return _default_positions(tokens_BxT) if segments_BxT is None else segment_positions(segments_BxT)
 
 
 def kv_pages_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
@@ -82,8 +87,30 @@ def logprobs_of(logits_BxTxV, targets_BxT):
   return jnp.take_along_axis(shifted, targets_BxT[..., None], axis=-1)[..., 0] - log_sum_exp
 
 
-def token_logprobs(cfg: ModelConfig, params, tokens_BxT, positions_BxT: Optional[jax.Array] = None):
-  """Per-token log-probs of tokens[:, 1:] given their prefixes: shape Bx(T-1), float32."""
-  logits = forward(cfg, params, tokens_BxT[:, :-1],
-                   None if positions_BxT is None else positions_BxT[:, :-1])
-  return logprobs_of(logits, tokens_BxT[:, 1:])
+def output_head(cfg: ModelConfig, params):
+  """The logits projection, DxV: the embedding's transpose when tied."""
+  return params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+
+
+def head_logprobs(h_BxTxD, head_DxV, targets_BxT, chunk: int):
+  """logprobs_of(h @ head, targets) for `chunk` positions at a time (0: all at once), each chunk's logits recomputed
+  in the backward pass instead of kept: the peak is one chunk's B x chunk x V logits, not B x T x V."""
+  T = h_BxTxD.shape[1]
+  logprobs = lambda h, t: logprobs_of(h @ head_DxV.astype(h.dtype), t)
+  if not chunk or chunk >= T:
+    return logprobs(h_BxTxD, targets_BxT)
+  n = -(-T // chunk)
+  h = jnp.pad(h_BxTxD, ((0, 0), (0, n * chunk - T), (0, 0)))
+  t = jnp.pad(targets_BxT, ((0, 0), (0, n * chunk - T)))
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)  # chunks first
+  out = jax.lax.map(lambda ht: jax.checkpoint(logprobs)(*ht), (split(h), split(t)))  # n x B x chunk
+  return jnp.moveaxis(out, 0, 1).reshape(h.shape[0], n * chunk)[:, :T]
+
+
+def token_logprobs(cfg: ModelConfig, params, tokens_BxT, segments_BxT: Optional[jax.Array] = None):
+  """Per-token log-probs of tokens[:, 1:] given their prefixes: shape Bx(T-1), float32 (at a packed row's sample
+  boundaries: garbage, outside every sample's mask). The logits come cfg.logprob_chunk positions at a time."""
+  inputs, segments = tokens_BxT[:, :-1], None if segments_BxT is None else segments_BxT[:, :-1]
+  h_BxTxD, _ = Transformer(cfg).apply({"params": params}, inputs, _positions(inputs, segments), logits=False,
+                                      segments_BxT=segments)
+  return head_logprobs(h_BxTxD, output_head(cfg, params), tokens_BxT[:, 1:], cfg.logprob_chunk)

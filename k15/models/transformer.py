@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k15.models.attention import dot_product_attention, paged_attention
+from k15.models.attention import causal_attention, paged_attention
 from k15.models.config import ModelConfig
 
 
@@ -58,7 +58,7 @@ class Attention(nn.Module):
   pages_per_block: int = 16  # `paged_attention_xla`'s work block
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, layer, paged: Optional[PagedCache]):
+  def __call__(self, x_BxTxD, positions_BxT, segments_BxT, layer, paged: Optional[PagedCache]):
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
@@ -76,8 +76,8 @@ class Attention(nn.Module):
     k = rotary(proj("k", K, "kv_heads"), positions_BxT, cfg.rope_theta)
     v = proj("v", K, "kv_heads")
 
-    if paged is None:  # full causal sequences
-      out = dot_product_attention(q, k, v, positions_BxT[:, None, :] <= positions_BxT[:, :, None])
+    if paged is None:  # full causal sequences (packed rows: within each segment)
+      out = causal_attention(q, k, v, segments_BxT, cfg.attention, cfg.attention_block)
     else:
       out, kv = paged_attention(q, k, v, paged.kv_LxPxZxCxH, layer, paged.page_table_RxM, positions_BxT,
                                 self.paged_impl, self.pages_per_block)
@@ -110,13 +110,13 @@ class Block(nn.Module):
   pages_per_block: int = 16
 
   @nn.compact
-  def __call__(self, carry, layer, positions_BxT):
+  def __call__(self, carry, layer, positions_BxT, segments_BxT):
     """carry: (x_BxTxD, the PagedCache or None); layer: this layer's index (the paged cache's layer)."""
     cfg = self.cfg
     x_BxTxD, paged = carry
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, cfg.jnp_dtype, name=name)
     h, paged = Attention(cfg, self.paged_impl, self.pages_per_block, name="attn")(
-        norm("attn_norm")(x_BxTxD), positions_BxT, layer, paged)
+        norm("attn_norm")(x_BxTxD), positions_BxT, segments_BxT, layer, paged)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
@@ -124,15 +124,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Full causal pass (paged=None) or paged pass; `logits=False` skips the output head (prefill needs only the
-  cache). `unroll`: layers per iteration of the layer loop (n_layers: no loop)."""
+  """Full causal pass (paged=None; segments_BxT: the samples of packed rows, None: one per row) or paged pass.
+  `logits=False` returns the final hidden states instead of the logits (a full pass: for tiled log-probs) or none
+  (a paged pass: prefill needs only the cache). `unroll`: layers per iteration of the layer loop (n_layers: no
+  loop)."""
   cfg: ModelConfig
   paged_impl: str = "auto"
   pages_per_block: int = 16
   unroll: int = 1
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, paged: Optional[PagedCache] = None, logits: bool = True):
+  def __call__(self, tokens_BxT, positions_BxT, paged: Optional[PagedCache] = None, logits: bool = True,
+               segments_BxT=None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("vocab", "embed")),
@@ -142,14 +145,16 @@ class Transformer(nn.Module):
 
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast), length=cfg.n_layers, unroll=self.unroll,
+                     in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers, unroll=self.unroll,
                      metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.paged_impl, self.pages_per_block,
                                                                      name="layers")
-    (x_BxTxD, paged), _ = layers((x_BxTxD, paged), jnp.arange(cfg.n_layers), positions_BxT)
-    if not logits:
+    (x_BxTxD, paged), _ = layers((x_BxTxD, paged), jnp.arange(cfg.n_layers), positions_BxT, segments_BxT)
+    if not logits and paged is not None:
       return None, paged
 
     x_BxTxD = RMSNorm(cfg.rms_norm_eps, cfg.jnp_param_dtype, cfg.jnp_dtype, name="final_norm")(x_BxTxD)
+    if not logits:
+      return x_BxTxD, None
     if cfg.tie_embeddings:
       logits_BxTxV = embed.attend(x_BxTxD)
     else:

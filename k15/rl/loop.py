@@ -41,10 +41,24 @@ def make_loss_fn(model_cfg, rl: RLConfig):
   loss = losses.get_policy_loss(rl.loss)
 
   def loss_fn(params, batch):
-    logp = models.token_logprobs(model_cfg, params, batch["tokens"])
+    if "packed_tokens" in batch:  # the samples' log-probs from their packed rows
+      packed_logp = models.token_logprobs(model_cfg, params, batch["packed_tokens"], batch["packed_segments"])
+      logp = packed_logp[batch["unpack_rows_BxTm1"], batch["unpack_cols_BxTm1"]]
+    else:
+      logp = models.token_logprobs(model_cfg, params, batch["tokens"])
     return loss(logp, batch["ref_logp"], batch["mask"], batch["rewards"], rl.samples_per_prompt,
                 sample_weights_B=batch["weights"], **options)
   return loss_fn
+
+
+def pack_minibatch(mb, pad_id: int):
+  """The minibatch with its samples packed into as few rows as a size class allows (B/8, B/4, B/2 or B rows of the
+  same length: few compiled shapes), and the padding share of the packed rows."""
+  B, T = mb["tokens"].shape
+  lengths = mb["lengths"]
+  _, _, needed = batching.pack_rows(lengths, T)
+  rows = next(r for r in (B // 8, B // 4, B // 2, B) if r >= needed)
+  return dict(mb, **batching.packed(mb["tokens"], lengths, rows, pad_id)), 1 - lengths.sum() / (rows * T)
 
 
 class RLState:
@@ -118,7 +132,8 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   seq_len = 32 * -(-max(len(t.prompt_tokens) + len(t.response_tokens) for t in trajs) // 32)
   tokens, mask = batching.pack([t.prompt_tokens for t in trajs], [t.response_tokens for t in trajs], seq_len,
                                tokenizer.pad_id, loss_from)
-  batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32)}
+  batch = {"tokens": tokens, "mask": mask, "rewards": rewards.reshape(-1), "weights": np.ones(len(trajs), np.float32),
+           "lengths": np.array([len(t.prompt_tokens) + len(t.response_tokens) for t in trajs], np.int32)}
   metrics = {
       "accuracy": correct.mean(),
       "verifier_failures": verifier.failures,  # responses scored 0 because their verifier failed, so far
@@ -207,6 +222,7 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
     with trainer.context():
       finished, stats = engine.run(params, requests, state.buffer, it, rl.token_budget,
                                    jax.random.PRNGKey(int(state.rng.integers(2**31))))
+    engine.release()  # the rollout cache is not held through training and evaluation
     t_rollout = time.time() - t0
     for t in finished:
       state.pending.setdefault(t.prompt_id, []).append(t)
@@ -233,10 +249,15 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
       batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
       if rl.reset_optimizer:
         opt_state = trainer.init_opt_state(optimizer, params)
-      step_metrics = []
+      step_metrics, padding = [], []
       for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
+        if rl.pack:
+          mb, share = pack_minibatch(mb, tokenizer.pad_id)
+          padding.append(share)
         params, opt_state, m = step_fn(params, opt_state, mb)
         step_metrics.append(jax.device_get(m))
+      if padding:
+        metrics["pack_padding"] = float(np.mean(padding))
       metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
       skipped = int(sum(m["skipped"] for m in step_metrics))
     metrics["iteration_time_s"] = time.time() - t0

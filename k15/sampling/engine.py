@@ -159,6 +159,10 @@ class RolloutEngine:
       return self._call(_prepare(self.backend, self.cfg, self.mesh, self.layout.rules), params)
     return self._call(_prepare(self.backend, self.cfg, None, ()), jax.device_put(params, self.param_shardings))
 
+  def release(self):
+    """Frees the device state (KV cache and slots) between rollout phases; the next `run` allocates it again."""
+    self._state = None
+
   def run(self, params, requests: Sequence[Request], replay_buffer: Optional[ReplayBuffer], iteration: int,
           token_budget: Optional[int], rng) -> Tuple[List[Trajectory], RolloutStats]:
     """Rolls out every buffered partial and every request; returns the finished trajectories and stats.
