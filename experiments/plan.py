@@ -183,29 +183,36 @@ def iteration_flops(config, seq: dict) -> dict:
 def activation_bytes(config, sizes: dict, seq: dict) -> dict:
   """Estimates, per device: a training step's activations, and a reference pass over one minibatch of rows.
 
-  Logits are float32 (B x T x V, V split over 'tensor' when the vocab divides); attention scores and probabilities
-  are float32 (B x N x T x T) for one layer at a time; with remat only each layer's input is kept for the backward.
+  With remat each layer's input is kept for the backward, and one layer at a time is recomputed: its q/k/v/o, MLP
+  hidden and their gradients (twice a layer's forward working set). Attention scores are float32: B x N x T x T
+  (score and probability) with dense attention, a block's B x N x block x block (three) with blockwise or splash.
+  The log-probs' float32 logits come model.logprob_chunk positions at a time (all T when 0): a chunk's B x chunk x V
+  and, in the backward, its recomputation and gradient (2.5 chunks, as XLA schedules them on the tested shapes).
+  V, N and F are split over 'tensor' where they divide. tests/test_real_configs.py checks the training estimate
+  against the compiled step's memory_analysis on 8 fake devices.
   """
   cfg, rules = _model_and_rules(config)
   act = jnp.dtype(cfg.dtype).itemsize
   T, tensor = seq["train"], sizes["tensor"]
-  V = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
-  N = cfg.n_heads // tensor if cfg.n_heads % tensor == 0 else cfg.n_heads
-  F = cfg.d_ff // tensor if cfg.d_ff % tensor == 0 else cfg.d_ff
+  split = lambda n: n // tensor if n % tensor == 0 else n
+  V, N, F = split(cfg.vocab_size), split(cfg.n_heads), split(cfg.d_ff)
   mesh = abstract_mesh(sizes)
+  blockwise = cfg.attention in ("blockwise", "splash") or (cfg.attention == "auto" and T > cfg.attention_block)
+  chunk = min(T, cfg.logprob_chunk or T)
 
   def rows_per_device(rows):
     return sharding.batch_sharding(mesh, 2, rules, batch_size=rows).shard_shape((rows, T))[0]
 
-  def layer(b):  # one layer's working set: scores and probabilities, q/k/v/o, MLP hidden
-    return b * N * T * T * 4 * 2 + b * T * (4 * cfg.d_model + 3 * F) * act
+  def layer(b):  # one layer's working set: q/k/v/o, MLP hidden, attention scores
+    scores = b * N * cfg.attention_block ** 2 * 4 * 3 if blockwise else b * N * T * T * 4 * 2
+    return b * T * (4 * cfg.d_model + 3 * F) * act + scores
 
   def logits(b, copies):
-    return b * T * V * 4 * copies
+    return int(b * chunk * V * 4 * copies)
 
   b = rows_per_device(minibatch_rows(config))
   kept = cfg.n_layers * b * T * cfg.d_model * act if cfg.remat else cfg.n_layers * layer(b)
-  train = kept + layer(b) + logits(b, 3)  # logits, log-softmax, and their gradient
+  train = kept + 2 * layer(b) + logits(b, 2.5)
   b_ref = b  # k15.rl.loop computes reference log-probs one minibatch of rows at a time
   reference = layer(b_ref) + logits(b_ref, 2)
   return dict(train=train, reference=reference, train_rows_per_device=b, reference_rows_per_device=b_ref)
@@ -243,26 +250,17 @@ def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
       flops_per_device=work["total"] / devices, problems=sharding_problems(config, sizes))
 
 
-def abstract_trace(config, sizes: dict, prompt_len=None):
-  """Traces the train step (loss, gradients, optimizer) and one decode chunk at full size on an abstract mesh.
-
-  Returns (loss, chunk output) as ShapeDtypeStructs; shape or sharding errors raise here, before any slice exists.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from k15 import sampling  # pylint: disable=g-import-not-at-top
-  from k15.rl import loop, rollout, trainer  # pylint: disable=g-import-not-at-top
-  from k15.sampling import slots  # pylint: disable=g-import-not-at-top
+def train_step_args(config, mesh, prompt_len=None):
+  """(train step, params, optimizer state, minibatch): the RL train step and ShapeDtypeStructs of its arguments at
+  full size, with the run's shardings on `mesh` (a Mesh, or an AbstractMesh to trace without devices)."""
+  from k15.rl import loop, trainer  # pylint: disable=g-import-not-at-top
   model_cfg, rules = _model_and_rules(config)
-  mesh = abstract_mesh(sizes)
   seq = lengths(config, prompt_len)
-  with_sharding = lambda tree, shards: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards)
   abstract = models.abstract_params(model_cfg)
   p_shard = sharding.param_shardings(model_cfg, mesh, rules)
-  params = with_sharding(abstract, p_shard)
   optimizer = loop.rl_optimizer(config.rl)
-  opt_state = with_sharding(jax.eval_shape(optimizer.init, abstract),
-                            sharding.opt_state_shardings(optimizer, abstract, p_shard, mesh))
+  opt_state = _with_sharding(jax.eval_shape(optimizer.init, abstract),
+                             sharding.opt_state_shardings(optimizer, abstract, p_shard, mesh))
   rows, T = minibatch_rows(config), seq["train"]
   batch_sharding = lambda ndim: sharding.batch_sharding(mesh, ndim, rules, batch_size=rows)
   batch = {"tokens": jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=batch_sharding(2))}
@@ -270,12 +268,32 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
     batch[name] = jax.ShapeDtypeStruct((rows, T - 1), jnp.float32, sharding=batch_sharding(2))
   for name in ("rewards", "weights"):
     batch[name] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch_sharding(1))
-  train_step = trainer.train_step(loop.make_loss_fn(model_cfg, config.rl), optimizer)
+  step = trainer.train_step(loop.make_loss_fn(model_cfg, config.rl), optimizer)
+  return step, _with_sharding(abstract, p_shard), opt_state, batch
 
+
+def _with_sharding(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_trace(config, sizes: dict, prompt_len=None):
+  """Traces the train step (loss, gradients, optimizer) and one decode chunk at full size on an abstract mesh.
+
+  Returns (loss, chunk output) as ShapeDtypeStructs; shape or sharding errors raise here, before any slice exists.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from k15 import sampling  # pylint: disable=g-import-not-at-top
+  from k15.rl import rollout  # pylint: disable=g-import-not-at-top
+  from k15.sampling import slots  # pylint: disable=g-import-not-at-top
+  model_cfg, rules = _model_and_rules(config)
+  mesh = abstract_mesh(sizes)
+  seq = lengths(config, prompt_len)
+  train_step, params, opt_state, batch = train_step_args(config, mesh, prompt_len)
   scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=seq["rollout_cache"],
                                  max_new_tokens=config.rl.max_response_len, temperature=config.sampling.temperature)
   state, layout = sampler_state(config, mesh, seq["rollout_cache"])
-  weights = with_sharding(abstract, sharding.param_shardings(model_cfg, mesh, layout.rules))  # the sampling layout
+  weights = _with_sharding(models.abstract_params(model_cfg),
+                           sharding.param_shardings(model_cfg, mesh, layout.rules))  # the sampling layout
   table = jax.ShapeDtypeStruct((int(config.sampling.num_slots), scfg.pages_per_slot), jnp.int32, sharding=layout.slots)
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
     _, _, metrics = jax.eval_shape(train_step, params, opt_state, batch)
