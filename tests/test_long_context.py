@@ -5,11 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from k15 import models, sharding
 from k15.models import attention
-from k15.rl import batching, loop, losses
+from k15.rl import batching, loop, losses, trainer
 
 CFG = models.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                          qkv_bias=True, attention="dense", logprob_chunk=0)
@@ -121,6 +122,31 @@ def test_a_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(params):
   packed = models.token_logprobs(cfg, params, packed_mb["packed_tokens"], packed_mb["packed_segments"])
   unpacked = np.asarray(packed)[packed_mb["unpack_rows_BxTm1"], packed_mb["unpack_cols_BxTm1"]]
   np.testing.assert_allclose(unpacked * mask, np.asarray(plain) * mask, atol=1e-5)
+
+
+def test_a_16k_train_step_needs_a_fraction_of_the_plain_steps_temp_memory(capsys):
+  """The RL train step at T=16,384 (vocab 32k, tiny model, 2 rows), lowered and compiled on CPU: with blockwise
+  attention and log-probs a chunk of positions at a time, its temp memory is at most 0.25x the plain step's (every
+  logit at once, a T x T score matrix per head)."""
+  base = models.ModelConfig(vocab_size=32000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
+  rl = dataclasses.make_dataclass("RL", ["loss", "tau", "log_ratio", "baseline", "form", "samples_per_prompt"])(
+      "k15", 0.1, "sequence", "mean", "gradient", 2)
+  B, T = 2, 16384
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  batch = {"tokens": spec((B, T), jnp.int32), "mask": spec((B, T - 1)), "ref_logp": spec((B, T - 1)),
+           "rewards": spec((B,)), "weights": spec((B,))}
+  opt = optax.adam(1e-3)
+  temp = {}
+  for name, cfg in [("plain", dataclasses.replace(base, attention="dense", logprob_chunk=0)),
+                    ("tiled", dataclasses.replace(base, attention="blockwise", attention_block=512, logprob_chunk=1024))]:
+    params = models.abstract_params(cfg)
+    step = trainer.train_step(loop.make_loss_fn(cfg, rl), opt)
+    compiled = jax.jit(step).lower(params, jax.eval_shape(opt.init, params), batch).compile()
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes
+  with capsys.disabled():
+    print(f"\n  T=16384 train step temp memory: plain {temp['plain'] / 2**30:.2f} GiB, "
+          f"tiled+blockwise {temp['tiled'] / 2**30:.2f} GiB ({temp['tiled'] / temp['plain']:.3f}x)")
+  assert temp["tiled"] <= 0.25 * temp["plain"]
 
 
 def test_packing_wastes_little_on_long_tailed_lengths():
