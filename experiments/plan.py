@@ -2,12 +2,15 @@
 
   python -m experiments.plan --config=experiments/configs/qwen_math.py:1.5b,v5p-32
   python -m experiments.plan --config=experiments/configs/qwen_math.py:7b,v5p-128 --mesh=data=1,fsdp=16,tensor=4
+  python -m experiments.plan --config=experiments/configs/qwen_math.py:7b-32k,v5p-128
 
 Params and optimizer state are the abstract leaves (jax.eval_shape) split by the shardings the run would use, on
 a jax.sharding.AbstractMesh of the slice's shape; the KV caches are the rollout engine's own arrays at full length.
 Activations and FLOPs are estimates from the shapes (formulas below), for the worst case: every prompt at
-data.max_prompt_len and every response at rl.max_response_len. The train step and a decode chunk are traced
-abstractly at full size on the mesh, which checks that every shape fits together.
+data.max_prompt_len and every response at rl.max_response_len. The peak is that of the largest phase (PHASES):
+rollout, training and evaluation do not hold each other's caches and activations. A config fits when the peak is
+at most 90% of HBM. The train step and a decode chunk are traced abstractly at full size on the mesh, which checks
+that every shape fits together.
 
 FLOPs are k15.flops's count. One RL iteration: decode of every response token, prefill of each prompt and of every
 partial-rollout resume (its prefix re-encoded), one reference pass, and training (backward = 2x forward; remat adds
@@ -38,6 +41,11 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens when the con
 _TRACE = flags.DEFINE_bool("trace", True, "Trace the train step and a decode chunk abstractly at full size.")
 
 GiB = 2**30
+FIT_SHARE = 0.9  # of HBM; the rest is for XLA's own buffers and fragmentation
+# What each phase of an RL iteration holds beside the params and optimizer state: the rollout engine frees its cache
+# before training (RolloutEngine.release), and evaluation's engine is made after that and dropped when it ends.
+PHASES = {"rollout": ("sampling_params", "rollout_kv_cache"), "training": ("gradients", "activations"),
+          "evaluation": ("sampling_params", "eval_kv_cache")}
 
 
 def parse_mesh(text: str) -> dict:
@@ -241,12 +249,13 @@ def plan(config, sizes: dict, info=None, prompt_len=None) -> dict:
   per_device = dict(params=params_dev, optimizer=opt_dev, gradients=params_dev, sampling_params=sampling_params_dev,
                     rollout_kv_cache=kv_dev, eval_kv_cache=kv_eval_dev,
                     activations=max(acts["train"], acts["reference"]))
+  phases = {name: sum(per_device[k] for k in ("params", "optimizer") + items) for name, items in PHASES.items()}
   return dict(
       model=model_cfg, sizes=sizes, devices=devices, info=info, seq=seq, num_params=model_cfg.num_params(),
       params_bytes=params, params_bytes_per_device=params_dev, opt_bytes=opt, opt_bytes_per_device=opt_dev,
       kv_bytes=kv, kv_bytes_per_device=kv_dev, eval_kv_bytes=kv_eval, eval_kv_bytes_per_device=kv_eval_dev,
       kv_spec=kv_spec, sampling_params_bytes=sampling_params, sampling_params_bytes_per_device=sampling_params_dev,
-      activations=acts, per_device=per_device, total_per_device=sum(per_device.values()), flops=work,
+      activations=acts, per_device=per_device, phases=phases, total_per_device=max(phases.values()), flops=work,
       flops_per_device=work["total"] / devices, problems=sharding_problems(config, sizes))
 
 
@@ -348,12 +357,16 @@ def format_plan(p: dict, name: str = "") -> str:
       f"   (train step {p['activations']['train_rows_per_device']} rows/device: "
       f"{p['activations']['train'] / GiB:.2f} GiB; reference pass {p['activations']['reference_rows_per_device']} "
       f"rows/device: {p['activations']['reference'] / GiB:.2f} GiB)",
-      f"    total                    {p['total_per_device']:>16,d}  {_gib(p['total_per_device'])}",
+      *[f"    {name + ' phase':<24} {p['phases'][name]:>16,d}  {_gib(p['phases'][name])}   "
+        f"(params, optimizer state, {', '.join(k.replace('_', ' ') for k in PHASES[name])})" for name in PHASES],
+      f"    peak                     {p['total_per_device']:>16,d}  {_gib(p['total_per_device'])}   "
+      f"({max(p['phases'], key=p['phases'].get)})",
   ]
   if info:
-    fits = p["total_per_device"] <= info["hbm_bytes"]
-    lines.append(f"    HBM per chip             {info['hbm_bytes']:>16,d}  {_gib(info['hbm_bytes'])}   "
-                 f"{'fits' if fits else 'DOES NOT FIT'} ({p['total_per_device'] / info['hbm_bytes']:.0%})")
+    share = p["total_per_device"] / info["hbm_bytes"]
+    lines.append(f"    HBM per chip             {info['hbm_bytes']:>16,d}  {_gib(info['hbm_bytes'])}   " +
+                 (f"fits ({share:.0%})" if share <= FIT_SHARE else
+                  f"DOES NOT FIT ({share:.0%}; at most {FIT_SHARE:.0%} leaves room for XLA's own buffers)"))
   f = p["flops"]
   lines += [
       "",

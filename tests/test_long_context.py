@@ -149,6 +149,48 @@ def test_a_16k_train_step_needs_a_fraction_of_the_plain_steps_temp_memory(capsys
   assert temp["tiled"] <= 0.25 * temp["plain"]
 
 
+def test_the_rollout_cache_is_freed_before_training_and_evaluation(tmp_path, monkeypatch):
+  """One RL iteration of the arith smoke config with evaluation: when the reference pass and the training steps
+  start, and when evaluation starts, no live device array is the rollout engine's KV cache (as experiments.plan
+  assumes: the phases' peaks do not add up)."""
+  from experiments import train as main_job  # pylint: disable=import-outside-toplevel
+  from experiments.configs import arith  # pylint: disable=import-outside-toplevel
+  from k15 import config as config_lib  # pylint: disable=import-outside-toplevel
+  from k15.rl import evaluation  # pylint: disable=import-outside-toplevel
+  from k15.sampling import RolloutEngine  # pylint: disable=import-outside-toplevel
+  config = arith.get_config("smoke")
+  config.sft.steps, config.rl.iterations, config.eval.every, config.rl.pack = 0, 1, 1, True
+  config.rl.token_budget = config.rl.max_response_len  # every group completes: the iteration trains
+  config = config_lib.from_config_dict(config)
+  caches, seen = [], {}  # the caches' (shape, dtype): holding the arrays would keep them alive
+  run = RolloutEngine.run
+
+  def recording_run(engine, *args, **kwargs):
+    out = run(engine, *args, **kwargs)
+    caches.append((engine._state.kv.shape, engine._state.kv.dtype))  # pylint: disable=protected-access
+    return out
+
+  def cache_alive():
+    return any((x.shape, x.dtype) in caches for x in jax.live_arrays() if not x.is_deleted())
+
+  def watch(name, fn):
+    def watched(*args, **kwargs):
+      seen.setdefault(name, cache_alive())
+      return fn(*args, **kwargs)
+    return watched
+  monkeypatch.setattr(RolloutEngine, "run", recording_run)
+  monkeypatch.setattr(loop, "in_chunks", watch("reference", loop.in_chunks))
+  monkeypatch.setattr(loop, "pack_minibatch", watch("training", loop.pack_minibatch))
+  monkeypatch.setattr(evaluation, "evaluate", watch("evaluation", evaluation.evaluate))
+  workdir = str(tmp_path)
+  trainer_ = main_job.make_trainer(config)
+  tokenizer, train, eval_ = main_job.load_task(config, workdir)
+  params = trainer_.init_params(jax.random.key(config.seed))
+  with main_job.make_verifier(config) as verifier:
+    loop.run_rl(config, workdir, trainer_, params, tokenizer, train, eval_, verifier)
+  assert caches and seen == {"reference": False, "training": False, "evaluation": False}
+
+
 def test_packing_wastes_little_on_long_tailed_lengths():
   """The sampler benchmark's long-tailed response lengths (log-normal, median ~50, up to 512, 16-token prompts):
   a training minibatch of 128 samples packed into rows of the longest one's length (rounded to 32, as build_batch

@@ -30,7 +30,9 @@ ARCH = {
     "7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
                d_ff=18944, rope_theta=10000.0, qkv_bias=True, tie_embeddings=False),
 }
-NUM_PARAMS = {"1.5b": 1_543_714_304, "7b": 7_615_616_512}
+ARCH["7b-32k"] = dict(ARCH["7b"], rope_theta=1e6)  # Qwen2.5-7B(-Instruct): a 32k context
+NUM_PARAMS = {"1.5b": 1_543_714_304, "7b": 7_615_616_512, "7b-32k": 7_615_616_512}
+CONTEXT = {"1.5b": 4096, "7b": 4096, "7b-32k": 32768}  # max_position_embeddings
 
 
 def _build(name, slice_name):
@@ -69,9 +71,9 @@ def test_config_fits_its_slice(name, slice_name):
   assert int(np.prod(list(sizes.values()))) == info["chips"]  # the mesh uses exactly the slice's chips
   assert plan.sharding_problems(config, sizes) == []  # every dimension splits as the rules ask
   p = _plan(name, slice_name)
-  assert p["total_per_device"] < info["hbm_bytes"], plan.format_plan(p)
+  assert p["total_per_device"] <= 0.9 * info["hbm_bytes"], plan.format_plan(p)
   seq = plan.lengths(config)
-  assert seq["prompt"] + seq["response"] <= 4096  # the Qwen2.5-Math context
+  assert seq["prompt"] + seq["response"] == CONTEXT[name]
 
 
 @pytest.mark.parametrize("name", qwen_math.SIZES)

@@ -13,4 +13,7 @@ ARCHITECTURES = {
     # Qwen2.5-Math-7B's config.json: the vocab padded to 152,064, a separate lm_head.
     "qwen2.5-math-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
                             d_ff=18944, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=True, tie_embeddings=False),
+    # Qwen2.5-7B-Instruct's config.json: the Math-7B shapes with a rope base of 1e6 and a 32,768-token context.
+    "qwen2.5-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+                       d_ff=18944, rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True, tie_embeddings=False),
 }

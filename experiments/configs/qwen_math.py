@@ -2,6 +2,7 @@
 
   python -m experiments.train --config=experiments/configs/qwen_math.py:smoke --workdir=/tmp/k15_math
   python -m experiments.plan --config=experiments/configs/qwen_math.py:1.5b,v5p-32
+  python -m experiments.plan --config=experiments/configs/qwen_math.py:7b-32k,v5p-128
   python -m launch.tpu up --name=k15-1p5b --zone=us-east5-a --accelerator=v5p-32 \
       --workdir=gs://BUCKET/k15/qwen_math_1p5b -- \
       --config=experiments/configs/qwen_math.py:1.5b,v5p-32 --config.model.hf_path=/home/$USER/Qwen2.5-Math-1.5B
@@ -11,9 +12,9 @@ slices (gcloud accelerator types; "<size>" alone takes the first). The model is 
 --config.model.hf_path (a Hugging Face checkpoint directory present on every worker) starts from its weights and
 tokenizer, otherwise the params are random. The prompt files are the repository's fixtures (GSM8K-style and
 MATH-style JSONL) until data.tasks / data.eval_tasks name real ones. On a slice: lengths follow the models'
-4,096-token context; batches as in the k1.5 report (k samples per prompt, a per-iteration token budget with partial
-rollouts, several minibatch steps per iteration with a fresh optimizer); `experiments.plan` prints the memory and
-FLOPs per device of each slice.
+context (4,096 tokens; "7b-32k": 32,768, responses of up to 32,256 tokens); batches as in the k1.5 report (k
+samples per prompt, a per-iteration token budget with partial rollouts, several minibatch steps per iteration with a
+fresh optimizer); `experiments.plan` prints the memory and FLOPs per device of each slice.
 """
 import os
 
@@ -26,8 +27,7 @@ _FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtur
 _MATH_FIELDS = {"question": "problem", "answer": "solution", "difficulty": "level"}  # MATH's field names
 
 # Model size -> architecture, the batch settings of its size, and slice -> mesh (one JAX process per host; the
-# devices are the chips) with the batch settings that fit its memory. A training minibatch of prompts / minibatches
-# prompts x 8 samples holds float32 logits over the ~152k-token vocab for every row, the largest memory item.
+# devices are the chips) with the batch settings that fit its memory (`experiments.plan` prints each phase's bytes).
 SIZES = {
     # A 'tensor' axis of 2: the 2 kv heads (so the rollout KV cache splits over it), 12 heads, d_ff and vocab divide.
     "1.5b": dict(architecture="qwen2.5-math-1.5b", prompts_per_iteration=128, learning_rate=1e-6, slices={
@@ -41,7 +41,16 @@ SIZES = {
         "v5p-512": dict(mesh=dict(data=4, fsdp=16, tensor=4), minibatches=8, num_slots=1024),  # 256 chips
         "v5litepod-256": dict(mesh=dict(data=1, fsdp=64, tensor=4), minibatches=16, num_slots=512),  # 256 x 16 GiB
     }),
+    # Long CoT at the report's scale: 32k-token responses from a 32k-context model. A trajectory runs 8,192 new tokens
+    # per iteration (partial rollouts: 4 segments at most). Training rows are packed (rl.pack), 4 per device at most
+    # (32 minibatches): the layer inputs remat keeps are the largest item (26 GiB).
+    "7b-32k": dict(architecture="qwen2.5-7b", prompts_per_iteration=256, learning_rate=5e-7, context=32768,
+                   token_budget=8192, slices={
+        "v5p-128": dict(mesh=dict(data=1, fsdp=16, tensor=4), minibatches=32, num_slots=1024),
+        "v5p-256": dict(mesh=dict(data=1, fsdp=32, tensor=4), minibatches=16, num_slots=1024),  # 128 chips
+    }),
 }
+_PROMPT_LEN = 512  # on a slice; the response fills the rest of the size's context (4,096 unless it says)
 VARIANTS = ("smoke",) + tuple(f"{size},{s}" for size, v in SIZES.items() for s in v["slices"])
 
 
@@ -54,6 +63,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     run = SIZES[size]
     slice_name = slice_name or next(iter(run["slices"]))
     tpu = run["slices"][slice_name]
+    response_len = run.get("context", 4096) - _PROMPT_LEN
   c = ml_collections.ConfigDict()
   c.seed = 0  # everything (data, init, sampling) derives from this
 
@@ -90,7 +100,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
                      "Question: {question}\nPlease reason step by step, and put your final answer within "
                      "\\boxed{{}}.\nAnswer:")  # the prompt around the question
   c.data.num_train = 32 if smoke else 4096  # prompts drawn from the Mixture at its rates: the RL prompt pool
-  c.data.max_prompt_len = 128 if smoke else 512  # longer prompts are an error naming the prompt
+  c.data.max_prompt_len = 128 if smoke else _PROMPT_LEN  # longer prompts are an error naming the prompt
   c.data.eval_tasks = list(c.data.tasks)  # held-out prompt files (here: the fixtures again)
   c.data.tokenizer_path = ""  # SentencePiece .model or HF tokenizer.json; "": model.hf_path's, else trained
   c.data.tokenizer_vocab_size = 256  # of the SentencePiece vocab trained on the prompt files (no tokenizer given)
@@ -128,8 +138,8 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.rl.iterations = 2 if smoke else 200
   c.rl.prompts_per_iteration = 4 if smoke else run["prompts_per_iteration"]
   c.rl.samples_per_prompt = 4 if smoke else 8  # k
-  c.rl.token_budget = 32 if smoke else 1024  # per-iteration output tokens of a trajectory; the rest is resumed later
-  c.rl.max_response_len = 48 if smoke else 3584  # on a slice, prompt (512) + response fill the 4,096 positions
+  c.rl.token_budget = 32 if smoke else run.get("token_budget", 1024)  # per-iteration output tokens of a trajectory; the rest is resumed later
+  c.rl.max_response_len = 48 if smoke else response_len  # on a slice, prompt + response fill the context
   c.rl.minibatches = 2 if smoke else tpu["minibatches"]  # gradient steps per iteration
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5 if smoke else run["learning_rate"]
@@ -156,7 +166,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.eval.temperature = 0.0  # 0: greedy
   c.eval.sampled_temperature = 0.0  # accuracy of one sample at this temperature too (0: off)
   c.eval.every = 0 if smoke else 10  # RL iterations between held-out evaluations (0: only at the end)
-  c.eval.max_response_len = 48 if smoke else 3584
+  c.eval.max_response_len = 48 if smoke else response_len
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1 if smoke else 10  # RL iterations between checkpoints
