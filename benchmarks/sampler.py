@@ -40,6 +40,7 @@ from k15 import flops, models, sampling, sharding
 from k15.sampling import engine as engine_lib
 from k15.sampling import native
 from k15.sampling import slots as slots_lib
+from timing import MATMUL_FLOPS, interleaved_best, matmul_run
 
 
 def parse_args():
@@ -57,21 +58,6 @@ def parse_args():
   return p.parse_args()
 
 
-def interleaved_best(runs, repeats):
-  """Best seconds of each named callable over `repeats` rounds, each round running every callable once.
-
-  Interleaving puts a change in the machine's speed (a shared or throttled CPU) on all of them alike, so
-  the ratios between them hold even when the absolute times drift during the run.
-  """
-  best = {name: math.inf for name in runs}
-  for _ in range(repeats):
-    for name, fn in runs.items():
-      start = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
-
-
 def hf_model(path, quick):
   """A random Qwen2-style model (qkv bias, GQA, tied embeddings) saved for all three systems."""
   import torch
@@ -84,18 +70,6 @@ def hf_model(path, quick):
   model = transformers.Qwen2ForCausalLM(cfg).eval()
   model.save_pretrained(path)
   return model
-
-
-MATMUL_FLOPS = 2 * 2048 ** 3
-
-
-def matmul_run():
-  """A 2048-square float32 matmul (MATMUL_FLOPS): the machine's practical FLOP/s."""
-  x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  run = lambda: f(x).block_until_ready()
-  run()
-  return run
 
 
 STREAM_PASSES = 16
