@@ -1,5 +1,5 @@
 """Decoder-only transformer (Llama / Qwen2 families) as pure functions over param pytrees."""
-from k15.models.config import ModelConfig
+from k15.models.config import ModelConfig, RopeScaling
 from k15.models.attention import KV_PAGES_LOGICAL_AXES
 from k15.models.model import (abstract_params, forward, forward_paged, init_params, kv_pages_shape, logprobs_of,
                               param_logical_axes, token_logprobs)

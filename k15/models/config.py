@@ -5,8 +5,48 @@ Shape letters used in names across k15 (nanodo style):
   G query heads per kv head (N // K), H head_dim, F d_ff, V vocab, L layers.
 """
 import dataclasses
+from typing import Mapping, Optional
 
 import jax.numpy as jnp
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # rope scaling as transformers defines it (`k15.models.rope`)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequencies of a long-context checkpoint: HF's `rope_scaling` / `rope_parameters` (`k15.models.rope`).
+
+  Fields left None take transformers' defaults.
+  """
+  type: str  # one of ROPE_TYPES
+  factor: float  # how many times the trained context the frequencies stretch to
+  original_max_position_embeddings: Optional[int] = None  # yarn, llama3: the context the model was trained at
+  # HF's max_position_embeddings: for dynamic, the length beyond which the base grows; for the others only what an
+  # export declares (None: original_max_position_embeddings * factor).
+  max_position_embeddings: Optional[int] = None
+  low_freq_factor: Optional[float] = None  # llama3: wavelengths above original / low_freq_factor are scaled
+  high_freq_factor: Optional[float] = None  # llama3: wavelengths below original / high_freq_factor are kept
+  beta_fast: Optional[float] = None  # yarn: rotations over the original context above which a dimension is kept (32)
+  beta_slow: Optional[float] = None  # yarn: ... below which it is interpolated (1)
+  attention_factor: Optional[float] = None  # yarn: scale of queries and keys (0.1 * ln(factor) + 1)
+  truncate: Optional[bool] = None  # yarn: round the blend's ends to whole dimensions (True)
+
+  def __post_init__(self):
+    if self.type not in ROPE_TYPES:
+      raise ValueError(f"rope_scaling.type must be one of {list(ROPE_TYPES)}, got {self.type!r}")
+    if not self.factor >= 1.0:
+      raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+    needs = {"dynamic": ("max_position_embeddings",), "yarn": ("original_max_position_embeddings",),
+             "llama3": ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+    for name in needs.get(self.type, ()):
+      if getattr(self, name) is None:
+        raise ValueError(f"rope_scaling.{name} is required for type {self.type!r}")
+    for name in ("original_max_position_embeddings", "max_position_embeddings"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"rope_scaling.{name} must be positive, got {getattr(self, name)}")
+    if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                       f"low_freq_factor={self.low_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +60,7 @@ class ModelConfig:
   head_dim: int = 32  # explicit: Qwen2 and Llama allow head_dim != d_model // n_heads
   d_ff: int = 1024  # SwiGLU hidden width
   rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None  # None: plain rotary embeddings
   rms_norm_eps: float = 1e-6
   qkv_bias: bool = False  # Qwen2: True, Llama: False
   tie_embeddings: bool = False  # logits = h @ embed.T when True
@@ -33,6 +74,12 @@ class ModelConfig:
   logprob_chunk: int = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
 
   def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):  # from a config dict or JSON
+      known = {f.name for f in dataclasses.fields(RopeScaling)}
+      unknown = sorted(set(self.rope_scaling) - known)
+      if unknown:
+        raise ValueError(f"unknown rope_scaling field(s) {unknown}; known fields: {sorted(known)}")
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")

@@ -3,15 +3,18 @@
 Torch is not needed: tensors are read and written with `safetensors.flax`. Layer tensors are stacked
 into the leading 'layers' axis of k15's scanned params.
 """
+import dataclasses
 import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from k15.models.config import ModelConfig
+from k15.models import rope as rope_lib
+from k15.models.config import ROPE_TYPES, ModelConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+_MAX_POSITIONS = 32768  # what an export of a model without rope scaling declares
 _INDEX = "model.safetensors.index.json"
 
 
@@ -24,8 +27,6 @@ def config_from_hf(hf: dict, path: str = "config.json", dtype: str = "float32") 
   if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
     raise CheckpointError(f"{path}: unsupported architecture {archs}; supported: {list(SUPPORTED_ARCHITECTURES)}")
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  if rope.get("rope_type", rope.get("type", "default")) != "default":
-    raise CheckpointError(f"{path}: rope scaling {rope} is not supported (only 'default')")
   if hf.get("mlp_bias"):
     raise CheckpointError(f"{path}: mlp_bias=True is not supported")
   qwen = archs[0] == "Qwen2ForCausalLM"
@@ -39,12 +40,62 @@ def config_from_hf(hf: dict, path: str = "config.json", dtype: str = "float32") 
       head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
       d_ff=hf["intermediate_size"],
       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+      rope_scaling=rope_scaling_from_hf(hf, rope, path),
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
       qkv_bias=True if qwen else bool(hf.get("attention_bias", False)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       param_dtype=dtype,
       dtype=dtype,
   )
+
+
+def rope_scaling_from_hf(hf: dict, rope: dict, path: str = "config.json"):
+  """The RopeScaling of a config.json (None: plain rotary), its defaults filled as transformers fills them
+  (`RotaryEmbeddingConfigMixin.standardize_rope_params`)."""
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return None
+  if kind not in ROPE_TYPES:
+    raise CheckpointError(f"{path}: rope scaling type {kind!r} is not supported; supported: "
+                          f"{['default', *ROPE_TYPES]}")
+  if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise CheckpointError(f"{path}: partial_rotary_factor != 1 is not supported")
+  max_positions = hf.get("max_position_embeddings")
+  # transformers: a top-level original_max_position_embeddings first, then the rope dict's, then max_position_embeddings
+  original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_positions
+  factor = rope.get("factor")
+  if factor is None and kind == "yarn" and max_positions and original:  # yarn's factor may be implicit
+    factor = max_positions / original
+  if factor is None:
+    raise CheckpointError(f"{path}: rope scaling {kind!r} has no factor")
+  number = lambda key: None if rope.get(key) is None else float(rope[key])
+  fields = dict(type=kind, factor=float(factor), max_position_embeddings=max_positions)
+  if kind in ("yarn", "llama3"):
+    fields["original_max_position_embeddings"] = original
+  if kind == "llama3":
+    fields.update(low_freq_factor=number("low_freq_factor"), high_freq_factor=number("high_freq_factor"))
+  if kind == "yarn":
+    attention = number("attention_factor")
+    if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+      attention = rope_lib.yarn_mscale(factor, rope["mscale"]) / rope_lib.yarn_mscale(factor, rope["mscale_all_dim"])
+    fields.update(beta_fast=number("beta_fast"), beta_slow=number("beta_slow"), attention_factor=attention,
+                  truncate=rope.get("truncate"))
+  try:
+    return RopeScaling(**fields)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: rope scaling {rope}: {e}") from None
+
+
+def rope_scaling_to_hf(scaling: RopeScaling) -> tuple:
+  """(config.json's rope_scaling, its max_position_embeddings) of a RopeScaling; transformers reads both."""
+  out = {"rope_type": scaling.type}
+  out.update({k: v for k, v in dataclasses.asdict(scaling).items()
+              if v is not None and k not in ("type", "max_position_embeddings")})
+  max_positions = scaling.max_position_embeddings
+  if max_positions is None:
+    original = scaling.original_max_position_embeddings
+    max_positions = int(original * scaling.factor) if original else _MAX_POSITIONS
+  return out, max_positions
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str) -> dict:
@@ -66,11 +117,13 @@ def config_to_hf(cfg: ModelConfig, architecture: str) -> dict:
       "rms_norm_eps": cfg.rms_norm_eps,
       "tie_word_embeddings": cfg.tie_embeddings,
       "hidden_act": "silu",
-      "max_position_embeddings": 32768,
+      "max_position_embeddings": _MAX_POSITIONS,
       "torch_dtype": cfg.param_dtype,
   }
   if architecture == "LlamaForCausalLM":
     hf["attention_bias"] = cfg.qkv_bias
+  if cfg.rope_scaling is not None:
+    hf["rope_scaling"], hf["max_position_embeddings"] = rope_scaling_to_hf(cfg.rope_scaling)
   return hf
 
 
@@ -237,7 +290,7 @@ def save_hf(path: str, cfg: ModelConfig, params, architecture: str = None,
 # Fields a checkpoint's config.json must agree on with the experiment's config.model; dtypes and remat are
 # the run's choice.
 _ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                        "rope_theta", "rms_norm_eps", "qkv_bias", "tie_embeddings")
+                        "rope_theta", "rope_scaling", "rms_norm_eps", "qkv_bias", "tie_embeddings")
 
 
 def split_hf_path(model_fields) -> tuple:

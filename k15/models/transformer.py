@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from k15.models import rope
 from k15.models.attention import causal_attention, paged_attention
 from k15.models.config import ModelConfig
 
@@ -41,12 +42,11 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * x32.astype(self.dtype)  # HF order: cast, then scale
 
 
-def rotary(x_BxTxNxH, positions_BxT, theta: float):
-  """Rotary embedding in the HF 'rotate_half' layout (first half / second half of head_dim)."""
-  H = x_BxTxNxH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
-  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-  cos, sin = jnp.cos(angles_BxTxH2)[:, :, None, :], jnp.sin(angles_BxTxH2)[:, :, None, :]
+def rotary(x_BxTxNxH, positions_BxT, cfg: ModelConfig):
+  """Rotary embedding in the HF 'rotate_half' layout (first half / second half of head_dim), with the config's
+  rope scaling (`k15.models.rope`)."""
+  cos, sin = rope.rotary_cos_sin(cfg, positions_BxT)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxNxH.dtype)
@@ -72,8 +72,8 @@ class Attention(nn.Module):
         out = out + param(f"{name}_bias", (heads, H), (axes, "head_dim"), nn.initializers.zeros).astype(cfg.jnp_dtype)
       return out
 
-    q = rotary(proj("q", N, "heads"), positions_BxT, cfg.rope_theta)
-    k = rotary(proj("k", K, "kv_heads"), positions_BxT, cfg.rope_theta)
+    q = rotary(proj("q", N, "heads"), positions_BxT, cfg)
+    k = rotary(proj("k", K, "kv_heads"), positions_BxT, cfg)
     v = proj("v", K, "kv_heads")
 
     if paged is None:  # full causal sequences (packed rows: within each segment)

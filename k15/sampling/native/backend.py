@@ -71,31 +71,30 @@ class NativeBackend:
 
 
 def unsupported(cfg: ModelConfig, devices) -> Optional[str]:
-  """Why kernels.cc does not apply to `cfg` on `devices` (not a CPU, not float32), or None."""
+  """Why kernels.cc does not apply to `cfg` on `devices` (not a CPU, not float32, rope scaling), or None."""
   platforms = {d.platform for d in devices}
   if platforms != {"cpu"}:
     return f"it runs on CPU devices only, not {sorted(platforms)}"
   if cfg.jnp_dtype != jnp.float32 or cfg.jnp_param_dtype != jnp.float32:
     return f"it computes in float32 only, not dtype={cfg.dtype!r}, param_dtype={cfg.param_dtype!r}"
+  if cfg.rope_scaling is not None:
+    return f"it computes plain rotary embeddings, not rope scaling {cfg.rope_scaling.type!r}"
   return None
 
 
 def make_backend(cfg: ModelConfig, devices, matmul: str = "auto", required: bool = False) -> Optional[NativeBackend]:
-  """The plug-in's entry (`k15.sampling.load_backend`): a NativeBackend for `cfg` on `devices`, or None where it
-  does not apply (off CPU, below float32) or does not build (with a warning), unless `required`.
+  """The plug-in's entry (`k15.sampling.load_backend`): a NativeBackend for `cfg` on `devices`, or None (with a
+  warning) where it does not apply (off CPU, below float32, rope scaling) or does not build, unless `required`.
 
   matmul: "auto" takes int8x9 where the CPU has AMX, else float32; an AMX choice on a CPU without AMX warns and
   takes float32."""
   if matmul != "auto" and matmul not in MATMUL_PIECES:
     raise ValueError(f"native backend: matmul must be 'auto' or one of {sorted(MATMUL_PIECES)}, got {matmul!r}")
-  reason = unsupported(cfg, devices)
-  if reason is None and build.load() is not None:
-    reason = build.load()
-    if not required:
-      _warn_once(f"k15: sampling with the model's passes; the native CPU kernels are unavailable: {reason}")
+  reason = unsupported(cfg, devices) or build.load()
   if reason is not None:
     if required:
       raise ValueError(f"the native sampling backend is unavailable: {reason}")
+    _warn_once(f"k15: sampling with the model's passes; the native CPU kernels are unavailable: {reason}")
     return None
   if matmul == "auto":
     matmul = "int8x9" if build.amx_available() else "float32"
