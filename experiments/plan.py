@@ -7,10 +7,10 @@
 Params and optimizer state are the abstract leaves (jax.eval_shape) split by the shardings the run would use, on
 a jax.sharding.AbstractMesh of the slice's shape; the KV caches are the rollout engine's own arrays at full length.
 Activations and FLOPs are estimates from the shapes (formulas below), for the worst case: every prompt at
-data.max_prompt_len and every response at rl.max_response_len. The peak is that of the largest phase (PHASES):
-rollout, training and evaluation do not hold each other's caches and activations. A config fits when the peak is
-at most 90% of HBM. The train step and a decode chunk are traced abstractly at full size on the mesh, which checks
-that every shape fits together.
+data.max_prompt_len and every response at the length schedule's longest rl.max_response_len. The peak is that of
+the largest phase (PHASES): rollout, training and evaluation do not hold each other's caches and activations. A
+config fits when the peak is at most 90% of HBM. The train step and a decode chunk are traced abstractly at full
+size on the mesh, which checks that every shape fits together.
 
 FLOPs are k15.flops's count. One RL iteration: decode of every response token, prefill of each prompt and of every
 partial-rollout resume (its prefix re-encoded), one reference pass, and training (backward = 2x forward; remat adds
@@ -97,7 +97,7 @@ def tree_bytes(abstract_tree, shardings=None):
 def lengths(config, prompt_len=None) -> dict:
   """Worst-case sequence lengths of the run, as the loop and the engines round them."""
   Lp = config.data.max_prompt_len if config.data.source == "prompts" else int(prompt_len or _PROMPT_LEN.default)
-  R = int(config.rl.max_response_len)
+  R = config.rl.longest_lengths()[0]  # the length schedule's longest stage
   return dict(prompt=Lp, response=R, rollout_cache=8 * -(-(Lp + R) // 8), train=32 * -(-(Lp + R) // 32),
               eval_cache=16 * -(-(Lp + int(config.eval.max_response_len)) // 16))
 
@@ -177,7 +177,7 @@ def iteration_flops(config, seq: dict) -> dict:
   """FLOPs of one RL iteration (worst case), by phase."""
   cfg, _ = _model_and_rules(config)
   n = int(config.rl.prompts_per_iteration) * int(config.rl.samples_per_prompt)
-  Lp, R, budget = seq["prompt"], seq["response"], int(config.rl.token_budget)
+  Lp, R, budget = seq["prompt"], seq["response"], config.rl.longest_lengths()[1]
   decode = n * R * flops.token_flops(cfg, seq["rollout_cache"])  # worst case: every sequence at full length
   segments = max(1, -(-R // budget))  # a response spans this many iterations; each resume re-encodes its prefix
   prefill = n * sum(flops.forward_flops(cfg, Lp + j * budget) for j in range(segments))
@@ -299,7 +299,7 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   seq = lengths(config, prompt_len)
   train_step, params, opt_state, batch = train_step_args(config, mesh, prompt_len)
   scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=seq["rollout_cache"],
-                                 max_new_tokens=config.rl.max_response_len, temperature=config.sampling.temperature)
+                                 max_new_tokens=seq["response"], temperature=config.sampling.temperature)
   state, layout = sampler_state(config, mesh, seq["rollout_cache"])
   weights = _with_sharding(models.abstract_params(model_cfg),
                            sharding.param_shardings(model_cfg, mesh, layout.rules))  # the sampling layout

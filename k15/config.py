@@ -202,13 +202,47 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LengthStage:
+  """From iteration `from_iteration` on, the response cap and the per-iteration token budget are these."""
+  from_iteration: int
+  max_response_len: int
+  token_budget: int
+
+
+def _length_stages(entries) -> tuple:
+  """LengthStages from config entries: (from_iteration, max_response_len, token_budget) triples, mappings of those
+  names, or LengthStages; in order of increasing from_iteration, from iteration 2 on (iteration 1 takes
+  rl.max_response_len and rl.token_budget)."""
+  stages = []
+  for i, entry in enumerate(entries):
+    field = f"length_schedule[{i}]"
+    try:
+      stage = (entry if isinstance(entry, LengthStage) else
+               LengthStage(**entry) if isinstance(entry, Mapping) else LengthStage(*entry))
+    except TypeError:
+      raise _FieldError(field, f"expected (from_iteration, max_response_len, token_budget), got {entry!r}") from None
+    for name, minimum in (("from_iteration", 2), ("max_response_len", 1), ("token_budget", 1)):
+      value = getattr(stage, name)
+      _check(isinstance(value, int) and not isinstance(value, bool), f"{field}.{name}",
+             f"expected int, got {type(value).__name__} {value!r}")
+      _check(value >= minimum, f"{field}.{name}", f"must be >= {minimum}, got {value}")
+    if stages:
+      _check(stage.from_iteration > stages[-1].from_iteration, f"{field}.from_iteration",
+             f"must exceed the previous stage's {stages[-1].from_iteration}, got {stage.from_iteration}")
+    stages.append(stage)
+  return tuple(stages)
+
+
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """The k1.5 iteration (k15.rl.loop); curriculum: stages, as (until iteration, levels) pairs in the config."""
+  """The k1.5 iteration (k15.rl.loop); curriculum: stages, as (until iteration, levels) pairs in the config.
+  length_schedule: stages that replace max_response_len and token_budget from an iteration on (`lengths_at`)."""
   iterations: int
   prompts_per_iteration: int
   samples_per_prompt: int
   token_budget: int
   max_response_len: int
+  length_schedule: tuple[LengthStage, ...]
   minibatches: int
   optimizer: str
   learning_rate: float
@@ -252,6 +286,22 @@ class RLConfig:
       object.__setattr__(self, "curriculum", tuple(stages_from_config(self.curriculum)))
     except (TypeError, ValueError) as e:
       raise _FieldError("curriculum", str(e)) from None
+    object.__setattr__(self, "length_schedule", _length_stages(self.length_schedule))
+
+  def lengths_at(self, iteration: int) -> tuple:
+    """(max_response_len, token_budget) of an iteration (counted from 1) under the length schedule."""
+    lengths = (self.max_response_len, self.token_budget)
+    for stage in self.length_schedule:
+      if iteration >= stage.from_iteration:
+        lengths = (stage.max_response_len, stage.token_budget)
+    return lengths
+
+  def longest_lengths(self) -> tuple:
+    """(max_response_len, token_budget) of the run's longest responses (stages after rl.iterations not counted):
+    the rollout engine's cache is sized for them once."""
+    reached = [self.lengths_at(1)] + [self.lengths_at(s.from_iteration) for s in self.length_schedule
+                                      if s.from_iteration <= self.iterations]
+    return max(reached, key=lambda lengths: lengths[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +468,7 @@ def _convert(tp, value, path: str):
   if origin is Union:  # Optional[X]
     return None if value is None else _convert(args[0], value, path)
   if dataclasses.is_dataclass(tp):
-    if tp is CurriculumStage:
+    if tp in (CurriculumStage, LengthStage):
       return value  # RLConfig validates the stages as a whole
     return _build(tp, value, path)
   if origin is tuple:

@@ -31,6 +31,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   c.model.attention_block = 512  # query and key block of blockwise and splash attention
   c.model.logprob_chunk = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
+  # A long-context checkpoint's rope scaling (k15.models.RopeScaling; hf_path's must match), e.g.
+  # dict(type="yarn", factor=4.0, original_max_position_embeddings=4096); None: plain rotary embeddings.
+  c.model.rope_scaling = None
   c.model.hf_path = ""  # a Hugging Face checkpoint to start from; "": random init
 
   c.mesh = ml_collections.ConfigDict()
@@ -86,6 +89,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.samples_per_prompt = 4 if smoke else 8  # k
   c.rl.token_budget = 48 if smoke else 96  # per-iteration output tokens per trajectory; the rest is resumed later
   c.rl.max_response_len = 160  # total response tokens; reason "max_length" beyond
+  # Growing responses over training: ((from iteration, max_response_len, token_budget), ...) replace the two above
+  # from that iteration on. The new cap holds for buffered partial rollouts too: they continue up to a grown cap,
+  # and one already beyond a shrunk cap finishes with "max_length". The rollout cache is sized for the longest.
+  c.rl.length_schedule = ()
   c.rl.minibatches = 2  # gradient steps per iteration
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5  # Adam restarts every iteration: its first steps move every weight by ~lr
@@ -149,6 +156,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   l.rl.iterations = 2 if smoke else 30
   l.rl.max_response_len = 48 if smoke else 64  # much smaller than the main job's 160
   l.rl.token_budget = 48 if smoke else 64  # no partial rollouts: one iteration finishes every response
+  l.rl.length_schedule = ()  # the short cap throughout, whatever the main job's schedule
   l.rl.length_penalty_weight = 0.5  # w: reward = correct + w * len_reward
   l.rl.length_penalty_warmup = 0  # the length penalty is on from the first iteration
   l.rl.curriculum = ()  # all levels throughout: every level has length to cut

@@ -78,6 +78,9 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   c.model.attention_block = 512  # query and key block of blockwise and splash attention
   c.model.logprob_chunk = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
+  # A long-context checkpoint's rope scaling (k15.models.RopeScaling; hf_path's must match), e.g.
+  # dict(type="yarn", factor=4.0, original_max_position_embeddings=4096); None: plain rotary embeddings.
+  c.model.rope_scaling = None
   c.model.hf_path = ""  # Hugging Face checkpoint directory to start from (on every worker); "": random init
 
   if not smoke:
@@ -140,6 +143,10 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.rl.samples_per_prompt = 4 if smoke else 8  # k
   c.rl.token_budget = 32 if smoke else run.get("token_budget", 1024)  # per-iteration output tokens of a trajectory; the rest is resumed later
   c.rl.max_response_len = 48 if smoke else response_len  # on a slice, prompt + response fill the context
+  # ((from iteration, max_response_len, token_budget), ...): the two above from that iteration on, buffered partial
+  # rollouts included (they continue up to a grown cap; beyond a shrunk one they finish with "max_length"). The
+  # rollout cache is sized for the longest stage; experiments.plan plans for it.
+  c.rl.length_schedule = ()
   c.rl.minibatches = 2 if smoke else tpu["minibatches"]  # gradient steps per iteration
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5 if smoke else run["learning_rate"]

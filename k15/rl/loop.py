@@ -6,6 +6,11 @@ then-current params; samples that finish wait in `pending` until their whole gro
 group's baseline and length penalty see all k responses. A group trains in the iteration its last member
 finishes; the reference is the policy at the start of that iteration (its log-probs are recomputed over the
 whole response), and by default only each response's newest segment carries loss.
+
+The length schedule (`RLConfig.lengths_at`) gives each iteration its response cap and token budget. The cap holds
+for every trajectory the iteration samples, buffered partials included: a partial continues up to a grown cap, and
+one already at or beyond a shrunk cap finishes with "max_length" without new tokens. The rollout engine is built
+once, for the schedule's longest responses.
 """
 import os
 import time
@@ -187,13 +192,14 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
   G = rl.samples_per_prompt
   model_cfg = trainer.cfg
   max_prompt = max(len(ex["inputs_ids"]) for ex in train)
-  seq_len = 8 * -(-(max_prompt + rl.max_response_len) // 8)
+  longest_response = rl.longest_lengths()[0]  # one engine, its cache sized for the length schedule's longest stage
+  seq_len = 8 * -(-(max_prompt + longest_response) // 8)
   state = RLState(make_prompt_sampler(rl, train, config.seed), config.seed)
   optimizer = rl_optimizer(rl)
   step_fn = trainer.make_step(make_loss_fn(model_cfg, rl), optimizer)
   ref_fn = trainer.make_eval(lambda p, batch: models.token_logprobs(model_cfg, p, batch["tokens"]))
   scfg = rollout.sampling_config(config.sampling, eos_id=tokenizer.eos_id, max_length=seq_len,
-                                 max_new_tokens=rl.max_response_len, temperature=config.sampling.temperature)
+                                 max_new_tokens=longest_response, temperature=config.sampling.temperature)
   engine = RolloutEngine(model_cfg, scfg, config.sampling.num_slots, trainer.mesh, trainer.sampling_rules,
                          rollout.sampling_backend(config.sampling, model_cfg, trainer.mesh))
   opt_state = trainer.init_opt_state(optimizer, params)
@@ -210,17 +216,21 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
     state.iteration += 1
     it = state.iteration
     t0 = time.time()
+    # The length schedule: this iteration's response cap holds for every trajectory it samples, resumed ones included.
+    max_response_len, token_budget = rl.lengths_at(it)
+    for traj in state.buffer:
+      traj.max_new_tokens = max_response_len
     # 1. prompts: the curriculum picks the pool, prioritization picks within it.
     requests = []
     for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
       gid = state.next_group
       state.next_group += 1
       state.group_prompt[gid] = int(prompt_index)
-      requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G))
+      requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G, max_new_tokens=max_response_len))
 
     # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer.
     with trainer.context():
-      finished, stats = engine.run(params, requests, state.buffer, it, rl.token_budget,
+      finished, stats = engine.run(params, requests, state.buffer, it, token_budget,
                                    jax.random.PRNGKey(int(state.rng.integers(2**31))))
     engine.release()  # the rollout cache is not held through training and evaluation
     t_rollout = time.time() - t0
@@ -230,7 +240,8 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
     groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
     prompt_of = [state.group_prompt.pop(g) for g in complete]
 
-    metrics = {"iteration_time_s": 0.0, "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
+    metrics = {"iteration_time_s": 0.0, "max_response_len": max_response_len, "token_budget": token_budget,
+               "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
                "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
                "resumed": stats.resumed, "to_buffer": stats.to_buffer,
                "buffered": len(state.buffer), "pending_groups": len(state.pending)}
