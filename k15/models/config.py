@@ -5,7 +5,7 @@ Shape letters used in names across k15 (nanodo style):
   G query heads per kv head (N // K), H head_dim, F d_ff, V vocab, L layers.
 """
 import dataclasses
-from typing import Mapping, Optional
+from typing import Optional
 
 import jax.numpy as jnp
 
@@ -74,12 +74,13 @@ class ModelConfig:
   logprob_chunk: int = 1024  # log-probs from the logits of this many positions at a time (0: all at once)
 
   def __post_init__(self):
-    if isinstance(self.rope_scaling, Mapping):  # from a config dict or JSON
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):  # a config dict, JSON
+      fields = dict(self.rope_scaling)
       known = {f.name for f in dataclasses.fields(RopeScaling)}
-      unknown = sorted(set(self.rope_scaling) - known)
+      unknown = sorted(set(fields) - known)
       if unknown:
         raise ValueError(f"unknown rope_scaling field(s) {unknown}; known fields: {sorted(known)}")
-      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+      object.__setattr__(self, "rope_scaling", RopeScaling(**fields))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")

@@ -13,12 +13,14 @@ computes them:
 Only dynamic depends on the sequence length; only yarn scales attention.
 
 Dynamic and the KV cache. transformers recomputes a dynamic model's frequencies from the largest position of each
-forward call, and its generate never re-rotates a cached key: the token decoded at position p has its query and key
-rotated with the frequencies of length p + 1. k15 applies that rule to every token, in the full pass and in the
-paged passes alike: the token at position p uses length p + 1. So the sampler's cache, its log-probs and the
-training pass agree, and k15 equals transformers' generate whenever the prompt fits in M. Beyond M, two results of
-transformers differ from k15's: an uncached forward over T > M tokens (it rotates every token with length T), and
-generate from a prompt longer than M (its prompt keys use the prompt's length).
+forward call (over the whole batch), and its generate never re-rotates a cached key: the token decoded at position p
+of a single sequence has its query and key rotated with the frequencies of length p + 1. k15 applies that rule to
+every token, in the full pass and in the paged passes alike: the token at position p uses length p + 1, whatever
+else shares its call. So the sampler's cache, its log-probs, a resumed trajectory's re-encoded prefix and the
+training pass all agree, and k15 equals transformers' generate of one sequence whose prompt fits in M. Beyond M,
+these results of transformers differ from k15's: an uncached forward over T > M tokens (it rotates every token with
+length T), generate from a prompt longer than M (its prompt keys use the prompt's length), and batched generate
+over prompts of different lengths (a row uses the batch's largest position).
 """
 import math
 
