@@ -102,3 +102,14 @@ def test_the_loop_applies_the_schedule_to_new_and_buffered_rollouts(tmp_path, mo
   rows = metrics_lib.read_jsonl(str(tmp_path / "rl.jsonl"))
   assert [(r["max_response_len"], r["token_budget"]) for r in rows] == [(8, 6), (16, 5), (16, 5), (8, 5)]
   assert [r["finish_max_length"] for r in rows] == [0, 0, 4, 8]
+
+
+def test_plan_takes_the_longest_stage():
+  """experiments.plan's worst case under a schedule is that of a run at its longest stage throughout."""
+  from experiments import plan  # pylint: disable=g-import-not-at-top
+  scheduled = config_lib.from_config_dict(_config(iterations=3, max_response_len=64, token_budget=32,
+                                                  length_schedule=((2, 256, 64), (3, 128, 64))))
+  longest = config_lib.from_config_dict(_config(iterations=3, max_response_len=256, token_budget=64))
+  assert plan.lengths(scheduled) == plan.lengths(longest) and plan.lengths(longest)["response"] == 256
+  assert plan.iteration_flops(scheduled, plan.lengths(scheduled)) == plan.iteration_flops(longest,
+                                                                                         plan.lengths(longest))
