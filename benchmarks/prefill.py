@@ -10,8 +10,6 @@ of each), and prints tokens per second, the ratio to XLA, the share of the machi
 largest difference of the written cache from XLA's.
 """
 import argparse
-import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import numpy as np
 
 from k15 import flops, models, sampling
 from k15.sampling import native
+from timing import MATMUL_FLOPS, interleaved_best, matmul_run
 
 
 def parse_args():
@@ -27,18 +26,6 @@ def parse_args():
   p.add_argument("--page_size", type=int, default=16)
   p.add_argument("--rounds", type=int, default=7)
   return p.parse_args()
-
-
-def best_of(runs, rounds):
-  """Best seconds of each callable over `rounds` rounds, each round running every callable once (a drift in
-  the machine's speed falls on all of them alike)."""
-  best = {name: math.inf for name in runs}
-  for _ in range(rounds):
-    for name, fn in runs.items():
-      start = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
 
 
 def rows_of(sequences, page_size, pages_per_seq):
@@ -55,10 +42,8 @@ def rows_of(sequences, page_size, pages_per_seq):
 
 
 def matmul_rate():
-  x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  return 2 * 2048 ** 3 / best_of({"mm": lambda: f(x).block_until_ready()}, 3)["mm"]
+  """The 2048-square float32 matmul's FLOP/s, best of 3."""
+  return MATMUL_FLOPS / interleaved_best({"mm": matmul_run()}, 3)["mm"]
 
 
 def main():
@@ -91,7 +76,7 @@ def main():
       call = jax.jit(lambda kv, b=backend, w=weights: b.prefill(cfg, scfg, w, kv, tokens, positions, tables))
       caches[name] = np.asarray(call(kv))
       calls[name] = lambda c=call: jax.block_until_ready(c(kv))
-    best = best_of(calls, args.rounds)
+    best = interleaved_best(calls, args.rounds)
     useful = n_seqs * sum(flops.token_flops(cfg, c + 1) for c in range(length))
     base = "XLA (the model's pass)"
     print(f"\n== {n_seqs} sequences of {length} tokens ({len(tokens)} rows of {args.page_size}) ==")

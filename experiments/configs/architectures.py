@@ -17,3 +17,4 @@ ARCHITECTURES = {
     "qwen2.5-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
                        d_ff=18944, rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True, tie_embeddings=False),
 }
+

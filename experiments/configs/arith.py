@@ -10,6 +10,7 @@ arg: "" for the full CPU run, "smoke" for the seconds-long variant the tests run
 import ml_collections
 
 from experiments.configs.architectures import ARCHITECTURES
+from experiments.configs.loss import k15_loss
 from k15.sharding import DEFAULT_RULES, SAMPLING_RULES
 
 VARIANTS = ("", "smoke")
@@ -96,15 +97,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.minibatches = 2  # gradient steps per iteration
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5  # Adam restarts every iteration: its first steps move every weight by ~lr
-  c.rl.adam_eps = 1e-8
-  c.rl.max_grad_norm = 1.0  # global-norm clipping before the optimizer
-  c.rl.reset_optimizer = True  # fresh optimizer state at each iteration start
-  c.rl.loss = "k15"  # k15 | reinforce | grpo | rest
-  c.rl.tau = 0.1  # KL weight towards the start-of-iteration policy
-  c.rl.log_ratio = "sequence"  # sequence (the report) | token (public reimplementations)
-  c.rl.baseline = "mean"  # mean | logmeanexp
-  c.rl.form = "gradient"  # gradient (eq. 3) | squared (the surrogate)
-  c.rl.mask_old_segments = True  # older partial-rollout segments are context only
+  c.rl.update(k15_loss())  # the k1.5 loss (RECIPE.md section 4) and its optimizer settings
   c.rl.length_penalty_weight = 0.0 if smoke else 0.1
   c.rl.length_penalty_warmup = 1 if smoke else 20  # iterations before the length penalty turns on
   c.rl.repeat_penalty = -0.5  # added to the reward of "repeat" stops
