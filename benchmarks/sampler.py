@@ -288,7 +288,7 @@ def bench_tunix(path, cfg, prompts, args):
   return run, tokens
 
 
-def long_tail(cfg, params, args, backend):
+def long_tail(cfg, params, args, backend, mesh=None):
   """RL-style iterations of new prompts whose response lengths follow a long-tailed (log-normal) law.
 
   Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
@@ -299,6 +299,7 @@ def long_tail(cfg, params, args, backend):
   what is left in the buffer, so every system does the same work.
   """
   rng = np.random.RandomState(0)
+  params = replicate(params, mesh)
   slots, iters, per_iter, cap = (8, 3, 16, 64) if args.quick else (args.batch, 6, 128, 512)
   prompt_len, budget = 16, cap // 16
   lengths = np.clip(np.round(rng.lognormal(math.log(cap / 10), 1.0, iters * per_iter)), 4, cap).astype(int)
@@ -309,7 +310,7 @@ def long_tail(cfg, params, args, backend):
                                  page_size=args.page_size)
 
   def run(static, token_budget):
-    engine = sampling.RolloutEngine(cfg, scfg, slots, backend=backend, static_batching=static)
+    engine = sampling.RolloutEngine(cfg, scfg, slots, mesh, sharding.SAMPLING_RULES, backend, static_batching=static)
     buffer = sampling.ReplayBuffer() if token_budget else None
     per_iteration, done = [], 0
     start = time.perf_counter()
@@ -420,19 +421,21 @@ def main():
 
   if args.skip_long_tail:
     return
-  results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, setups["k15"][0])
-  print(f"\n== long-tailed lengths: {iters} iterations x {per_iter} new prompts over {slots} slots "
-        f"(k15 as a user gets it: {setups['k15'][0]}, 1 device); response "
-        f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
-        f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
-  base = results["static batching"]
-  for name, r in results.items():
-    print(f"{name:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
-          f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
-          f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
-          f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded")
-  print(f"refill + partial rollouts, run again with each engine call waited for: "
-        f"{calls_summary(times, seconds, in_ms=False)}")
+  for name, (backend, m) in setups.items():
+    if name != "k15" and m is None:
+      continue  # the other native matmuls: the user's setup stands for them
+    results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
+    print(f"\n== long-tailed lengths, {name}: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
+          f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
+          f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
+    base = results["static batching"]
+    for schedule, r in results.items():
+      print(f"{schedule:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
+            f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
+            f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
+            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded")
+    print(f"refill + partial rollouts, run again with each engine call waited for: "
+          f"{calls_summary(times, seconds, in_ms=False)}")
 
 
 if __name__ == "__main__":
