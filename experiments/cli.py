@@ -35,8 +35,9 @@ def _unknown_override(argv) -> str:
   return ""
 
 
-def run(experiment, *, config_help: str, workdir_help: str):
-  """Parses the flags and calls experiment(config, workdir) with the typed k15.config.Config.
+def run(experiment, *, config_help: str, workdir_help: str, build: str = "from_config_dict"):
+  """Parses the flags and calls experiment(config, workdir) with the typed k15.config.Config (build: the function
+  of k15.config that types the ConfigDict, e.g. rm_config_from_config_dict).
 
   A config that cannot run is a usage error naming the field, before any work starts.
   """
@@ -55,7 +56,7 @@ def run(experiment, *, config_help: str, workdir_help: str):
     from k15 import config as config_lib  # pylint: disable=g-import-not-at-top
     from k15 import sharding  # pylint: disable=g-import-not-at-top
     try:
-      config = config_lib.from_config_dict(config_flag.value)
+      config = getattr(config_lib, build)(config_flag.value)
     except config_lib.ConfigError as e:
       raise app.UsageError(str(e)) from None
     sharding.initialize_distributed()

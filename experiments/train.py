@@ -26,8 +26,9 @@ import jax
 from k15 import checkpoint, models, sharding
 from k15.config import Config, EvalConfig
 from k15.data import sources
+from k15.rewards import reward_model
 from k15.rewards.sandbox import SandboxConfig
-from k15.rewards.verifiers import Verifier
+from k15.rewards.verifiers import Verifier, methods_by_domain
 from k15.rl import evaluation, loop, sft
 from k15.rl.metrics import MetricsLogger, plot_rl_curves
 from k15.rl.trainer import Trainer
@@ -39,10 +40,19 @@ def make_trainer(config: Config, model_cfg=None) -> Trainer:
                  config.sharding.logical_axis_rules, config.sharding.sampling_rules)
 
 
-def make_verifier(config: Config) -> Verifier:
+def make_verifier(config: Config, trainer: Trainer = None, reward: str = "rules") -> Verifier:
+  """The verifiers of config.reward; with a reward other than "rules" (config.rl.reward), also the reward models
+  it needs from config.reward.rm_path, on the trainer's mesh with its rules (their own frozen params)."""
   r = config.reward
+  judges = {}
+  for kind in r.judges_needed(reward):
+    judges[kind] = reward_model.load_judge(os.path.join(r.rm_path, kind), rollout=config.sampling,
+                                           mesh=trainer.mesh, rules=trainer.rules,
+                                           sampling_rules=trainer.sampling_rules)
+    print(f"reward: {kind} from {os.path.join(r.rm_path, kind)}", flush=True)
   return Verifier(default_domain=r.default_domain, math_timeout_s=r.math_timeout_s, math_workers=r.math_workers,
-                  sandbox_config=SandboxConfig(allow_unisolated=r.sandbox_allow_unisolated))
+                  sandbox_config=SandboxConfig(allow_unisolated=r.sandbox_allow_unisolated), judges=judges,
+                  by_domain=methods_by_domain(reward, r.mix))
 
 
 def load_task(config: Config, workdir: str, write: bool = True):
@@ -156,8 +166,8 @@ def run(config: Config, workdir: str, allow_config_change: bool = False) -> dict
   tokenizer, train, eval_ = load_task(config, workdir)
   print(f"task: {len(train)} train / {len(eval_)} held-out problems, vocab {tokenizer.vocab_size}", flush=True)
   params = load_or_train_warmup(config, workdir, trainer, tokenizer, train)
-  with make_verifier(config) as verifier:
-    summary = _rl_and_report(config, workdir, trainer, params, tokenizer, train, eval_, verifier)
+  with make_verifier(config) as verifier, make_verifier(config, trainer, config.rl.reward) as reward_verifier:
+    summary = _rl_and_report(config, workdir, trainer, params, tokenizer, train, eval_, verifier, reward_verifier)
   summary["wall_time_s"] = time.time() - start
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -166,14 +176,15 @@ def run(config: Config, workdir: str, allow_config_change: bool = False) -> dict
   return summary
 
 
-def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier):
+def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier, reward_verifier):
+  """verifier: the held-out evaluation's (the rules); reward_verifier: RL's reward (config.rl.reward)."""
   def evaluate(params):
     return evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, verifier, sampled=True)
 
   warmup_eval = warmup_evaluation(config, workdir, evaluate, params)
   print(f"after warm-up: accuracy {warmup_eval['accuracy']:.1%}, mean tokens {warmup_eval['mean_tokens']:.1f}",
         flush=True)
-  params = loop.run_rl(config, workdir, trainer, params, tokenizer, train, eval_, verifier)
+  params = loop.run_rl(config, workdir, trainer, params, tokenizer, train, eval_, reward_verifier, verifier)
   final_eval = evaluate(params)
   host_params = sharding.to_host(params)  # every process joins the gather; process 0 writes
   if jax.process_index() == 0:

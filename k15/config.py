@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, Union
 
 from k15.models import ModelConfig
 from k15.rewards.verifiers import DOMAINS as REWARD_DOMAINS
+from k15.rewards.verifiers import METHODS as REWARD_METHODS
+from k15.rewards.verifiers import REWARDS
 from k15.rl.losses import POLICY_LOSSES
 from k15.rl.prompt_sampler import CurriculumStage, stages_from_config
 
@@ -194,11 +196,20 @@ class RewardConfig:
   math_timeout_s: float
   math_workers: int
   sandbox_allow_unisolated: bool  # code rewards without namespaces where the machine forbids them
+  rm_path: str  # the reward models' directory (experiments/train_rm.py's workdir): cot_rm/, value_rm/; "": none
+  mix: dict  # rl.reward="mix": {domain: rules | cot_rm | value_rm}; domains left out use the rules
 
   def __post_init__(self):
     _one_of(self, "default_domain", REWARD_DOMAINS)
     _positive(self, "math_timeout_s")
     _at_least(self, 1, "math_workers")
+    _check(all(d in REWARD_DOMAINS and m in REWARD_METHODS for d, m in self.mix.items()), "mix",
+           f"must map domains of {list(REWARD_DOMAINS)} to methods of {list(REWARD_METHODS)}, got {self.mix}")
+
+  def judges_needed(self, reward: str) -> tuple:
+    """The judges (cot_rm, value_rm) that config.rl.reward uses."""
+    from k15.rewards.verifiers import methods_by_domain  # pylint: disable=g-import-not-at-top
+    return tuple(sorted({m for m in methods_by_domain(reward, self.mix).values() if m != "rules"}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +275,10 @@ class RLConfig:
   priority_ema: float
   max_bad_steps: int
   pack: bool  # training rows packed with several samples each (sequence packing); False: a sample per row
+  reward: str  # what scores the responses: rules | cot_rm | value_rm | mix (config.reward.mix)
 
   def __post_init__(self):
+    _one_of(self, "reward", REWARDS)
     _at_least(self, 1, "iterations", "prompts_per_iteration", "samples_per_prompt", "token_budget",
               "max_response_len", "minibatches")
     _at_least(self, 0, "max_bad_steps")
@@ -416,9 +429,83 @@ class Config:
     if self.data.source == "arith" or not (self.data.tokenizer_path or self.hf_path):  # a trained SentencePiece
       _check(self.data.tokenizer_vocab_size <= self.model.vocab_size, "data.tokenizer_vocab_size",
              f"{self.data.tokenizer_vocab_size} exceeds model.vocab_size={self.model.vocab_size}")
+    for rl in (self.rl,) + ((self.long2short.rl,) if self.long2short else ()):
+      _check(not self.reward.judges_needed(rl.reward) or bool(self.reward.rm_path), "reward.rm_path",
+             f"rl.reward={rl.reward!r} scores with {list(self.reward.judges_needed(rl.reward))}: name the reward "
+             "models' directory (python -m experiments.train_rm --workdir=...)")
     if self.long2short and "short" in self.long2short.variants:
       _check(self.data.source == "arith", "long2short.variants",
              "'short' trains on the synthetic task's short traces; prompt files have none")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMDataConfig:
+  """Labelled (question, reference, response, correct) pairs on the synthetic task (k15/data/rm_data.py)."""
+  n_train: int  # training pairs
+  n_eval: int  # held-out pairs (of problems no training pair uses)
+  n_calibration: int  # training pairs kept out of training: the value RM's temperature is fitted on them
+  levels: tuple[int, ...]
+  tokenizer_vocab_size: int
+
+  def __post_init__(self):
+    from k15.data.arith import LEVELS  # pylint: disable=g-import-not-at-top
+    _at_least(self, 1, "n_train", "n_eval", "n_calibration")
+    _check(self.n_calibration < self.n_train, "n_calibration", f"must be < n_train={self.n_train}")
+    _check(bool(self.levels) and set(self.levels) <= set(LEVELS), "levels",
+           f"must be a non-empty subset of {sorted(LEVELS)}, got {self.levels}")
+    _at_least(self, 16, "tokenizer_vocab_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+  """How the judges read and score (k15.rewards.reward_model.JudgeSpec, saved beside their weights)."""
+  template: str  # holds {question}, {reference} and {response}
+  max_input_tokens: int
+  max_new_tokens: int  # the CoT judge's cap
+  value_reward: str  # threshold | probability
+  threshold: float
+
+  def __post_init__(self):
+    from k15.rewards import reward_model  # pylint: disable=g-import-not-at-top
+    for field in ("{question}", "{reference}", "{response}"):
+      _check(field in self.template, "template", f"must contain {field}, got {self.template!r}")
+    _at_least(self, 1, "max_input_tokens", "max_new_tokens")
+    _one_of(self, "value_reward", reward_model.VALUE_REWARDS)
+    _check(0.0 < self.threshold < 1.0, "threshold", f"must be in (0, 1), got {self.threshold}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMTrainConfig:
+  """Reward-model training (experiments/train_rm.py): the CoT RM is SFT, the value RM a classifier."""
+  seed: int
+  rms: tuple[str, ...]  # which to train: cot_rm, value_rm
+  model: ModelConfig  # both judges' transformer
+  mesh: MeshConfig
+  sharding: ShardingConfig
+  data: RMDataConfig
+  judge: JudgeConfig
+  cot: SFTConfig
+  value: SFTConfig
+  sampling: RolloutConfig  # the CoT judge's sampler (greedy)
+  math_timeout_s: float  # the comparison's math-verify pool
+  value_init: str  # the value RM's transformer at the start: scratch | cot_rm (the trained CoT RM's)
+  cot_judging_weight: float  # the CoT RM's loss weight of the tokens after its first line (value, match, verdict)
+
+  def __post_init__(self):
+    from k15.rewards import reward_model  # pylint: disable=g-import-not-at-top
+    _check(bool(self.rms) and set(self.rms) <= set(reward_model.JUDGE_KINDS), "rms",
+           f"must be a non-empty subset of {list(reward_model.JUDGE_KINDS)}, got {self.rms}")
+    _one_of(self, "value_init", ("scratch", "cot_rm"))
+    _positive(self, "cot_judging_weight")
+    _check(self.value_init == "scratch" or "value_rm" not in self.rms or "cot_rm" not in self.rms
+           or self.rms.index("cot_rm") < self.rms.index("value_rm"), "rms",
+           "value_init=cot_rm starts the value RM from the CoT RM: train cot_rm first")
+    _check(self.data.tokenizer_vocab_size <= self.model.vocab_size, "data.tokenizer_vocab_size",
+           f"{self.data.tokenizer_vocab_size} exceeds model.vocab_size={self.model.vocab_size}")
+    _positive(self, "math_timeout_s")
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -498,6 +585,12 @@ def _frozen(value):
   if isinstance(value, Mapping):
     return {k: _frozen(v) for k, v in value.items()}
   return value
+
+
+def rm_config_from_config_dict(config: Any) -> RMTrainConfig:
+  """The typed RMTrainConfig of a reward-model config (experiments/configs/rm.py); a ConfigError names a bad field."""
+  d = config.to_dict() if hasattr(config, "to_dict") else {k: v for k, v in config.items()}
+  return _build(RMTrainConfig, {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}, "")
 
 
 def from_config_dict(config: Any) -> Config:

@@ -83,6 +83,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Code rewards in a sandbox without namespaces, where the machine forbids them (k15/rewards/sandbox.py): only for
   # trusted programs or a disposable machine.
   c.reward.sandbox_allow_unisolated = False
+  c.reward.rm_path = ""  # reward models (python -m experiments.train_rm --workdir=...): cot_rm/, value_rm/; "": none
+  # rl.reward="mix": {domain: rules | cot_rm | value_rm}; domains left out use their rule-based verifier
+  c.reward.mix = ml_collections.ConfigDict({"math": "cot_rm"})
 
   c.rl = ml_collections.ConfigDict()
   c.rl.iterations = 3 if smoke else 40
@@ -108,6 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.priority_ema = 0.5  # s_i <- ema*s_i + (1-ema)*batch success
   c.rl.max_bad_steps = 3  # training steps with a non-finite loss, gradient or update skipped before the run stops
   c.rl.pack = False  # several samples per training row (sequence packing); off: a sample per row, as measured
+  c.rl.reward = "rules"  # rules (the verifiers) | cot_rm | value_rm (reward models in reward.rm_path) | mix
 
   c.eval = ml_collections.ConfigDict()  # held-out evaluation
   c.eval.temperature = 0.0  # 0: greedy

@@ -56,6 +56,14 @@ def _positions(tokens_BxT, segments_BxT):
   return _default_positions(tokens_BxT) if segments_BxT is None else segment_positions(segments_BxT)
 
 
+def hidden_states(cfg: ModelConfig, params, tokens_BxT, segments_BxT: Optional[jax.Array] = None):
+  """The last layer's final-normed hidden states x_BxTxD of a causal full-sequence pass (what the output head reads;
+  a value head reads them too)."""
+  x_BxTxD, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, _positions(tokens_BxT, segments_BxT),
+                                      logits=False, segments_BxT=segments_BxT)
+  return x_BxTxD
+
+
 def kv_pages_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
   """Shape of the paged KV cache of every layer, kv_LxPxZxCxH (`k15.models.attention`)."""
   return (cfg.n_layers, num_pages, page_size, 2 * cfg.n_kv_heads, cfg.head_dim)

@@ -8,13 +8,18 @@ hold arithmetic, math and code prompts:
   code   the candidate program against the example's test cases in the sandbox (never in-process)
 Pools start lazily on first use and stop with `close()`.
 
+Model-based rewards (k15/rewards/reward_model.py) sit behind the same call: `judges` names the judges (cot_rm,
+value_rm) and `by_domain` maps a domain to one of them or to "rules" (its verifier above; the default). A judge
+that cannot find a single valid verdict scores 0 with the reason and counts in `judge_failures`; `judge_time_s`
+is the wall time spent in judges (the RL loop reports its share of each iteration).
+
 A verifier failure (a math pool whose workers cannot start, a sandbox error) does not stop training: the
 affected responses get reward 0 with the reason "verifier failure: ...", `failures` counts them for the metrics,
 and the failed pool is closed so the next call starts a fresh one. Bad examples (a missing "answer" or
 "test_cases" field, an unknown domain) and a sandbox that refuses to run without isolation still raise.
 """
 import logging
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -24,16 +29,40 @@ from k15.rewards.sandbox import SandboxConfig
 log = logging.getLogger(__name__)
 
 DOMAINS = ("arith", "math", "code")
+REWARDS = ("rules", "cot_rm", "value_rm", "mix")  # config.rl.reward: what scores the RL responses
+METHODS = ("rules", "cot_rm", "value_rm")  # what scores one domain
+
+
+def methods_by_domain(reward: str, mix: Mapping[str, str]) -> dict:
+  """{domain: method} of config.rl.reward: rules everywhere, one judge everywhere, or the mix's mapping (domains
+  it leaves out use the rules)."""
+  if reward not in REWARDS:
+    raise ValueError(f"unknown reward {reward!r}; valid: {REWARDS}")
+  if reward == "mix":
+    bad = {d: m for d, m in mix.items() if d not in DOMAINS or m not in METHODS}
+    if bad:
+      raise ValueError(f"reward mix {dict(mix)}: {bad} not (domain of {DOMAINS}: method of {METHODS})")
+    return {d: mix.get(d, "rules") for d in DOMAINS}
+  return {d: reward for d in DOMAINS}
 
 
 class Verifier:
   """Dispatches each (text, example) to its domain's verifier; `close()` stops the pools it started."""
 
   def __init__(self, default_domain: str = "arith", math_timeout_s: float = 5.0, math_workers: int = 1,
-               sandbox_config: SandboxConfig = SandboxConfig()):
-    """sandbox_config: the limits and isolation of code rewards' sandbox."""
+               sandbox_config: SandboxConfig = SandboxConfig(), judges: Optional[Mapping] = None,
+               by_domain: Optional[Mapping[str, str]] = None):
+    """sandbox_config: the limits and isolation of code rewards' sandbox. judges: {"cot_rm" | "value_rm": a judge
+    (reward_model.CoTJudge, ValueJudge)}; by_domain: {domain: "rules" or a judge's name} (methods_by_domain)."""
     if default_domain not in DOMAINS:
       raise ValueError(f"unknown reward domain {default_domain!r}; valid: {DOMAINS}")
+    self._judges = dict(judges or {})
+    self._methods = {d: "rules" for d in DOMAINS}
+    self._methods.update(by_domain or {})
+    for domain, method in self._methods.items():
+      if method != "rules" and method not in self._judges:
+        raise ValueError(f"domain {domain!r} is scored by {method!r}, but the verifier has no such judge "
+                         f"(judges: {sorted(self._judges)})")
     self.default_domain = default_domain
     self._math_timeout_s, self._math_workers = math_timeout_s, math_workers
     self._sandbox_config = sandbox_config
@@ -61,8 +90,20 @@ class Verifier:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
     return rewards
 
+  @property
+  def judge_failures(self) -> int:
+    """Responses a judge scored 0 for want of a single valid verdict, over every call."""
+    return sum(j.failures for j in self._judges.values())
+
+  @property
+  def judge_time_s(self) -> float:
+    """Wall time spent in judges, over every call."""
+    return sum(j.time_s for j in self._judges.values())
+
   def _score_domain(self, domain, texts, examples) -> list:
     """[(reward, reason)] of one domain's items; a failure of its pool scores them 0 (module docstring)."""
+    if self._methods[domain] != "rules":
+      return [(r.reward, r.reason) for r in self._judges[self._methods[domain]].score(texts, examples)]
     if domain == "arith":
       return [(r, "correct" if r else "wrong or no answer")
               for r in (arith_reward(t, ex["answer"]) for t, ex in zip(texts, examples))]
@@ -90,6 +131,8 @@ class Verifier:
     for pool in self._pools.values():
       pool.close()
     self._pools = {}
+    for judge in self._judges.values():
+      judge.close()
 
   def __enter__(self) -> "Verifier":
     return self

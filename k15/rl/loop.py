@@ -128,6 +128,7 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   G = rl_cfg.samples_per_prompt
   trajs = [t for g in groups for t in g]
   texts = [tokenizer.decode(t.response_tokens) for t in trajs]
+  judge_time = verifier.judge_time_s
   correct = verifier(texts, [ex for ex in examples for _ in range(G)]).reshape(-1, G)
   lengths = np.array([len(t.response_tokens) for t in trajs], np.float32).reshape(-1, G)
   reasons = np.array([t.finish_reason for t in trajs], dtype=object).reshape(-1, G)
@@ -142,6 +143,8 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   metrics = {
       "accuracy": correct.mean(),
       "verifier_failures": verifier.failures,  # responses scored 0 because their verifier failed, so far
+      "rm_time_s": verifier.judge_time_s - judge_time,  # reward models' scoring (rl.reward cot_rm, value_rm, mix)
+      "rm_failures": verifier.judge_failures,  # responses a judge scored 0 for want of a single valid verdict, so far
       "reward": rewards.mean(),
       "length_penalty_weight": length_weight,
       "length_penalty_share": np.abs(length_term).sum() / max(np.abs(rewards).sum(), 1e-9),
@@ -182,12 +185,15 @@ def iter_minibatches(batch, n_groups, minibatches, G, rng):
     yield _pad_groups({k: v[rows] for k, v in batch.items()}, size, G)
 
 
-def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier):
+def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier, eval_verifier=None):
   """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params.
 
   train / eval_: example dicts (inputs_ids, answer, difficulty, and optionally domain and test_cases);
-  verifier: a k15.rewards.verifiers.Verifier. Evaluates on eval_ every config.eval.every iterations.
+  verifier: a k15.rewards.verifiers.Verifier, the training reward (config.rl.reward); eval_verifier: the held-out
+  evaluation's (default: verifier), e.g. the rules when a reward model scores training. Evaluates on eval_ every
+  config.eval.every iterations.
   """
+  eval_verifier = verifier if eval_verifier is None else eval_verifier
   rl = config.rl
   G = rl.samples_per_prompt
   model_cfg = trainer.cfg
@@ -272,9 +278,10 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
       metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
       skipped = int(sum(m["skipped"] for m in step_metrics))
     metrics["iteration_time_s"] = time.time() - t0
+    metrics["rm_time_share"] = metrics.get("rm_time_s", 0.0) / max(metrics["iteration_time_s"], 1e-9)
     metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
     if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
-      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, verifier)
+      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, eval_verifier)
       metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
     logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
                                     "slot_utilization", "tokens_per_s"))

@@ -2,7 +2,7 @@
 
 Also used by long2short (short-CoT SFT, shortest rejection sampling).
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import optax
 
@@ -20,8 +20,12 @@ def sft_optimizer(learning_rate: float, steps: int, warmup_steps: int):
 
 
 def sft_train(trainer: Trainer, params, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-              cfg: SFTConfig, *, pad_id: int, seed: int, logger=None, log_every: int = 50):
-  """cfg.steps steps on response tokens (prompt tokens masked out); returns the new params (params are donated)."""
+              cfg: SFTConfig, *, pad_id: int, seed: int, logger=None, log_every: int = 50,
+              weights: Optional[Sequence[Sequence[float]]] = None):
+  """cfg.steps steps on response tokens (prompt tokens masked out); returns the new params (params are donated).
+
+  weights: a loss weight per response token (default 1); the loss is the weighted mean over the batch's tokens.
+  """
   model_cfg = trainer.cfg
   seq_len = 8 * -(-max(len(p) + len(r) for p, r in zip(prompts, responses)) // 8)  # one compile, rounded up
 
@@ -30,6 +34,9 @@ def sft_train(trainer: Trainer, params, prompts: Sequence[Sequence[int]], respon
 
   def batch_fn(idx):
     tokens, mask = batching.pack([prompts[i] for i in idx], [responses[i] for i in idx], seq_len, pad_id)
+    if weights is not None:  # pack's mask frame: response token j of row b weighs at len(prompt) - 1 + j
+      for b, i in enumerate(idx):
+        mask[b, len(prompts[i]) - 1:len(prompts[i]) - 1 + len(responses[i])] = weights[i]
     return {"tokens": tokens, "mask": mask}
 
   optimizer = sft_optimizer(cfg.learning_rate, cfg.steps, cfg.warmup_steps)

@@ -67,8 +67,13 @@ class Trainer:
     return jax.device_put(params, self.param_shardings)
 
   def init_opt_state(self, optimizer, params):
-    shardings = sharding.opt_state_shardings(optimizer, models.abstract_params(self.cfg), self.param_shardings,
-                                             self.mesh)
+    """The optimizer's state for placed params (the model's, or a tree holding more, e.g. a value head): its
+    param-shaped leaves take their param's sharding."""
+    abstract, shardings = models.abstract_params(self.cfg), self.param_shardings
+    if jax.tree.structure(params) != jax.tree.structure(abstract):
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = sharding.opt_state_shardings(optimizer, abstract, shardings, self.mesh)
     with self.context():
       return jax.jit(optimizer.init, out_shardings=shardings)(params)
 

@@ -1,0 +1,83 @@
+"""Reward models end to end at smoke size: experiments.train_rm trains both judges and writes the comparison; the
+main job's RL scores with the CoT RM (rl.reward=cot_rm) and reports its time share; judges score the same on 8 fake
+devices as on one."""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train, train_rm
+from experiments.configs import arith as arith_config
+from experiments.configs import rm as rm_config
+from k15 import config as config_lib
+from k15 import sharding
+from k15.data import rm_data
+from k15.rewards import reward_model as rm
+from k15.rl import metrics as metrics_lib
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rm"))
+  config = config_lib.rm_config_from_config_dict(rm_config.get_config("smoke"))
+  return workdir, config, train_rm.run(config, workdir)
+
+
+def test_train_rm_writes_judges_and_the_comparison(rm_run):
+  workdir, config, summary = rm_run
+  for name in ("cot_rm/judge.json", "cot_rm/model.safetensors", "cot_rm/tokenizer.model", "value_rm/head.npz",
+               "rm_eval.md", "cot_rm.jsonl", "value_rm.jsonl"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  table = summary["accuracy"]
+  assert table["overall"]["n"] == config.data.n_eval
+  assert set(train_rm.METHODS) <= set(table["overall"])
+  # exact match is right on every canonical answer and every truncated response, by construction of the labels
+  assert table["canonical"]["exact match"] == 1.0 and table["truncated"]["exact match"] == 1.0
+  with open(os.path.join(workdir, "value_rm", "judge.json")) as f:
+    assert json.load(f)["temperature"] > 0
+
+
+def test_rl_smoke_run_with_the_cot_rm(rm_run, tmp_path):
+  rm_dir, _, _ = rm_run
+  config = arith_config.get_config("smoke")
+  config.rl.reward = "cot_rm"
+  config.rl.iterations = 2
+  config.reward.rm_path = rm_dir
+  workdir = str(tmp_path / "rl")
+  summary = train.run(config_lib.from_config_dict(config), workdir)
+  assert os.path.exists(os.path.join(workdir, "summary.md")) and 0 <= summary["k1.5 RL"]["accuracy"] <= 1
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, "rl.jsonl")) if r.get("groups_trained")]
+  assert rows and all(r["rm_time_s"] > 0 and 0 < r["rm_time_share"] < 1 for r in rows)
+  assert all("rm_failures" in r for r in rows)
+
+
+def _judge_pairs(n=24):
+  from k15.data import arith  # pylint: disable=g-import-not-at-top
+  return rm_data.generate_pairs(arith.generate(40, 7, (1, 2, 3, 4)), n, 7)
+
+
+def test_judges_score_the_same_on_8_devices_as_on_1(rm_run):
+  workdir, config, _ = rm_run
+  assert jax.device_count() >= 8
+  pairs = _judge_pairs()
+  texts = [p["response"] for p in pairs]
+  rollout = dataclasses.replace(config.sampling, backend="model", num_slots=8)
+  out = {}
+  for name, mesh in (("1", sharding.make_mesh({"data": 1}, jax.devices()[:1])),
+                     ("8", sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
+    kw = dict(mesh=mesh, rules=config.sharding.logical_axis_rules, sampling_rules=config.sharding.sampling_rules)
+    cot = rm.load_judge(os.path.join(workdir, "cot_rm"), rollout=rollout, **kw)
+    value = rm.load_judge(os.path.join(workdir, "value_rm"), **kw)
+    if name == "8":  # the judge's params are split over the mesh like the policy's
+      specs = {str(x.sharding.spec) for x in jax.tree.leaves(cot.params)}
+      assert any("tensor" in s or "fsdp" in s for s in specs), specs
+    out[name] = dict(cot=[r.reward for r in cot.score(texts, pairs)], text=list(cot.last_outputs),
+                     logits=value.logits(texts, pairs),
+                     value=[r.reward for r in value.score(texts, pairs)])
+  assert out["8"]["cot"] == out["1"]["cot"]
+  assert out["8"]["text"] == out["1"]["text"]
+  np.testing.assert_allclose(out["8"]["logits"], out["1"]["logits"], rtol=1e-4, atol=1e-4)
+  assert out["8"]["value"] == out["1"]["value"]
