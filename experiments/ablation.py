@@ -6,7 +6,8 @@ starts from the same SFT warm-up params and the same seed, so runs differ only i
 Workdir layout:
   data/, warmup/           the task and the shared long-CoT warm-up (the main job's layout, experiments/train.py)
   warmup_eval.json         held-out evaluation of the warm-up (the baseline row)
-  variants/<name>/         one RL run: config.json, rl.jsonl, checkpoints/, tensorboard/, result.json
+  variants/<name>/         one RL run: config.json, rl.jsonl, checkpoints/, tensorboard/, final/ (the RL model as
+                           a Hugging Face checkpoint), result.json (written last: the run is complete)
   results.json, results.md every variant's held-out evaluation (and the table)
   ablation_curves.png      accuracy and mean response length per iteration, all variants on shared axes
   ablation_final.png       held-out accuracy against mean response tokens after RL
@@ -23,13 +24,15 @@ import ml_collections
 import numpy as np
 
 from experiments import train as main_job
+from k15 import checkpoint, sharding
 from k15 import config as config_lib
 from k15.rewards.verifiers import Verifier
 from k15.rl import evaluation, loop
 from k15.rl.metrics import read_jsonl
 from k15.rl.trainer import Trainer
 
-# Named variants: config.rl overrides on top of the experiment config (the "k15" row is the config as given).
+# Named variants: config.rl overrides on top of the experiment config (the "k15" row is the config as given): the
+# loss and its options, and the recipe's other parts switched off one at a time.
 VARIANTS: dict[str, dict] = {
     "k15": {},
     "k15_tau0.01": {"tau": 0.01},  # weaker pull towards the start-of-iteration policy
@@ -40,6 +43,11 @@ VARIANTS: dict[str, dict] = {
     "reinforce": {"loss": "reinforce"},
     "grpo": {"loss": "grpo"},
     "rest": {"loss": "rest"},
+    "no_length_penalty": {"length_penalty_weight": 0.0},
+    "uniform": {"curriculum": (), "prioritized": False},  # every prompt, drawn uniformly
+    "curriculum_only": {"prioritized": False},
+    "prioritized_only": {"curriculum": ()},
+    "full_rollouts": {"partial_rollouts": False},  # every sample finishes in the iteration it started
 }
 
 VariantSpec = Union[Sequence[str], Mapping[str, Mapping]]
@@ -169,6 +177,9 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
   rl_time = time.time() - start
   final = evaluation.evaluate(setup.trainer, params, setup.tokenizer, setup.eval, config.sampling, config.eval,
                               setup.verifier, sampled=True)
+  host_params = sharding.to_host(params)  # every process joins the gather; process 0 writes
+  if jax.process_index() == 0:
+    checkpoint.save_hf(os.path.join(vdir, "final"), setup.trainer.cfg, host_params)
   rows = curves(setup.workdir, name)
   result = {"name": name, "overrides": dict(rl_overrides), "description": describe(config.rl),
             "iterations": config.rl.iterations, "rl_time_s": rl_time, "eval": final,

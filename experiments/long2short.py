@@ -3,15 +3,16 @@
   python -m experiments.long2short --config=experiments/configs/arith.py --main_workdir=/tmp/k15_arith \
       --workdir=/tmp/k15_l2s
 
-Variants (config.long2short.variants, in order): long (the main job's final/ model), short (SFT on the synthetic
-task's step-results-only traces), merge (weighted average of long and short), merge_rs (the merge fine-tuned on its
-own shortest correct response of n), dpo (DPO from long, long as the frozen reference), rl_<start> (long2short RL:
-the RL loop from the variant <start>, e.g. rl_long, with config.long2short.rl's settings). Responses are scored by
-the run's verifiers, so every variant but short runs on any prompt set with any reward. Every variant is evaluated
-on the same held-out prompts with the same sampling settings (config.eval).
+Variants (config.long2short.variants, in order): long (the main job's final/ model; run() can take another as
+long_dir), short (SFT on the synthetic task's step-results-only traces), merge (weighted average of long and short),
+merge_rs (the merge fine-tuned on its own shortest correct response of n), dpo (DPO from long, long as the frozen
+reference), rl_<start> (long2short RL: the RL loop from the variant <start>, e.g. rl_long, with
+config.long2short.rl's settings). Responses are scored by the run's verifiers, so every variant but short runs on any
+prompt set with any reward. Every variant is evaluated on the same held-out prompts with the same sampling settings
+(config.eval).
 
 Reads the main job's workdir (data/, warmup/, final/) and never writes there. Writes under --workdir:
-  source.json                the main workdir and a hash of its final/ weights (another long model is an error)
+  source.json                the main workdir, the long model and a hash of its weights (another one is an error)
   models/<variant>/          each variant as a Hugging Face checkpoint (long: a copy of final/)
   samples/<variant>.json     n sampled responses per prompt (merge: for rejection sampling, long: for DPO)
   eval/<variant>.json        held-out accuracy, mean tokens, tokens per correct answer, per-level accuracy
@@ -54,10 +55,10 @@ def _weights_hash(model_dir):
   return hashlib.sha256("".join(_sha256(os.path.join(model_dir, f)) for f in files).encode()).hexdigest()
 
 
-def check_main_workdir(config: Config, main_workdir: str):
+def check_main_workdir(config: Config, main_workdir: str, long_dir: str):
   """The files this pipeline reads; a missing one is an error naming it."""
   l = config.long2short
-  need = ["final/config.json"]
+  need = [os.path.relpath(os.path.join(long_dir, "config.json"), main_workdir)]
   if config.data.source == "arith":
     need += ["data/train.jsonl", "data/eval.jsonl", "data/spm.model"]
   elif not (config.data.tokenizer_path or config.hf_path):
@@ -73,16 +74,18 @@ def check_main_workdir(config: Config, main_workdir: str):
 class Long2Short:
   """The state shared by the stages: trainer, task, verifier and paths."""
 
-  def __init__(self, config: Config, workdir: str, main_workdir: str):
+  def __init__(self, config: Config, workdir: str, main_workdir: str, long_dir: str = ""):
+    """long_dir: the long model (a Hugging Face checkpoint); "": the main job's final/."""
     if config.long2short is None:
       raise ValueError("the config has no long2short section (config.long2short)")
     self.start = time.time()
     self.config, self.l, self.workdir = config, config.long2short, workdir
     self.main = os.path.abspath(main_workdir)
-    check_main_workdir(config, self.main)
+    self.long = os.path.abspath(long_dir or os.path.join(self.main, "final"))
+    check_main_workdir(config, self.main, self.long)
     os.makedirs(workdir, exist_ok=True)
     self._check_source()
-    cfg, _ = checkpoint.load_hf(os.path.join(self.main, "final"), dtype=config.model.param_dtype)
+    cfg, _ = checkpoint.load_hf(self.long, dtype=config.model.param_dtype)
     self.cfg = dataclasses.replace(cfg, dtype=config.model.dtype, remat=config.model.remat)
     self.trainer = main_job.make_trainer(config, self.cfg)
     self.tokenizer, self.train, self.eval = main_job.load_task(config, self.main, write=False)
@@ -90,14 +93,14 @@ class Long2Short:
     self.notes = {}  # variant -> what its training used this run (counts), for the summary
 
   def _check_source(self):
-    source = {"main_workdir": self.main, "final_weights_sha256": _weights_hash(os.path.join(self.main, "final"))}
+    source = {"main_workdir": self.main, "long_model": self.long, "final_weights_sha256": _weights_hash(self.long)}
     path = os.path.join(self.workdir, "source.json")
     if os.path.exists(path):
       with open(path) as f:
         old = json.load(f)
       if old["final_weights_sha256"] != source["final_weights_sha256"]:
-        raise ValueError(f"{self.workdir} was built from another long model ({old['main_workdir']}/final, sha256 "
-                         f"{old['final_weights_sha256'][:12]}); use a fresh --workdir for {self.main}/final")
+        raise ValueError(f"{self.workdir} was built from another long model (sha256 "
+                         f"{old['final_weights_sha256'][:12]}); use a fresh --workdir for {self.long}")
     elif jax.process_index() == 0:
       with open(path, "w") as f:
         json.dump(source, f, indent=2)
@@ -143,7 +146,7 @@ class Long2Short:
   # --- stages
 
   def stage_long(self):
-    self.save("long", self.load(os.path.join(self.main, "final")))
+    self.save("long", self.load(self.long))
 
   def stage_short(self):
     """SFT on the training problems with the short traces (step results only) as targets."""
@@ -151,7 +154,7 @@ class Long2Short:
     if self.l.short_init == "scratch":
       params = self.trainer.init_params(jax.random.PRNGKey(self.config.seed))
     else:
-      params = self.load(os.path.join(self.main, "final" if self.l.short_init == "long" else "warmup"))
+      params = self.load(self.long if self.l.short_init == "long" else os.path.join(self.main, "warmup"))
     examples = tasks.load_examples(sources.arith_task_names(os.path.join(self.main, "data"), "cot_short")["train"])
     self.sft("short", params, [ex["inputs_ids"] for ex in examples], [ex["targets_ids"] for ex in examples],
              self.l.short)
@@ -307,9 +310,9 @@ class Long2Short:
     return summary
 
 
-def run(config: Config, workdir: str, main_workdir: str) -> dict:
+def run(config: Config, workdir: str, main_workdir: str, long_dir: str = "") -> dict:
   """Runs (or resumes) every configured variant, evaluates each and writes the table and plot."""
-  return Long2Short(config, workdir, main_workdir).run()
+  return Long2Short(config, workdir, main_workdir, long_dir).run()
 
 
 if __name__ == "__main__":

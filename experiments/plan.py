@@ -178,6 +178,7 @@ def iteration_flops(config, seq: dict) -> dict:
   cfg, _ = _model_and_rules(config)
   n = int(config.rl.prompts_per_iteration) * int(config.rl.samples_per_prompt)
   Lp, R, budget = seq["prompt"], seq["response"], config.rl.longest_lengths()[1]
+  budget = int(budget) if config.rl.partial_rollouts else R
   decode = n * R * flops.token_flops(cfg, seq["rollout_cache"])  # worst case: every sequence at full length
   segments = max(1, -(-R // budget))  # a response spans this many iterations; each resume re-encodes its prefix
   prefill = n * sum(flops.forward_flops(cfg, Lp + j * budget) for j in range(segments))

@@ -98,6 +98,7 @@ class ArithDataConfig:
   n_train: int
   n_eval: int
   levels: tuple[int, ...]
+  level_shares: tuple[float, ...]  # () : an even spread over levels
   tokenizer_vocab_size: int
   direct_prob: float
 
@@ -106,6 +107,9 @@ class ArithDataConfig:
     _at_least(self, 1, "n_train", "n_eval")
     _check(bool(self.levels) and set(self.levels) <= set(LEVELS), "levels",
            f"must be a non-empty subset of {sorted(LEVELS)}, got {self.levels}")
+    shares = self.level_shares
+    _check(not shares or (len(shares) == len(self.levels) and min(shares) >= 0 and sum(shares) > 0), "level_shares",
+           f"must be () or one share >= 0 per level of {self.levels}, not all 0; got {shares}")
     _at_least(self, 16, "tokenizer_vocab_size")
     _check(0.0 <= self.direct_prob <= 1.0, "direct_prob", f"must be in [0, 1], got {self.direct_prob}")
 
@@ -266,6 +270,7 @@ class RLConfig:
   baseline: str
   form: str
   mask_old_segments: bool
+  partial_rollouts: bool
   length_penalty_weight: float
   length_penalty_warmup: int
   repeat_penalty: float

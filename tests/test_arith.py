@@ -80,7 +80,8 @@ def test_levels_shape_the_questions(examples):
 def test_distinct_questions_ids_and_even_levels(examples):
   assert len({ex["question"] for ex in examples}) == len(examples)
   assert len({ex["id"] for ex in examples}) == len(examples)
-  assert collections.Counter(ex["difficulty"] for ex in examples) == {1: 90, 2: 102, 3: 102, 4: 102, 5: 102, 6: 102}
+  # 600 over 7 levels: level 1 holds 90 questions, the other 510 go evenly to the rest (the first ones get 86).
+  assert collections.Counter(ex["difficulty"] for ex in examples) == {1: 86, 2: 86, 3: 86, 4: 86, 5: 86, 6: 85, 7: 85}
   assert arith.example_id("Compute 1+2.") == arith.make_example([1, 2], ["+"], 1, False)["id"]
 
 
@@ -142,6 +143,19 @@ def test_small_level_is_exhausted_then_others_fill_in():
     arith.generate(5, seed=0, levels=[9])
 
 
+def test_level_shares():
+  # 1000 by shares 0.5/0.3/0.2 wants 500/300/200; level 1 holds 90, and the 410 it leaves go 0.3:0.2 to the others.
+  mixed = arith.generate(1000, seed=3, levels=[1, 2, 7], level_shares=[0.5, 0.3, 0.2])
+  assert collections.Counter(ex["difficulty"] for ex in mixed) == {1: 90, 2: 300 + 246, 7: 200 + 164}
+  # 7 by 0.5/0.3/0.2 is 3.5/2.1/1.4: the remaining one goes to the largest fraction.
+  assert collections.Counter(ex["difficulty"] for ex in arith.generate(7, seed=0, levels=[3, 4, 2],
+                                                                       level_shares=[0.5, 0.3, 0.2])) == {3: 4, 4: 2, 2: 1}
+  assert {ex["difficulty"] for ex in arith.generate(20, seed=0, levels=[2, 3], level_shares=[0, 1])} == {3}
+  for bad in ([0.5], [0.5, -0.1], [0, 0]):
+    with pytest.raises(ValueError, match="level_shares"):
+      arith.generate(10, seed=0, levels=[2, 3], level_shares=bad)
+
+
 def test_split_is_disjoint_balanced_and_dedupes(examples):
   n_eval = 20 * len(arith.LEVELS)
   train, eval_ = arith.split_train_eval(list(examples) + examples[:30], n_eval=n_eval)
@@ -186,9 +200,10 @@ def test_prepare_arith_data_token_budget(tmp_path):
     lengths["prompt"].append(len(tok.encode(text)))
     lengths[("long", ex["difficulty"])].append(len(tok.encode(ex["cot_long"])))
     lengths[("short", ex["difficulty"])].append(len(tok.encode(ex["cot_short"])))
-  assert max(lengths["prompt"]) <= 24
-  longs = [x for k, v in lengths.items() if k[0] == "long" for x in v]
-  assert min(longs) >= 25 and max(longs) <= 140
+  assert max(lengths["prompt"]) <= 32
+  longs = [x for k, v in lengths.items() if k[0] == "long" and k[1] != 7 for x in v]
+  assert min(longs) >= 25 and max(longs) <= 110
+  assert min(lengths["long", 7]) > max(longs) and max(lengths["long", 7]) <= 220  # the long chains: a long tail
   for level in arith.LEVELS:  # every short trace is shorter than every long one: room for long2short
     assert max(lengths["short", level]) < min(lengths["long", level])
 

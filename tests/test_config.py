@@ -165,6 +165,7 @@ def test_every_config_field_is_read_somewhere():
     ("eval.max_response_len=0", "config.eval.max_response_len: must be >= 1"),
     ("data.n_eval=0", "config.data.n_eval: must be >= 1"),
     ("data.direct_prob=1.5", r"config.data.direct_prob: must be in \[0, 1\]"),
+    ("data.level_shares=(0.5,)", r"config.data.level_shares: must be \(\) or one share >= 0 per level"),
     ("model.d_model=0", "config.model: ModelConfig.d_model must be positive"),
     ("mesh.fsdp=0", "config.mesh.fsdp: must be >= 1 or -1"),
     ("rl.loss=ppo", "config.rl.loss: must be one of"),

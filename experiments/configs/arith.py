@@ -4,7 +4,9 @@
   python -m experiments.long2short --config=experiments/configs/arith.py --main_workdir=/tmp/k15_arith \
       --workdir=/tmp/k15_l2s
 
-arg: "" for the full CPU run, "smoke" for the seconds-long variant the tests run. Any field can be overridden:
+arg: "" for the full CPU run, "smoke" for the seconds-long variant the tests run, "sweep" for the seeds runner
+(experiments/sweep.py: the main job with 20 RL iterations, about 2 minutes of CPU per run), "longtail" for the
+sweep on a task whose response lengths are long-tailed (a few long chains). Any field can be overridden:
 --config.rl.tau=0.05 --config.model.n_layers=2.
 """
 import ml_collections
@@ -13,7 +15,7 @@ from experiments.configs.architectures import ARCHITECTURES
 from experiments.configs.loss import k15_loss
 from k15.sharding import DEFAULT_RULES, SAMPLING_RULES
 
-VARIANTS = ("", "smoke")
+VARIANTS = ("", "smoke", "sweep", "longtail")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -50,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.n_train = 400 if smoke else 4000  # generated training problems (SFT traces and RL prompts)
   c.data.n_eval = 32 if smoke else 200  # held-out problems
   c.data.levels = (1, 2, 3, 4)  # difficulty levels: chains of 1 to 4 steps
+  c.data.level_shares = ()  # each level's share of the problems, in the order of levels; (): even
   c.data.tokenizer_vocab_size = 128  # SentencePiece vocab trained on the generated corpus
   c.data.direct_prob = 0.6  # share of warm-up targets that answer at once, without reasoning: RL's headroom
 
@@ -101,6 +104,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5  # Adam restarts every iteration: its first steps move every weight by ~lr
   c.rl.update(k15_loss())  # the k1.5 loss (RECIPE.md section 4) and its optimizer settings
+  c.rl.partial_rollouts = True  # False: every sample runs to its end in one iteration (token_budget unused)
   c.rl.length_penalty_weight = 0.0 if smoke else 0.1
   c.rl.length_penalty_warmup = 1 if smoke else 20  # iterations before the length penalty turns on
   c.rl.repeat_penalty = -0.5  # added to the reward of "repeat" stops
@@ -158,4 +162,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   l.rl.length_penalty_warmup = 0  # the length penalty is on from the first iteration
   l.rl.curriculum = ()  # all levels throughout: every level has length to cut
   l.rl.learning_rate = 5e-5
+
+  if arg in ("sweep", "longtail"):  # the main job at half length, so that 5 seeds x several variants fit in hours
+    c.rl.iterations = 20
+    c.eval.every = 4
+    c.rl.length_penalty_warmup = 10
+    c.rl.curriculum = ((8, (1, 2, 3, 4)), (None, (2, 3, 4)))
+    l.rl.iterations = 15
+  if arg == "longtail":  # 6% of the problems are 9-step chains, about twice the longest response of levels 1-4
+    c.data.levels = (1, 2, 3, 4, 7)
+    c.data.level_shares = (0.24, 0.24, 0.24, 0.24, 0.04)  # levels 1 and 2 run out of questions: 7 gets 6%
+    c.rl.max_response_len = c.eval.max_response_len = 256
+    c.rl.curriculum = ()  # the prompts stay the task's long-tailed mix: no pools,
+    c.rl.prioritized = False  # and no preference for the unsolved long chains
   return c

@@ -155,6 +155,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.rl.optimizer = "adam"  # adam | sgd | momentum
   c.rl.learning_rate = 5e-5 if smoke else run["learning_rate"]
   c.rl.update(k15_loss())  # the k1.5 loss (RECIPE.md section 4) and its optimizer settings
+  c.rl.partial_rollouts = True  # False: every sample runs to its end in one iteration (token_budget unused)
   c.rl.length_penalty_weight = 0.0 if smoke else 0.1
   c.rl.length_penalty_warmup = 1 if smoke else 50  # iterations before the length penalty turns on
   c.rl.repeat_penalty = -0.5  # added to the reward of "repeat" stops

@@ -76,6 +76,7 @@ LEVELS = {  # one-digit operands first: a tiny model learns the step format fast
     4: Level(n_operands=5, digits=1, bounded=True),
     5: Level(n_operands=2, digits=2),
     6: Level(n_operands=3, digits=2, mul=True),
+    7: Level(n_operands=10, digits=1, bounded=True),  # long chains: a few of them make response lengths long-tailed
 }
 RECHECK_PROB = 0.4  # fraction of long traces with a redundant re-computation
 
@@ -176,13 +177,23 @@ def make_example(operands: Sequence[int], ops: Sequence[str], difficulty: int, r
       warmup=f"Answer: {answer}" if direct else cot_long)
 
 
-def _allocate(n: int, levels: Sequence[int]) -> dict[int, int]:
-  """n split evenly over levels; a level short of distinct questions passes its excess to the others."""
-  counts, open_levels, left = {l: 0 for l in levels}, list(levels), n
+def _split(n: int, weights: Sequence[float]) -> list[int]:
+  """n split in proportion to weights, remainders to the largest fractions (ties: the first)."""
+  raw = n * np.asarray(weights, np.float64) / np.sum(weights)
+  counts = np.floor(raw).astype(np.int64)
+  for i in np.argsort(counts - raw, kind="stable")[:n - int(counts.sum())]:
+    counts[i] += 1
+  return counts.tolist()
+
+
+def _allocate(n: int, levels: Sequence[int], shares: Sequence[float]) -> dict[int, int]:
+  """n split over levels in proportion to shares; a level short of distinct questions passes its excess to the
+  others (in proportion to theirs)."""
+  share_of, counts, left = dict(zip(levels, shares)), {l: 0 for l in levels}, n
+  open_levels = [l for l in levels if share_of[l] > 0]
   while left and open_levels:
-    share, extra = divmod(left, len(open_levels))
-    for i, l in enumerate(list(open_levels)):
-      take = min(share + (i < extra), LEVELS[l].capacity() - counts[l])
+    for l, want in zip(list(open_levels), _split(left, [share_of[l] for l in open_levels])):
+      take = min(want, LEVELS[l].capacity() - counts[l])
       counts[l] += take
       left -= take
       if counts[l] == LEVELS[l].capacity():
@@ -192,22 +203,28 @@ def _allocate(n: int, levels: Sequence[int]) -> dict[int, int]:
   return counts
 
 
-def generate(n: int, seed: int, levels: Sequence[int] = tuple(LEVELS),
-             recheck_prob: float = RECHECK_PROB, direct_prob: float = 0.0) -> list[dict]:
-  """n examples with distinct questions, spread evenly over `levels` (capped by each level's size), shuffled.
+def generate(n: int, seed: int, levels: Sequence[int] = tuple(LEVELS), recheck_prob: float = RECHECK_PROB,
+             direct_prob: float = 0.0, level_shares: Sequence[float] = ()) -> list[dict]:
+  """n examples with distinct questions, spread over `levels` (capped by each level's size), shuffled.
 
-  Deterministic in (n, seed, levels, recheck_prob, direct_prob); the questions do not depend on direct_prob.
+  level_shares: each level's share of the examples, in the order of `levels`; () for an even spread.
+  Deterministic in (n, seed, levels, recheck_prob, direct_prob, level_shares); the questions do not depend on
+  direct_prob.
   """
   if not 0.0 <= direct_prob <= 1.0:
     raise ValueError(f"direct_prob must be in [0, 1], got {direct_prob}")
   unknown = sorted(set(levels) - set(LEVELS))
   if unknown:
     raise ValueError(f"unknown level(s) {unknown}; known levels: {sorted(LEVELS)}")
-  levels = sorted(set(levels))
+  shares = list(level_shares) or [1.0] * len(levels)
+  if len(shares) != len(levels) or min(shares) < 0 or sum(shares) <= 0:
+    raise ValueError(f"level_shares {tuple(level_shares)}: one share >= 0 per level of {list(levels)}, not all 0")
+  share_of = dict(zip(levels, shares))
+  levels = sorted(share_of)
   rng = np.random.default_rng(seed)
   direct = np.random.default_rng([seed, 1]).random(n) < direct_prob  # its own stream: same questions for any prob
   examples = []
-  for level, count in _allocate(n, levels).items():
+  for level, count in _allocate(n, levels, [share_of[l] for l in levels]).items():
     seen = set()
     while len(seen) < count:  # rejection sampling; a full level costs ~capacity*log(capacity) draws
       operands, ops = _sample_expression(LEVELS[level], rng)
@@ -271,12 +288,13 @@ def build_corpus(examples: Iterable[dict]) -> list[str]:
 
 def prepare_arith_data(out_dir: str, n_train: int, n_eval: int, seed: int,
                        levels: Sequence[int] = tuple(LEVELS), vocab_size: int = 256,
-                       direct_prob: float = 0.0) -> dict[str, str]:
+                       direct_prob: float = 0.0, level_shares: Sequence[float] = ()) -> dict[str, str]:
   """Writes train.jsonl, eval.jsonl (disjoint questions) and spm.model (trained on the train corpus).
 
   Returns {"train": path, "eval": path, "spm": path}.
   """
-  train, eval_ = split_train_eval(generate(n_train + n_eval, seed, levels, direct_prob=direct_prob), n_eval)
+  train, eval_ = split_train_eval(generate(n_train + n_eval, seed, levels, direct_prob=direct_prob,
+                                           level_shares=level_shares), n_eval)
   paths = {k: os.path.join(out_dir, f) for k, f in
            (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("spm", "spm.model"))}
   write_jsonl(paths["train"], train)

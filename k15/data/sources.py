@@ -47,7 +47,7 @@ def _arith_task(data, workdir, seed, write):
   if write and jax.process_index() == 0 and not checkpoint.is_complete(data_dir):
     with checkpoint.stage_dir(data_dir) as tmp:  # renamed once complete: a killed run leaves no half a task
       arith.prepare_arith_data(tmp, data.n_train, data.n_eval, seed, tuple(data.levels), data.tokenizer_vocab_size,
-                               data.direct_prob)
+                               data.direct_prob, tuple(data.level_shares))
   sharding.sync_processes("k15_arith_data")  # the other processes read what process 0 wrote
   names = arith_task_names(data_dir)
   train, eval_ = tasks.load_examples(names["train"]), tasks.load_examples(names["eval"])

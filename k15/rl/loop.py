@@ -234,9 +234,11 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
       state.group_prompt[gid] = int(prompt_index)
       requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G, max_new_tokens=max_response_len))
 
-    # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer.
+    # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer
+    # (without partial rollouts every sample runs to its end in this iteration).
     with trainer.context():
-      finished, stats = engine.run(params, requests, state.buffer, it, token_budget,
+      finished, stats = engine.run(params, requests, state.buffer, it,
+                                   token_budget if rl.partial_rollouts else None,
                                    jax.random.PRNGKey(int(state.rng.integers(2**31))))
     engine.release()  # the rollout cache is not held through training and evaluation
     t_rollout = time.time() - t0
