@@ -186,6 +186,23 @@ def test_workdir_of_another_long_model_is_refused(run, tmp_path):
     l2s.Long2Short(_config(), str(tmp_path / "out"), str(tmp_path / "nothing"))
 
 
+def test_long_model_from_another_directory(run, tmp_path):
+  """long_dir: the long model need not be the main job's final/ (the seeds runner passes an RL variant's)."""
+  p, _, _ = run
+  other = str(tmp_path / "other_long")
+  params = models.init_params(p.cfg, jax.random.PRNGKey(7))
+  models.save_hf(other, p.cfg, params)
+  q = l2s.Long2Short(_config(("long",)), str(tmp_path / "l2s"), p.main, long_dir=other)
+  q.run()
+  with open(os.path.join(q.workdir, "source.json")) as f:
+    assert json.load(f)["long_model"] == other
+  _, long_ = models.load_hf(q.model_dir("long"))
+  for a, b in zip(jax.tree.leaves(long_), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FileNotFoundError, match=r"missing \['../nowhere/config.json'\]"):
+    l2s.Long2Short(_config(("long",)), str(tmp_path / "l2s"), p.main, long_dir=os.path.join(p.main, "..", "nowhere"))
+
+
 def test_long2short_on_math_prompts_scores_with_math_verify(math_main_job, tmp_path, monkeypatch):
   """Long2short on the math main job (prompt-file fixtures): the sampled responses are scored by math-verify.
 
