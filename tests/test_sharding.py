@@ -81,3 +81,24 @@ def test_mesh_errors():
 
 def test_initialize_distributed_is_noop_on_one_process():
   assert sharding.initialize_distributed() is False
+
+
+def test_train_steps_run_at_most_two_ahead_of_the_devices(monkeypatch):
+  """The host waits for step n - 2 after dispatching step n: XLA:CPU's client deadlocked on 8 fake devices when a
+  loop queued dozens of sharded steps."""
+  from k15.rl import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  waited = []
+  monkeypatch.setattr(trainer_lib.jax, "block_until_ready", lambda x: waited.append(x) or x)
+  trainer = trainer_lib.Trainer(CFG, sharding.make_mesh({"fsdp": 4, "tensor": 2}))
+  def loss_fn(p, b):
+    loss = next_token_loss(p, b["tokens"])
+    return loss, {"loss": loss}
+  step = trainer.make_step(loss_fn, optax.sgd(0.1))
+  params = trainer.init_params(jax.random.PRNGKey(0))
+  opt_state = trainer.init_opt_state(optax.sgd(0.1), params)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (8, 12), 0, CFG.vocab_size))
+  dispatched = []
+  for _ in range(5):
+    params, opt_state, metrics = step(params, opt_state, {"tokens": tokens})
+    dispatched.append(metrics)
+  assert trainer_lib.STEPS_IN_FLIGHT == 2 and [id(m) for m in waited] == [id(m) for m in dispatched[:3]]

@@ -3,6 +3,7 @@
 Every process holds the same host batch (it is derived from the same seed and rollouts), and each device
 takes its slice, so one code path serves 1 device, 8 fake devices and multi-host pods.
 """
+import collections
 import contextlib
 from typing import Callable
 
@@ -13,6 +14,12 @@ import numpy as np
 import optax
 
 from k15 import models, sharding
+
+
+# Steps the host may dispatch ahead of the devices. Unbounded run-ahead (a loop that reads metrics every 50 steps)
+# queues enough multi-device programs to deadlock XLA:CPU's client on 8 fake devices: its launch threads block on
+# a per-device in-flight limit while the programs that would free it wait for a thread. Two keep the devices busy.
+STEPS_IN_FLIGHT = 2
 
 
 class DivergenceError(RuntimeError):
@@ -91,10 +98,15 @@ class Trainer:
     params and opt_state are donated: callers keep only what the step returns.
     """
     jitted = jax.jit(train_step(loss_fn, optimizer), donate_argnums=(0, 1))
+    in_flight = collections.deque()  # the metrics of the steps dispatched and maybe not done
 
     def run(params, opt_state, batch):
       with self.context():
-        return jitted(params, opt_state, self.shard_batch(batch))
+        out = jitted(params, opt_state, self.shard_batch(batch))
+      in_flight.append(out[2])
+      if len(in_flight) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
+      return out
     return run
 
   def make_eval(self, fn: Callable):
