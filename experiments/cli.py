@@ -35,11 +35,14 @@ def _unknown_override(argv) -> str:
   return ""
 
 
-def run(experiment, *, config_help: str, workdir_help: str, build: str = "from_config_dict"):
+def run(experiment, *, config_help: str, workdir_help: str, build: str = "from_config_dict",
+        url_workdir: bool = False):
   """Parses the flags and calls experiment(config, workdir) with the typed k15.config.Config (build: the function
   of k15.config that types the ConfigDict, e.g. rm_config_from_config_dict).
 
-  A config that cannot run is a usage error naming the field, before any work starts.
+  A config that cannot run is a usage error naming the field, before any work starts. url_workdir: the experiment
+  writes its workdir through k15.storage, so it may be a bucket (gs://...). A preempted run (k15.preemption.Preempted,
+  raised once its checkpoint is saved) exits 0.
   """
   config_flag = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, workdir_help)
@@ -48,9 +51,9 @@ def run(experiment, *, config_help: str, workdir_help: str, build: str = "from_c
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if "://" in workdir_flag.value:  # plain file I/O would create a local directory named "gs:"
-      raise app.UsageError(f"--workdir={workdir_flag.value}: k15 writes its workdir through the file system; mount "
-                           "the bucket (python -m launch.tpu run does, with gcsfuse) and pass the mounted path")
+    if "://" in workdir_flag.value and not url_workdir:  # plain file I/O would create a local directory "gs:"
+      raise app.UsageError(f"--workdir={workdir_flag.value}: this entry point writes its workdir through the local "
+                           "file system; give a local or mounted path (experiments.train takes gs:// workdirs)")
     if not flags.FLAGS["verbosity"].present:  # orbax and seqio log every step at INFO; -v 0 brings it back
       logging.set_verbosity(logging.WARNING)
     from k15 import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -59,8 +62,12 @@ def run(experiment, *, config_help: str, workdir_help: str, build: str = "from_c
       config = getattr(config_lib, build)(config_flag.value)
     except config_lib.ConfigError as e:
       raise app.UsageError(str(e)) from None
+    from k15 import preemption  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed()
-    experiment(config, workdir_flag.value)
+    try:
+      experiment(config, workdir_flag.value)
+    except preemption.Preempted as e:
+      print(f"k15: {e}", flush=True)
 
   def parse_flags(argv):
     try:

@@ -15,6 +15,7 @@ result in the workdir, so a rerun skips what is done and resumes RL from its las
   summary.json / .md     held-out accuracy and mean tokens after warm-up and after RL
 data/, warmup/ and final/ are written under a temporary name and renamed when complete (k15.checkpoint.stage_dir).
 A rerun whose config differs in a defining field is an error listing the fields, unless --allow_config_change.
+The workdir may be a bucket (--workdir=gs://bucket/run): every file goes through k15.storage.
 """
 import hashlib
 import json
@@ -23,11 +24,12 @@ import time
 
 import jax
 
-from k15 import checkpoint, models, sharding
+from k15 import checkpoint, models, sharding, storage
 from k15.config import Config, EvalConfig
 from k15.data import sources
 from k15.rewards import reward_model
 from k15.rewards.sandbox import SandboxConfig
+from k15.rewards.shared import SharedVerifier
 from k15.rewards.verifiers import Verifier, methods_by_domain
 from k15.rl import evaluation, loop, sft
 from k15.rl.metrics import MetricsLogger, plot_rl_curves
@@ -40,9 +42,11 @@ def make_trainer(config: Config, model_cfg=None) -> Trainer:
                  config.sharding.logical_axis_rules, config.sharding.sampling_rules)
 
 
-def make_verifier(config: Config, trainer: Trainer = None, reward: str = "rules") -> Verifier:
+def make_verifier(config: Config, trainer: Trainer = None, reward: str = "rules") -> SharedVerifier:
   """The verifiers of config.reward; with a reward other than "rules" (config.rl.reward), also the reward models
-  it needs from config.reward.rm_path, on the trainer's mesh with its rules (their own frozen params)."""
+  it needs from config.reward.rm_path, on the trainer's mesh with its rules (their own frozen params). On several
+  processes each response a rule verifies is verified by one process and the rewards shared with all; judges run
+  on the mesh, every process alike (k15.rewards.shared)."""
   r = config.reward
   judges = {}
   for kind in r.judges_needed(reward):
@@ -50,9 +54,10 @@ def make_verifier(config: Config, trainer: Trainer = None, reward: str = "rules"
                                            mesh=trainer.mesh, rules=trainer.rules,
                                            sampling_rules=trainer.sampling_rules)
     print(f"reward: {kind} from {os.path.join(r.rm_path, kind)}", flush=True)
-  return Verifier(default_domain=r.default_domain, math_timeout_s=r.math_timeout_s, math_workers=r.math_workers,
-                  sandbox_config=SandboxConfig(allow_unisolated=r.sandbox_allow_unisolated), judges=judges,
-                  by_domain=methods_by_domain(reward, r.mix))
+  return SharedVerifier(Verifier(default_domain=r.default_domain, math_timeout_s=r.math_timeout_s,
+                                 math_workers=r.math_workers,
+                                 sandbox_config=SandboxConfig(allow_unisolated=r.sandbox_allow_unisolated),
+                                 judges=judges, by_domain=methods_by_domain(reward, r.mix)))
 
 
 def load_task(config: Config, workdir: str, write: bool = True):
@@ -78,10 +83,9 @@ def record_config(config: Config, workdir: str, allow_change: bool = False):
   the fields (the run would silently continue another one), unless allow_change."""
   full = json.loads(json.dumps(config.to_dict()))
   defining = {k: v for k, v in _flat(full).items() if not k.startswith(DEFINING_SKIPS)}
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)["defining"]
+  path = storage.join(workdir, "config.json")
+  if storage.exists(path):
+    old = json.loads(storage.read_text(path))["defining"]
     diff = [f"{k}: {old.get(k, '(absent)')!r} -> {defining.get(k, '(absent)')!r}"
             for k in sorted(set(old) | set(defining)) if old.get(k) != defining.get(k)]
     if diff and not allow_change:
@@ -91,13 +95,12 @@ def record_config(config: Config, workdir: str, allow_change: bool = False):
       print(f"WARNING: continuing {workdir} with changed fields: {'; '.join(diff)}", flush=True)
   if jax.process_index() == 0:
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
-    with open(path, "w") as f:
-      json.dump({"defining_sha256": digest, "defining": defining, "config": full}, f, indent=2)
+    storage.write_text(path, json.dumps({"defining_sha256": digest, "defining": defining, "config": full}, indent=2))
 
 
 def load_or_train_warmup(config: Config, workdir, trainer, tokenizer, train):
   """The warm-up params: workdir/warmup if it is complete, else long-CoT SFT (config.sft; 0 steps: initial params)."""
-  path = os.path.join(workdir, "warmup")
+  path = storage.join(workdir, "warmup")
   if checkpoint.is_complete(path):
     print(f"warm-up checkpoint found at {path}", flush=True)
     _, params = checkpoint.load_hf(path, dtype=config.model.param_dtype)
@@ -129,17 +132,15 @@ def load_or_train_warmup(config: Config, workdir, trainer, tokenizer, train):
 def warmup_evaluation(config: Config, workdir, evaluate, params) -> dict:
   """evaluate(params) of the warm-up, kept in workdir/warmup_eval.json for the evaluation settings it used (a
   resumed run does not redo it)."""
-  path = os.path.join(workdir, "warmup_eval.json")
+  path = storage.join(workdir, "warmup_eval.json")
   key = json.loads(json.dumps({"eval": config.to_dict()["eval"], "sampling": config.to_dict()["sampling"]}))
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
+  if storage.exists(path):
+    cached = json.loads(storage.read_text(path))
     if cached["key"] == key:
       return cached["result"]
   result = evaluate(params)
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump({"key": key, "result": result}, f, indent=2)
+    storage.write_text(path, json.dumps({"key": key, "result": result}, indent=2))
   return result
 
 
@@ -158,7 +159,7 @@ def summary_table(rows: dict, eval_cfg: EvalConfig) -> str:
 def run(config: Config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) the main job in workdir; returns the summary."""
   start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   record_config(config, workdir, allow_config_change)
   trainer = make_trainer(config)
   print(f"k15: {config.model.num_params() / 1e6:.2f}M params on mesh {dict(trainer.mesh.shape)}; workdir {workdir}",
@@ -170,8 +171,7 @@ def run(config: Config, workdir: str, allow_config_change: bool = False) -> dict
     summary = _rl_and_report(config, workdir, trainer, params, tokenizer, train, eval_, verifier, reward_verifier)
   summary["wall_time_s"] = time.time() - start
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   print(f"wall time {summary['wall_time_s']:.0f}s", flush=True)
   return summary
 
@@ -188,7 +188,7 @@ def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, e
   final_eval = evaluate(params)
   host_params = sharding.to_host(params)  # every process joins the gather; process 0 writes
   if jax.process_index() == 0:
-    checkpoint.save_hf(os.path.join(workdir, "final"), trainer.cfg, host_params)
+    checkpoint.save_hf(storage.join(workdir, "final"), trainer.cfg, host_params)
 
   start_name = "long-CoT warm-up (SFT)" if config.sft.steps else "initial model (no warm-up)"
   rows = {start_name: warmup_eval, "k1.5 RL": final_eval}
@@ -196,14 +196,13 @@ def _rl_and_report(config: Config, workdir, trainer, params, tokenizer, train, e
   summary = {name: {k: v for k, v in r.items() if k != "per_level"} for name, r in rows.items()}
   summary["per_level_accuracy"] = {name: r["per_level"] for name, r in rows.items()}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-      f.write(table + "\n")
-    if os.path.exists(os.path.join(workdir, "rl.jsonl")):
-      plot_rl_curves(os.path.join(workdir, "rl.jsonl"), os.path.join(workdir, "rl_curves.png"),
+    storage.write_text(storage.join(workdir, "summary.md"), table + "\n")
+    if storage.exists(storage.join(workdir, "rl.jsonl")):
+      plot_rl_curves(storage.join(workdir, "rl.jsonl"), storage.join(workdir, "rl_curves.png"),
                      baseline=warmup_eval["accuracy"])
   print("\n" + table, flush=True)
   print(f"\naccuracy change: {100 * (final_eval['accuracy'] - warmup_eval['accuracy']):+.1f} points; "
-        f"plot {os.path.join(workdir, 'rl_curves.png')}", flush=True)
+        f"plot {storage.join(workdir, 'rl_curves.png')}", flush=True)
   return summary
 
 
@@ -214,4 +213,5 @@ if __name__ == "__main__":
                              "fields differ from the ones it was made with (e.g. a changed learning rate).")
   cli.run(lambda config, workdir: run(config, workdir, _ALLOW.value),
           config_help="Experiment config file (experiments/configs/*.py).",
-          workdir_help="Directory for data, checkpoints, metrics and plots.")
+          workdir_help="Directory for data, checkpoints, metrics and plots: a local path or a bucket (gs://...).",
+          url_workdir=True)

@@ -12,12 +12,15 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from k15 import storage
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +69,24 @@ def assert_finite(tree, what: str):
 
 def is_complete(path: str) -> bool:
   """Whether `path` is a stage directory that was written to the end."""
-  return os.path.exists(os.path.join(path, COMPLETE))
+  return storage.exists(storage.join(path, COMPLETE))
 
 
 @contextlib.contextmanager
 def stage_dir(path: str):
-  """Yields a temporary directory to write a stage's output into; renamed to `path` (replacing an incomplete one)
-  with its completion marker only when the block ends without an error."""
+  """Yields a local temporary directory to write a stage's output into; it becomes `path` (replacing an incomplete
+  one) with its completion marker only when the block ends without an error. Locally by a rename; in a bucket (no
+  atomic rename) by uploading the files, the marker last."""
+  if storage.is_url(path):
+    tmp = tempfile.mkdtemp(prefix="k15-stage-")
+    try:
+      yield tmp
+      storage.rmtree(path)
+      storage.upload(tmp, path)
+      storage.write_bytes(storage.join(path, COMPLETE), b"")
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
   tmp = path.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -92,8 +106,14 @@ def save_hf(path: str, cfg, params):
 
 
 def load_hf(path: str, dtype: str = "float32"):
-  """(ModelConfig, params) of a Hugging Face checkpoint directory, as k15.models.load_hf, with every error naming
-  the file (a truncated config.json or safetensors file) and non-finite values refused."""
+  """(ModelConfig, params) of a Hugging Face checkpoint directory (local or in a bucket), as k15.models.load_hf,
+  with every error naming the file (a truncated config.json or safetensors file) and non-finite values refused."""
+  if storage.is_url(path):
+    with storage.local_copy(path) as local:
+      try:
+        return load_hf(local, dtype)
+      except CheckpointError as e:
+        raise CheckpointError(str(e).replace(local, path)) from None
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   from k15 import models  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, "config.json")
@@ -125,10 +145,10 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     options = lambda **kw: ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, **kw)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.abspath(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options(max_to_keep=keep))
     self.best = ocp.CheckpointManager(
-        os.path.join(self.directory, "best"),
+        storage.join(self.directory, "best"),
         options=options(max_to_keep=1, best_fn=lambda m: m["eval_accuracy"], best_mode="max",
                         keep_checkpoints_without_metrics=False))
 

@@ -1,12 +1,16 @@
-"""JSON Lines files (one JSON value per line): the task files, prompt files and metrics. Errors name file and line."""
+"""JSON Lines files (one JSON value per line): the task files, prompt files and metrics. Errors name file and line.
+
+Paths may be local or URLs (k15.storage); a file is written whole.
+"""
 import json
-import os
 from typing import Any, Iterable, Iterator
+
+from k15 import storage
 
 
 def records(path: str) -> Iterator[tuple[str, Any]]:
   """("path:line", value) for every non-empty line; a malformed line raises naming it."""
-  with open(path) as f:
+  with storage.open(path) as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -21,7 +25,4 @@ def read(path: str) -> list:
 
 
 def write(path: str, rows: Iterable[Any]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  storage.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

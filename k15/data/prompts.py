@@ -1,4 +1,4 @@
-"""RL prompt sets from local files (JSONL or Parquet), as seqio Tasks and a Mixture across domains.
+"""RL prompt sets from files (JSONL or Parquet; local paths or URLs, k15.storage), as seqio Tasks and a Mixture across domains.
 
 One prompt: question, reference answer (math) and/or test cases (code, see k15.rewards.code), an optional
 difficulty label (int; MATH's "Level 3" reads as 3) and a domain. Source files may name fields differently;
@@ -10,10 +10,10 @@ the functions that register or read Tasks.
 import functools
 import hashlib
 import json
-import os
 import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from k15 import storage
 from k15.data import jsonl
 
 FIELDS = ("id", "question", "answer", "difficulty", "domain", "test_cases")
@@ -75,7 +75,9 @@ def _raw_records(path: str) -> Iterator[tuple[str, Any]]:
   """(location, record) pairs; a malformed JSONL line raises naming the file and line."""
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+    with storage.open(path, "rb") as f:
+      table = pq.read_table(f)
+    for row, record in enumerate(table.to_pylist(), start=1):
       yield f"{path}:row {row}", record
     return
   if not path.endswith(".jsonl"):
@@ -123,7 +125,7 @@ def register_prompt_task(name: str, path: str, domain: str = "math", field_map: 
                          template: str = "{question}", spm_path: Optional[str] = None, split: str = "train") -> str:
   """Registers (or replaces) a seqio Task over one prompt file; "inputs" is `template` filled with the question."""
   import seqio  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(path)
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(

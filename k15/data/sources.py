@@ -8,14 +8,15 @@ Two sources (config.data.source):
            data.tokenizer_path (SentencePiece .model or HF tokenizer.json), else the start checkpoint's, else a
            SentencePiece vocabulary trained on the prompt files (tiny-model runs only).
 Examples are dicts with inputs_ids (the prompt's tokens), answer, difficulty (None when unlabelled) and, for
-prompt files, domain and test_cases. Process 0 writes what the others read.
+prompt files, domain and test_cases. Process 0 writes what the others read; in a bucket workdir each process
+reads a local copy of workdir/data.
 """
 import hashlib
 import os
 
 import jax
 
-from k15 import checkpoint, sharding
+from k15 import checkpoint, sharding, storage
 from k15.data import prompts as prompts_lib
 from k15.data import tokenizer as tokenizer_lib
 
@@ -43,15 +44,16 @@ def arith_task_names(data_dir: str, target_field: str = "warmup") -> dict:
 
 def _arith_task(data, workdir, seed, write):
   from k15.data import arith, tasks  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.join(workdir, "data")
+  data_dir = storage.join(workdir, "data")
   if write and jax.process_index() == 0 and not checkpoint.is_complete(data_dir):
-    with checkpoint.stage_dir(data_dir) as tmp:  # renamed once complete: a killed run leaves no half a task
+    with checkpoint.stage_dir(data_dir) as tmp:  # complete or absent: a killed run leaves no half a task
       arith.prepare_arith_data(tmp, data.n_train, data.n_eval, seed, tuple(data.levels), data.tokenizer_vocab_size,
                                data.direct_prob, tuple(data.level_shares))
   sharding.sync_processes("k15_arith_data")  # the other processes read what process 0 wrote
-  names = arith_task_names(data_dir)
-  train, eval_ = tasks.load_examples(names["train"]), tasks.load_examples(names["eval"])
-  return tokenizer_lib.SentencePieceTokenizer(os.path.join(data_dir, "spm.model")), train, eval_
+  with storage.local_copy(data_dir) as local:
+    names = arith_task_names(local)
+    train, eval_ = tasks.load_examples(names["train"]), tasks.load_examples(names["eval"])
+    return tokenizer_lib.SentencePieceTokenizer(os.path.join(local, "spm.model")), train, eval_
 
 
 def _example(prompt: dict, tokenizer, template: str, max_prompt_len: int, where: str) -> dict:
@@ -66,7 +68,7 @@ def _prompt_tokenizer(data, workdir, hf_path, write):
   path = data.tokenizer_path or hf_path  # a start checkpoint brings its tokenizer
   if path:
     return tokenizer_lib.load_tokenizer(path)
-  data_dir = os.path.join(workdir, "data")
+  data_dir = storage.join(workdir, "data")
   if write and jax.process_index() == 0 and not checkpoint.is_complete(data_dir):  # one writer in a multi-host run
     texts = []
     for f in data.tasks + data.eval_tasks:
@@ -75,7 +77,8 @@ def _prompt_tokenizer(data, workdir, hf_path, write):
     with checkpoint.stage_dir(data_dir) as tmp:
       tokenizer_lib.train_sentencepiece(texts, os.path.join(tmp, "spm"), data.tokenizer_vocab_size)
   sharding.sync_processes("k15_prompt_tokenizer")  # the other processes read what process 0 wrote
-  return tokenizer_lib.SentencePieceTokenizer(os.path.join(data_dir, "spm.model"))
+  with storage.local_copy(data_dir) as local:
+    return tokenizer_lib.SentencePieceTokenizer(os.path.join(local, "spm.model"))
 
 
 def _prompt_files(data, workdir, seed, hf_path, write):

@@ -11,19 +11,21 @@ The length schedule (`RLConfig.lengths_at`) gives each iteration its response ca
 for every trajectory the iteration samples, buffered partials included: a partial continues up to a grown cap, and
 one already at or beyond a shrunk cap finishes with "max_length" without new tokens. The rollout engine is built
 once, for the schedule's longest responses.
+
+On several processes, each iteration compares the host-side state of all processes (k15.rl.agreement) before it
+trains, and a preemption notice (k15.preemption) stops the run after an iteration whose checkpoint is saved.
 """
-import os
 import time
 
 import jax
 import numpy as np
 import optax
 
-from k15 import models
+from k15 import models, preemption, storage
 from k15.checkpoint import Checkpointer
 from k15.config import Config, RLConfig
 from k15.rewards import penalties
-from k15.rl import batching, evaluation, losses, rollout
+from k15.rl import agreement, batching, evaluation, losses, rollout
 from k15.rl.metrics import MetricsLogger
 from k15.rl.prompt_sampler import PromptSampler
 from k15.rl.trainer import DivergenceError, in_chunks
@@ -210,7 +212,7 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
                          rollout.sampling_backend(config.sampling, model_cfg, trainer.mesh))
   opt_state = trainer.init_opt_state(optimizer, params)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
   restored = ckpt.restore_latest((params, opt_state))  # a corrupt newest checkpoint falls back to the one before
   if restored is not None:
     _, (params, opt_state), host = restored
@@ -218,87 +220,102 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
     print(f"resumed RL from iteration {state.iteration}", flush=True)
   logger = MetricsLogger(workdir, "rl", total_steps=rl.iterations, start_step=state.iteration)
 
-  while state.iteration < rl.iterations:
-    state.iteration += 1
-    it = state.iteration
-    t0 = time.time()
-    # The length schedule: this iteration's response cap holds for every trajectory it samples, resumed ones included.
-    max_response_len, token_budget = rl.lengths_at(it)
-    for traj in state.buffer:
-      traj.max_new_tokens = max_response_len
-    # 1. prompts: the curriculum picks the pool, prioritization picks within it.
-    requests = []
-    for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
-      gid = state.next_group
-      state.next_group += 1
-      state.group_prompt[gid] = int(prompt_index)
-      requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G, max_new_tokens=max_response_len))
+  with preemption.PreemptionWatch() as watch:  # stops after an iteration once SIGTERM arrives
+    while state.iteration < rl.iterations:
+      state.iteration += 1
+      it = state.iteration
+      t0 = time.time()
+      # The length schedule: this iteration's response cap holds for every trajectory it samples, resumed ones
+      # included.
+      max_response_len, token_budget = rl.lengths_at(it)
+      for traj in state.buffer:
+        traj.max_new_tokens = max_response_len
+      # 1. prompts: the curriculum picks the pool, prioritization picks within it.
+      requests = []
+      for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
+        gid = state.next_group
+        state.next_group += 1
+        state.group_prompt[gid] = int(prompt_index)
+        requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G,
+                                max_new_tokens=max_response_len))
 
-    # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer
-    # (without partial rollouts every sample runs to its end in this iteration).
-    with trainer.context():
-      finished, stats = engine.run(params, requests, state.buffer, it,
-                                   token_budget if rl.partial_rollouts else None,
-                                   jax.random.PRNGKey(int(state.rng.integers(2**31))))
-    engine.release()  # the rollout cache is not held through training and evaluation
-    t_rollout = time.time() - t0
-    for t in finished:
-      state.pending.setdefault(t.prompt_id, []).append(t)
-    complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
-    groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
-    prompt_of = [state.group_prompt.pop(g) for g in complete]
+      # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer
+      # (without partial rollouts every sample runs to its end in this iteration).
+      with trainer.context():
+        finished, stats = engine.run(params, requests, state.buffer, it,
+                                     token_budget if rl.partial_rollouts else None,
+                                     jax.random.PRNGKey(int(state.rng.integers(2**31))))
+      engine.release()  # the rollout cache is not held through training and evaluation
+      t_rollout = time.time() - t0
+      for t in finished:
+        state.pending.setdefault(t.prompt_id, []).append(t)
+      complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
+      groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
+      prompt_of = [state.group_prompt.pop(g) for g in complete]
 
-    metrics = {"iteration_time_s": 0.0, "max_response_len": max_response_len, "token_budget": token_budget,
-               "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
-               "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
-               "resumed": stats.resumed, "to_buffer": stats.to_buffer,
-               "buffered": len(state.buffer), "pending_groups": len(state.pending)}
-    for reason in ("eos", "repeat", "max_length"):
-      metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
-    skipped = 0  # training steps of this iteration the divergence guard skipped
-    if groups:
-      # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
-      weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
-      batch, correct, batch_metrics = build_batch(groups, [train[p] for p in prompt_of], tokenizer, verifier,
-                                                  weight, rl)
-      metrics.update(batch_metrics)
-      state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
-      # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
-      rows = _minibatch_rows(len(groups), rl.minibatches, G)
-      batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
-      if rl.reset_optimizer:
-        opt_state = trainer.init_opt_state(optimizer, params)
-      step_metrics, padding = [], []
-      for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
-        if rl.pack:
-          mb, share = pack_minibatch(mb, tokenizer.pad_id)
-          padding.append(share)
-        params, opt_state, m = step_fn(params, opt_state, mb)
-        step_metrics.append(jax.device_get(m))
-      if padding:
-        metrics["pack_padding"] = float(np.mean(padding))
-      metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
-      skipped = int(sum(m["skipped"] for m in step_metrics))
-    metrics["iteration_time_s"] = time.time() - t0
-    metrics["rm_time_share"] = metrics.get("rm_time_s", 0.0) / max(metrics["iteration_time_s"], 1e-9)
-    metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
-    if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
-      ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, eval_verifier)
-      metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
-    logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
-                                    "slot_utilization", "tokens_per_s"))
-    if skipped:
-      state.bad_steps += skipped
-      print(f"WARNING: iteration {it}: {skipped} training steps had a non-finite loss, gradient or update and were "
-            f"skipped ({state.bad_steps} in the run, rl.max_bad_steps={rl.max_bad_steps}); not checkpointed",
-            flush=True)
-      if state.bad_steps > rl.max_bad_steps:
-        raise DivergenceError(
-            f"RL diverged at iteration {it}: {state.bad_steps} training steps had a non-finite loss, gradient or "
-            f"update (more than rl.max_bad_steps={rl.max_bad_steps}); none was applied, and no checkpoint was saved "
-            f"since. Checkpoints kept: {ckpt.all_steps() or 'none'}. Lower rl.learning_rate and resume.")
-    elif it % config.checkpoint.every == 0 or it == rl.iterations:
-      ckpt.save(it, (params, opt_state), state.state_dict(), eval_accuracy=metrics.get("eval_accuracy"))
+      metrics = {"iteration_time_s": 0.0, "max_response_len": max_response_len, "token_budget": token_budget,
+                 "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
+                 "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
+                 "resumed": stats.resumed, "to_buffer": stats.to_buffer,
+                 "buffered": len(state.buffer), "pending_groups": len(state.pending)}
+      for reason in ("eos", "repeat", "max_length"):
+        metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
+      skipped = 0  # training steps of this iteration the divergence guard skipped
+      batch = None
+      if groups:
+        # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
+        weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
+        batch, correct, batch_metrics = build_batch(groups, [train[p] for p in prompt_of], tokenizer, verifier,
+                                                    weight, rl)
+        metrics.update(batch_metrics)
+        state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
+      # Every process must hold the same host-side state from here on, or the next dispatches differ and hang.
+      agreement.check(it, {"prompts": [r.prompt_tokens for r in requests], "rewards": None if batch is None else
+                           batch["rewards"], "replay buffer": state.buffer.state_dict(), "pending": state.pending,
+                           "sampler statistics": state.sampler.state_dict(), "rng": state.rng.bit_generator.state})
+      if groups:
+        # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
+        rows = _minibatch_rows(len(groups), rl.minibatches, G)
+        batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
+        if rl.reset_optimizer:
+          opt_state = trainer.init_opt_state(optimizer, params)
+        step_metrics, padding = [], []
+        for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
+          if rl.pack:
+            mb, share = pack_minibatch(mb, tokenizer.pad_id)
+            padding.append(share)
+          params, opt_state, m = step_fn(params, opt_state, mb)
+          step_metrics.append(jax.device_get(m))
+        if padding:
+          metrics["pack_padding"] = float(np.mean(padding))
+        metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+        skipped = int(sum(m["skipped"] for m in step_metrics))
+      metrics["iteration_time_s"] = time.time() - t0
+      metrics["rm_time_share"] = metrics.get("rm_time_s", 0.0) / max(metrics["iteration_time_s"], 1e-9)
+      metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
+      if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
+        ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, eval_verifier)
+        metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
+      logger.write(it, metrics, show=("accuracy", "eval_accuracy", "response_len_mean", "reward",
+                                      "slot_utilization", "tokens_per_s"))
+      if skipped:
+        state.bad_steps += skipped
+        print(f"WARNING: iteration {it}: {skipped} training steps had a non-finite loss, gradient or update and were "
+              f"skipped ({state.bad_steps} in the run, rl.max_bad_steps={rl.max_bad_steps}); not checkpointed",
+              flush=True)
+        if state.bad_steps > rl.max_bad_steps:
+          raise DivergenceError(
+              f"RL diverged at iteration {it}: {state.bad_steps} training steps had a non-finite loss, gradient or "
+              f"update (more than rl.max_bad_steps={rl.max_bad_steps}); none was applied, and no checkpoint was "
+              f"saved since. Checkpoints kept: {ckpt.all_steps() or 'none'}. Lower rl.learning_rate and resume.")
+      preempted = watch.reached(it)  # every process, every iteration: they agree on the iteration to stop after
+      if not skipped and (preempted or it % config.checkpoint.every == 0 or it == rl.iterations):
+        ckpt.save(it, (params, opt_state), state.state_dict(), eval_accuracy=metrics.get("eval_accuracy"))
+      if preempted:
+        logger.close()
+        ckpt.close()
+        raise preemption.Preempted(f"preempted: stopped after RL iteration {it}; checkpoints {ckpt.all_steps()} in "
+                                   f"{ckpt.directory}. Rerun the same command to resume.")
   logger.close()
   ckpt.close()
   return params

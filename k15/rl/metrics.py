@@ -1,14 +1,19 @@
-"""Per-iteration metrics: TensorBoard (clu writers), a JSONL file, a one-line progress display and a PNG."""
-import json
-import os
+"""Per-iteration metrics: TensorBoard (clu writers), a JSONL file, a one-line progress display and a PNG.
+
+The workdir may be a URL (k15.storage): the JSONL file is rewritten whole each step, and TensorBoard's event files
+are written locally and uploaded after each step.
+"""
+import io
 import shutil
 import sys
+import tempfile
 import time
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 
+from k15 import storage
 from k15.data import jsonl
 
 
@@ -26,31 +31,37 @@ class MetricsLogger:
 
   def __init__(self, workdir: str, name: str, total_steps: Optional[int] = None, stream=sys.stdout,
                start_step: int = 0):
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self.path = storage.join(workdir, f"{name}.jsonl")
     self.name, self.total, self.stream = name, total_steps, stream
     self.is_writer = jax.process_index() == 0
     self._start = time.time()
     self._tb = None
     if self.is_writer:
-      os.makedirs(workdir, exist_ok=True)
-      kept = [r for r in jsonl.read(self.path) if r["step"] <= start_step] if os.path.exists(self.path) else []
-      jsonl.write(self.path, kept)
-      tb_dir = os.path.join(workdir, "tensorboard", name)
-      shutil.rmtree(tb_dir, ignore_errors=True)
+      storage.makedirs(workdir)
+      self.rows = [r for r in jsonl.read(self.path) if r["step"] <= start_step] if storage.exists(self.path) else []
+      jsonl.write(self.path, self.rows)
+      self._tb_dir = storage.join(workdir, "tensorboard", name)
+      storage.rmtree(self._tb_dir)
+      self._tb_local = tempfile.mkdtemp(prefix="k15-tb-") if storage.is_url(workdir) else self._tb_dir
       from clu import metric_writers  # imports TensorFlow's summary writer lazily
-      self._tb = metric_writers.create_default_writer(tb_dir, just_logging=False, asynchronous=False)
-      for row in kept:
+      self._tb = metric_writers.create_default_writer(self._tb_local, just_logging=False, asynchronous=False)
+      for row in self.rows:
         self._tb.write_scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
-      self._tb.flush()
+      self._flush_tb()
+
+  def _flush_tb(self):
+    self._tb.flush()
+    if self._tb_local != self._tb_dir:
+      storage.upload(self._tb_local, self._tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, float], show: tuple = ()):
     scalars = {k: _scalar(v) for k, v in scalars.items()}
     if not self.is_writer:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.rows.append({"step": step, **scalars})
+    jsonl.write(self.path, self.rows)
     self._tb.write_scalars(step, scalars)
-    self._tb.flush()
+    self._flush_tb()
     if show:
       elapsed = time.time() - self._start
       total = f"/{self.total}" if self.total else ""
@@ -60,6 +71,10 @@ class MetricsLogger:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      if self._tb_local != self._tb_dir:
+        storage.upload(self._tb_local, self._tb_dir)
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb = None
 
 
 read_jsonl = jsonl.read
@@ -87,6 +102,8 @@ def plot_rl_curves(jsonl_path: str, png_path: str, title: str = "k1.5 RL", basel
   ax_len.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(png_path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  storage.write_bytes(png_path, png.getvalue())
   return png_path
