@@ -48,6 +48,7 @@ setuptools.setup(
         "test": TEST + NOTEBOOK,
         "notebook": NOTEBOOK,
         "math": ["math-verify==0.9.0"],
+        "gcs": ["google-cloud-storage>=2.14"],  # orbax asks the bucket's layout when it deletes checkpoints in gs://
         "bench": ["google-tunix==0.1.7"],
     },
 )

@@ -69,14 +69,16 @@ def slice_of(config, accelerator=None):
 
 
 def resolve_mesh(config, mesh_sizes=None, info=None, devices=None) -> dict:
-  """Mesh axis sizes for the plan: --mesh or config.mesh, a -1 axis taking the slice's remaining devices."""
+  """Mesh axis sizes for the plan: --mesh or config.mesh, a -1 axis taking the slice's remaining devices; on
+  config.mesh.dcn_data slices, 'data' spans them all."""
   sizes = dict(mesh_sizes or config.mesh.sizes())
-  devices = info["chips"] if info else devices
+  dcn = config.mesh.dcn_data
+  devices = info["chips"] * dcn if info else devices
   if devices is None:
     if any(v == -1 for v in sizes.values()):
       raise ValueError(f"mesh {sizes} has a -1 axis: give --accelerator (or config.tpu.accelerator_type) or --devices")
-    devices = int(np.prod(list(sizes.values())))
-  return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(sizes, devices)))
+    devices = int(np.prod(list(sizes.values()))) * dcn
+  return dict(zip(sharding.MESH_AXES, sharding.mesh_shape(sizes, devices, dcn)))
 
 
 def abstract_mesh(sizes: dict) -> AbstractMesh:
@@ -330,7 +332,8 @@ def _split(spec) -> str:
 def format_plan(p: dict, name: str = "") -> str:
   cfg, sizes, info, seq = p["model"], p["sizes"], p["info"], p["seq"]
   mesh = " ".join(f"{a}={sizes[a]}" for a in sharding.MESH_AXES)
-  chip = (f"{info['accelerator_type']}: {info['chips']} {info['chip']} chips on {info['hosts']} hosts, "
+  slices = f"{p['devices'] // info['chips']} x " if info and p["devices"] > info["chips"] else ""
+  chip = (f"{slices}{info['accelerator_type']}: {info['chips']} {info['chip']} chips on {info['hosts']} hosts, "
           f"{info['hbm_bytes'] / GiB:.0f} GiB HBM and {info['peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip"
           if info else "no accelerator given")
   lines = [

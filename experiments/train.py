@@ -38,7 +38,7 @@ from k15.rl.trainer import Trainer
 
 def make_trainer(config: Config, model_cfg=None) -> Trainer:
   """The run's trainer: config.model (or model_cfg) on the mesh of config.mesh with config.sharding's rules."""
-  return Trainer(model_cfg or config.model, sharding.make_mesh(config.mesh.sizes()),
+  return Trainer(model_cfg or config.model, sharding.make_mesh(config.mesh.sizes(), dcn_data=config.mesh.dcn_data),
                  config.sharding.logical_axis_rules, config.sharding.sampling_rules)
 
 

@@ -62,15 +62,18 @@ def _one_of(section, name, valid):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes; one may be -1 (the rest of the devices)."""
+  """Mesh axis sizes within a slice; one may be -1 (the rest of the slice's devices). dcn_data: slices (multi-slice
+  runs) that the 'data' axis spans, data parallel over the data-center network (k15.sharding.device_array)."""
   data: int
   fsdp: int
   tensor: int
+  dcn_data: int
 
   def __post_init__(self):
     for name, size in self.sizes().items():
       _check(size == -1 or size >= 1, name, f"must be >= 1 or -1 (the rest of the devices), got {size}")
     _check(list(self.sizes().values()).count(-1) <= 1, "data", "at most one mesh axis may be -1")
+    _at_least(self, 1, "dcn_data")
 
   def sizes(self) -> dict:
     return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

@@ -43,8 +43,16 @@ DEFAULT_RULES = (
 SAMPLING_RULES = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
 
 
-def mesh_shape(sizes: dict, num_devices: int) -> tuple:
-  """Resolves axis sizes where one may be -1 ('the rest of the devices')."""
+def mesh_shape(sizes: dict, num_devices: int, dcn_data: int = 1) -> tuple:
+  """Resolves axis sizes where one may be -1 ('the rest of the devices').
+
+  dcn_data > 1: the devices are on that many slices; `sizes` are per slice, and 'data' in the result spans them.
+  """
+  if dcn_data > 1:
+    if num_devices % dcn_data:
+      raise ValueError(f"mesh.dcn_data={dcn_data} slices do not split {num_devices} devices evenly")
+    per_slice = mesh_shape(sizes, num_devices // dcn_data)
+    return (dcn_data * per_slice[0],) + per_slice[1:]
   unknown = [a for a in MESH_AXES if sizes.get(a, 1) == -1]
   if len(unknown) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
@@ -58,18 +66,36 @@ def mesh_shape(sizes: dict, num_devices: int) -> tuple:
   return shape
 
 
-def make_mesh(sizes: dict, devices: Optional[Sequence] = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (GSPMD sharding propagation)."""
+def device_array(sizes: dict, devices: Sequence, dcn_data: int = 1) -> np.ndarray:
+  """The devices laid out as the mesh of `sizes`. dcn_data > 1 (multi-slice): jax's hybrid device mesh, 'data'
+  parallel across the slices (over the data-center network) and every axis also within each slice (over ICI);
+  slices are the devices' slice_index, or their processes on platforms without one (CPU)."""
+  if dcn_data == 1:
+    shape = mesh_shape(sizes, len(devices))
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # fake CPU devices and odd shapes: plain order is fine
+      return np.asarray(devices).reshape(shape)
+  if len(devices) % dcn_data:
+    raise ValueError(f"mesh.dcn_data={dcn_data} slices do not split {len(devices)} devices evenly")
+  per_slice = mesh_shape(sizes, len(devices) // dcn_data)
+  by_process = not hasattr(devices[0], "slice_index")
+  found = len({getattr(d, "process_index" if by_process else "slice_index") for d in devices})
+  if found != dcn_data:
+    raise ValueError(f"mesh.dcn_data={dcn_data}: the {len(devices)} devices are on {found} "
+                     f"{'processes' if by_process else 'slices'}")
+  return mesh_utils.create_hybrid_device_mesh(per_slice, (dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices,
+                                              process_is_granule=by_process)
+
+
+def make_mesh(sizes: dict, devices: Optional[Sequence] = None, dcn_data: int = 1) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (GSPMD sharding propagation); dcn_data: slices that
+  'data' spans (device_array)."""
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh: unknown axes {sorted(unknown)}; known: {list(MESH_AXES)}")
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(sizes, len(devices))
-  try:
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # fake CPU devices and odd shapes: plain order is fine
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(device_array(sizes, devices, dcn_data), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _rule_map(rules) -> dict:

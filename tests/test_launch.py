@@ -36,8 +36,6 @@ def test_slice_info_rejects_bad_types(bad):
 
 def test_gcs_paths():
   assert tpu.split_gcs("gs://my-bucket/k15/run1/") == ("my-bucket", "k15/run1")
-  assert tpu.mounted_workdir("gs://my-bucket/k15/run1") == "/tmp/k15-gcs/my-bucket/k15/run1"
-  assert tpu.mounted_workdir("gs://my-bucket") == "/tmp/k15-gcs/my-bucket"
   for bad in ("/local/dir", "gs://", "s3://bucket/x", "gs://Upper/x"):
     with pytest.raises(tpu.LaunchError, match="--workdir"):
       tpu.split_gcs(bad)
@@ -60,20 +58,62 @@ def test_gcloud_commands():
   assert tpu.delete_command("k15", "z")[-1] == "--quiet"
 
 
-def test_up_dry_run_prints_every_step_without_gcloud(monkeypatch):
+def _dry_run(argv, monkeypatch):
   monkeypatch.setenv("PATH", "/nonexistent")  # no gcloud: a dry run must not need it
   out = io.StringIO()
-  rc = tpu.main(["up", "--name=k15-pod", "--zone=us-east5-a", "--accelerator=v5p-64",
-                 "--workdir=gs://my-bucket/runs/q15", "--dry_run", "--",
-                 "--config=experiments/configs/qwen_math.py:1.5b,v5p-64", "--config.rl.tau=0.05"], stream=out)
-  assert rc == 0
-  lines = [l for l in out.getvalue().splitlines() if l.startswith("+ ")]
+  assert tpu.main(argv[:1] + ["--dry_run"] + argv[1:], stream=out) == 0
+  return out.getvalue(), [l for l in out.getvalue().splitlines() if l.startswith("+ ")]
+
+
+def test_up_dry_run_prints_every_step_without_gcloud(monkeypatch):
+  _, lines = _dry_run(["up", "--name=k15-pod", "--zone=us-east5-a", "--accelerator=v5p-64",
+                       "--workdir=gs://my-bucket/runs/q15", "--", "--config=experiments/configs/qwen_math.py:1.5b,v5p-64",
+                       "--config.rl.tau=0.05"], monkeypatch)
   assert [l.split()[5] for l in lines] == ["describe", "create", "scp", "ssh", "ssh"]
-  run_line = lines[-1]
-  assert "--worker=all" in run_line and "gcsfuse --implicit-dirs my-bucket /tmp/k15-gcs/my-bucket" in run_line
+  install, run_line = lines[-2], lines[-1]
+  assert "--worker=all" in install and "uv venv --allow-existing --python 3.11 ~/k15-venv" in install
+  assert "--worker=all" in run_line and "gcsfuse" not in run_line
   assert "K15_NUM_PROCESSES=8" in run_line  # v5p-64: 32 chips on 8 hosts, one process each
-  assert ("python3 -m experiments.train --workdir=/tmp/k15-gcs/my-bucket/runs/q15 "
+  assert "JAX_COMPILATION_CACHE_DIR=gs://my-bucket/runs/q15/jax_cache" in run_line
+  assert ("~/k15-venv/bin/python -m experiments.train --workdir=gs://my-bucket/runs/q15 "
           "--config=experiments/configs/qwen_math.py:1.5b,v5p-64 --config.rl.tau=0.05") in run_line
+
+
+def test_multi_slice_dry_run_uses_one_queued_resource(monkeypatch):
+  """--num_slices=2: a queued resource of two v5p-32 nodes, waited for, reached on every node and worker; the run
+  is 2 slices x 4 hosts = 8 processes."""
+  common = ["--name=k15-ms", "--zone=us-east5-a", "--project=p", "--accelerator=v5p-32", "--num_slices=2"]
+  out, lines = _dry_run(["up", *common, "--spot", "--workdir=gs://bkt/ms", "--",
+                         "--config=experiments/configs/qwen_math.py:1.5b,2xv5p-32"], monkeypatch)
+  assert [l.split()[4:6] for l in lines] == [["queued-resources", "describe"], ["queued-resources", "create"],
+                                             ["queued-resources", "scp"], ["queued-resources", "ssh"],
+                                             ["queued-resources", "ssh"]]
+  assert lines[1] == ("+ gcloud compute tpus queued-resources create k15-ms --zone=us-east5-a --project=p "
+                      "--accelerator-type=v5p-32 --runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=k15-ms "
+                      "--spot")
+  assert "until the state is ACTIVE" in out
+  for line in lines[2:]:
+    assert "--node=all --worker=all" in line
+  assert "K15_NUM_PROCESSES=8 " in lines[-1]
+  _, deleted = _dry_run(["delete", *common], monkeypatch)
+  assert deleted == ["+ gcloud compute tpus queued-resources delete k15-ms --zone=us-east5-a --project=p --force "
+                     "--quiet"]
+
+
+def test_queued_resource_is_waited_for_until_active(monkeypatch):
+  states = iter(["", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+  calls = []
+  runner = tpu.Runner(dry_run=True, stream=io.StringIO())
+  runner.dry_run = False  # run "for real" against the fakes below
+  monkeypatch.setattr(runner, "output", lambda cmd: (calls.append(cmd[4]), next(states))[1])
+  monkeypatch.setattr(tpu.Runner, "__call__", lambda self, cmd, check=True: calls.append(cmd[4]) or 0)
+  args = tpu.parse(["create", "--name=q", "--zone=z", "--accelerator=v5p-32", "--num_slices=2"])
+  tpu.create(args, runner, poll_s=0)
+  assert calls == ["describe", "create", "describe", "describe", "describe"]
+  states = iter(["FAILED"])
+  monkeypatch.setattr(runner, "output", lambda cmd: next(states))
+  with pytest.raises(tpu.LaunchError, match="queued resource q is FAILED"):
+    tpu.create(args, runner, poll_s=0)
 
 
 def test_missing_gcloud_is_a_clear_error(monkeypatch, capsys):
@@ -104,39 +144,70 @@ def _fake_bin(tmp_path, name, body):
   path.chmod(0o755)
 
 
-def test_run_script_executes_mount_then_train(tmp_path):
-  """The worker-side script under bash, with gcsfuse / mountpoint / python3 replaced by recorders."""
-  log = tmp_path / "calls.log"
-  _fake_bin(tmp_path, "mountpoint", "exit 1")  # not mounted yet
-  _fake_bin(tmp_path, "gcsfuse", f'echo "gcsfuse $*" >> {log}')
-  _fake_bin(tmp_path, "python3", f'echo "python3 K15_NUM_PROCESSES=$K15_NUM_PROCESSES $*" >> {log}')
+def _worker_home(tmp_path, python_body):
+  """A fake worker: HOME with the checkout and the venv's python replaced by a recorder."""
   (tmp_path / "k15").mkdir()
+  venv_python = tmp_path / "k15-venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  venv_python.write_text("#!/bin/bash\n" + python_body + "\n")
+  venv_python.chmod(0o755)
+  return dict(os.environ, HOME=str(tmp_path), PATH="/usr/bin:/bin")
+
+
+def test_run_script_starts_train_in_the_venv_with_the_cache(tmp_path):
+  """The worker-side script under bash: the run gets its process count and compilation cache, the gs:// workdir as
+  it is, and the script streams the log and returns when the run ends."""
+  env = _worker_home(tmp_path, 'echo "python K15_NUM_PROCESSES=$K15_NUM_PROCESSES '
+                               'JAX_COMPILATION_CACHE_DIR=$JAX_COMPILATION_CACHE_DIR $*"')
   script = tpu.run_script("gs://my-bucket/runs/a", 4, ["--config=experiments/configs/x.py:v5p-32", "--config.seed=3"])
-  env = dict(os.environ, HOME=str(tmp_path), PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
-  subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
-  assert log.read_text().splitlines() == [
-      "gcsfuse --implicit-dirs my-bucket /tmp/k15-gcs/my-bucket",
-      "python3 K15_NUM_PROCESSES=4 -m experiments.train --workdir=/tmp/k15-gcs/my-bucket/runs/a "
-      "--config=experiments/configs/x.py:v5p-32 --config.seed=3"]
-  assert (tmp_path / "k15-run.log").exists()  # tee'd output
+  out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  expected = ("python K15_NUM_PROCESSES=4 JAX_COMPILATION_CACHE_DIR=gs://my-bucket/runs/a/jax_cache -m "
+              "experiments.train --workdir=gs://my-bucket/runs/a --config=experiments/configs/x.py:v5p-32 "
+              "--config.seed=3")
+  assert (tmp_path / "k15-run.log").read_text().splitlines() == [expected]
+  assert expected in out.stdout  # streamed
 
 
 def test_run_script_fails_when_training_fails(tmp_path):
-  _fake_bin(tmp_path, "mountpoint", "exit 0")  # already mounted: gcsfuse must not run
-  _fake_bin(tmp_path, "gcsfuse", "exit 99")
-  _fake_bin(tmp_path, "python3", "exit 3")
-  (tmp_path / "k15").mkdir()
-  env = dict(os.environ, HOME=str(tmp_path), PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
-  script = tpu.run_script("gs://bkt/x", 2, ["--config=c.py"])
-  rc = subprocess.run(["bash", "-c", script], env=env, timeout=30).returncode
-  assert rc == 3  # pipefail: the exit code survives the tee
+  env = _worker_home(tmp_path, "echo dying; exit 3")
+  rc = subprocess.run(["bash", "-c", tpu.run_script("gs://bkt/x", 2, ["--config=c.py"])], env=env, timeout=30,
+                      capture_output=True).returncode
+  assert rc == 3  # the run's exit code
 
 
-def test_install_script_parses_and_pins_jax():
+def test_run_script_detached_returns_at_once(tmp_path):
+  env = _worker_home(tmp_path, "sleep 5")
+  start = time.time()
+  out = subprocess.run(["bash", "-c", tpu.run_script("gs://bkt/x", 2, ["--config=c.py"], detach=True)], env=env,
+                       timeout=30, capture_output=True, text=True)
+  assert out.returncode == 0 and "log in ~/k15-run.log" in out.stdout and time.time() - start < 4
+
+
+def test_install_script_makes_a_venv_and_pins_jax_tpu(tmp_path):
+  """The worker-side install under bash with tar, curl (uv's installer) and uv replaced by recorders: uv is installed
+  only when missing, the venv gets setup.py's Python, and k15 goes into it with jax[tpu] at setup.py's pin."""
+  log, home = tmp_path / "calls.log", str(tmp_path)
+  _fake_bin(tmp_path, "tar", f'echo "tar $*" >> {log}')
+  uv = f"{home}/.local/bin/uv"  # the installer's script (curl's output) writes a uv that records its calls
+  _fake_bin(tmp_path, "curl", f"""echo "curl $*" >> {log}; cat <<'EOF'
+mkdir -p {home}/.local/bin && printf '#!/bin/bash\\necho "uv $*" >> {log}\\n' > {uv} && chmod +x {uv}
+EOF""")
+  env = dict(os.environ, HOME=home, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
   script = tpu.install_script("k15-src.tar.gz")
-  assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
   with open(os.path.join(REPO, "setup.py")) as f:
-    assert f'"jax=={script.split("jax[tpu]==")[1].split(chr(39))[0]}"' in f.read()
+    setup_py = f.read()
+  pin = setup_py.split('"jax==')[1].split('"')[0]
+  python = setup_py.split('python_requires=">=')[1].split('"')[0]
+  expected = [f"tar xzf {home}/k15-src.tar.gz -C {home}/k15",
+              "curl -LsSf https://astral.sh/uv/install.sh",
+              f"uv venv --allow-existing --python {python} {home}/k15-venv",
+              f"uv pip install --python {home}/k15-venv/bin/python -e .[math,gcs] jax[tpu]=={pin}"]
+  subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
+  assert log.read_text().splitlines() == expected
+  log.write_text("")
+  subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)  # again: uv is there now
+  assert log.read_text().splitlines() == expected[:1] + expected[2:]
 
 
 def test_archive_holds_the_code_not_git(tmp_path):

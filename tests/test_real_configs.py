@@ -68,7 +68,7 @@ def test_config_fits_its_slice(name, slice_name):
   assert {k: getattr(model_cfg, k) for k in ARCH[name]} == ARCH[name]
   assert model_cfg.num_params() == NUM_PARAMS[name]
   assert (model_cfg.param_dtype, model_cfg.dtype, model_cfg.remat) == ("float32", "bfloat16", True)
-  assert int(np.prod(list(sizes.values()))) == info["chips"]  # the mesh uses exactly the slice's chips
+  assert int(np.prod(list(sizes.values()))) == info["chips"] * config.mesh.dcn_data  # exactly the slices' chips
   assert plan.sharding_problems(config, sizes) == []  # every dimension splits as the rules ask
   p = _plan(name, slice_name)
   assert p["total_per_device"] <= 0.9 * info["hbm_bytes"], plan.format_plan(p)

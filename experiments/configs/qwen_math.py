@@ -8,9 +8,9 @@
       --config=experiments/configs/qwen_math.py:1.5b,v5p-32 --config.model.hf_path=/home/$USER/Qwen2.5-Math-1.5B
 
 arg: "smoke" (a tiny random model on CPU, in a minute) or "<size>,<slice>": a size of SIZES and one of its TPU
-slices (gcloud accelerator types; "<size>" alone takes the first). The model is the size's architecture;
---config.model.hf_path (a Hugging Face checkpoint directory present on every worker) starts from its weights and
-tokenizer, otherwise the params are random. The prompt files are the repository's fixtures (GSM8K-style and
+slices (gcloud accelerator types; "<n>x<type>": n slices; "<size>" alone takes the first). The model is the size's
+architecture; --config.model.hf_path (a Hugging Face checkpoint directory present on every worker) starts from its
+weights and tokenizer, otherwise the params are random. The prompt files are the repository's fixtures (GSM8K-style and
 MATH-style JSONL) until data.tasks / data.eval_tasks name real ones. On a slice: lengths follow the models'
 context (4,096 tokens; "7b-32k": 32,768, responses of up to 32,256 tokens); batches as in the k1.5 report (k
 samples per prompt, a per-iteration token budget with partial rollouts, several minibatch steps per iteration with a
@@ -34,6 +34,8 @@ SIZES = {
     "1.5b": dict(architecture="qwen2.5-math-1.5b", prompts_per_iteration=128, learning_rate=1e-6, slices={
         "v5p-32": dict(mesh=dict(data=1, fsdp=8, tensor=2), minibatches=16, num_slots=512),  # 16 chips x 95 GiB
         "v5p-64": dict(mesh=dict(data=2, fsdp=8, tensor=2), minibatches=8, num_slots=512),  # 2 FSDP replicas
+        # Two v5p-32 slices (launch.tpu --num_slices=2): one FSDP replica per slice, gradients averaged over DCN.
+        "2xv5p-32": dict(mesh=dict(data=1, fsdp=8, tensor=2, dcn_data=2), minibatches=8, num_slots=512),
         "v5litepod-64": dict(mesh=dict(data=1, fsdp=32, tensor=2), minibatches=16, num_slots=512),  # 64 x 16 GiB
     }),
     # A 'tensor' axis of 4: the 4 kv heads, 28 heads, d_ff and vocab all divide by it.
@@ -86,8 +88,10 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
 
   if not smoke:
     c.tpu = ml_collections.ConfigDict()
-    c.tpu.accelerator_type = slice_name  # the slice this mesh is for (experiments.plan reads its chip facts)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if smoke else tpu["mesh"])  # -1: the rest
+    c.tpu.accelerator_type = slice_name.partition("x")[2] if "x" in slice_name else slice_name  # one slice's type
+  # Axis sizes within a slice (-1: the rest of its devices); dcn_data: slices that 'data' spans (multi-slice runs).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1) if smoke else
+                                     dict(dict(dcn_data=1), **tpu["mesh"]))
   c.sharding = ml_collections.ConfigDict()
   c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs of training
   c.sharding.sampling_rules = SAMPLING_RULES  # of sampling: tensor parallel; the params move once per rollout phase
