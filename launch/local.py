@@ -5,9 +5,12 @@
 
 Each process gets K15_COORDINATOR / K15_NUM_PROCESSES / K15_PROCESS_ID (read by
 k15.sharding.initialize_distributed) and its own fake CPU devices. Output is prefixed by process id; the
-launcher exits non-zero if any process fails, and stops the others.
+launcher exits non-zero if any process fails, and stops the others (SIGTERM, then SIGKILL after a grace period:
+jax's preemption service keeps a process alive through SIGTERM). A SIGTERM to the launcher goes to every process,
+as a preemption notice reaches every host of a slice.
 """
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +31,7 @@ def free_port() -> int:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILL_AFTER_S = 10.0  # after a process failed, the others get this long to exit on SIGTERM before SIGKILL
 
 
 def process_env(base: dict, process_id: int, num_processes: int, port: int, devices: int) -> dict:
@@ -58,15 +62,29 @@ def launch(command: list, num_processes: int, devices: int, port: int = 0) -> in
   relays = [threading.Thread(target=_relay, args=(p, i), daemon=True) for i, p in enumerate(procs)]
   for t in relays:
     t.start()
-  code = 0
-  while None in [p.poll() for p in procs]:  # poll all: a failed process may leave the others in a collective
-    failed = [p.returncode for p in procs if p.returncode]
-    if failed and not code:
-      code = failed[0]
-      for other in procs:
-        if other.poll() is None:
-          other.terminate()
-    time.sleep(0.2)
+  def forward(signum, frame):
+    del frame
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  code, stop_by = 0, None
+  try:
+    while None in [p.poll() for p in procs]:  # poll all: a failed process may leave the others in a collective
+      failed = [p.returncode for p in procs if p.returncode]
+      if failed and not code:
+        code, stop_by = failed[0], time.time() + KILL_AFTER_S
+        for other in procs:
+          if other.poll() is None:
+            other.terminate()
+      if stop_by and time.time() > stop_by:
+        for other in procs:
+          if other.poll() is None:
+            other.kill()
+      time.sleep(0.2)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   code = code or next((p.returncode for p in procs if p.returncode), 0)
   for t in relays:
     t.join(timeout=5)
