@@ -102,11 +102,11 @@ def local_copy(path) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix="k15-copy-")
   try:
     src = epath.Path(path)
-    for f in src.rglob("*"):
-      if not f.is_dir():
-        local = os.path.join(tmp, *f.relative_to(src).parts)
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        f.copy(epath.Path(local), overwrite=True)
+    for root, _, files in src.walk():
+      local = os.path.join(tmp, *root.relative_to(src).parts)
+      os.makedirs(local, exist_ok=True)
+      for name in files:
+        (root / name).copy(epath.Path(os.path.join(local, name)), overwrite=True)
     yield tmp
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
