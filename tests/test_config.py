@@ -168,6 +168,7 @@ def test_every_config_field_is_read_somewhere():
     ("data.level_shares=(0.5,)", r"config.data.level_shares: must be \(\) or one share >= 0 per level"),
     ("model.d_model=0", "config.model: ModelConfig.d_model must be positive"),
     ("mesh.fsdp=0", "config.mesh.fsdp: must be >= 1 or -1"),
+    ("mesh.dcn_data=0", "config.mesh.dcn_data: must be >= 1, got 0"),
     ("rl.loss=ppo", "config.rl.loss: must be one of"),
     ("rl.samples_per_prompt=1", "config.rl.samples_per_prompt: must be >= 2 for loss 'k15': one sample is its own"),
     ("rl.minibatches=9", "config.rl.minibatches: 9 gradient steps cannot each take whole groups of 8 prompts"),

@@ -102,3 +102,44 @@ def test_train_steps_run_at_most_two_ahead_of_the_devices(monkeypatch):
     params, opt_state, metrics = step(params, opt_state, {"tokens": tokens})
     dispatched.append(metrics)
   assert trainer_lib.STEPS_IN_FLIGHT == 2 and [id(m) for m in waited] == [id(m) for m in dispatched[:3]]
+
+
+def test_two_slice_hybrid_mesh_orders_devices_by_slice_and_keeps_params_within_each():
+  """mesh.dcn_data=2 over fake devices of two slices (interleaved ids, as slices enumerate): 'data' runs across
+  the slices, fsdp within each; then, on the real devices in that order, every param shard lives once in each slice
+  (a full replica per slice: only gradients cross the data-center network) and each slice takes half the batch."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class FakeDevice:
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+  fakes = [FakeDevice(i, slice_index=i % 2, process_index=i // 2) for i in range(8)]
+  order = sharding.device_array({"data": 1, "fsdp": -1, "tensor": 1}, fakes, dcn_data=2)
+  assert order.shape == (2, 4, 1)
+  assert [[d.slice_index for d in row] for row in order[:, :, 0]] == [[0] * 4, [1] * 4]
+  assert [d.id for d in order.reshape(-1)] == [0, 2, 4, 6, 1, 3, 5, 7]
+  with pytest.raises(ValueError, match="mesh.dcn_data=4: the 8 devices are on 2 slices"):
+    sharding.device_array({"data": -1}, fakes, dcn_data=4)
+
+  real = {d.id: d for d in jax.devices()}
+  mesh = jax.sharding.Mesh(np.vectorize(lambda d: real[d.id], otypes=[object])(order), sharding.MESH_AXES)
+  slice_of = {real[d.id]: d.slice_index for d in fakes}
+  params = jax.device_put(models.init_params(CFG, jax.random.PRNGKey(0)), sharding.param_shardings(CFG, mesh))
+  split = 0
+  for x in jax.tree.leaves(params):
+    holders = {}
+    for shard in x.addressable_shards:
+      holders.setdefault(str(shard.index), []).append(slice_of[shard.device])
+    assert all(sorted(s) == [0] * (len(s) // 2) + [1] * (len(s) // 2) for s in holders.values()), x.shape
+    split += len(holders) == 4  # split 4 ways over fsdp within a slice
+  assert split > 0
+  batch = jax.device_put(np.arange(16).reshape(8, 2), sharding.batch_sharding(mesh, 2))
+  rows = {0: set(), 1: set()}
+  for shard in batch.addressable_shards:
+    rows[slice_of[shard.device]].update(np.asarray(shard.data)[:, 0] // 2)
+  assert rows == {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}}
