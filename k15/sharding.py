@@ -70,15 +70,13 @@ def device_array(sizes: dict, devices: Sequence, dcn_data: int = 1) -> np.ndarra
   """The devices laid out as the mesh of `sizes`. dcn_data > 1 (multi-slice): jax's hybrid device mesh, 'data'
   parallel across the slices (over the data-center network) and every axis also within each slice (over ICI);
   slices are the devices' slice_index, or their processes on platforms without slices (CPU)."""
+  shape = mesh_shape(sizes, len(devices), dcn_data)
   if dcn_data == 1:
-    shape = mesh_shape(sizes, len(devices))
     try:
       return mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # fake CPU devices and odd shapes: plain order is fine
       return np.asarray(devices).reshape(shape)
-  if len(devices) % dcn_data:
-    raise ValueError(f"mesh.dcn_data={dcn_data} slices do not split {len(devices)} devices evenly")
-  per_slice = mesh_shape(sizes, len(devices) // dcn_data)
+  per_slice = (shape[0] // dcn_data,) + shape[1:]
   # Platforms without slices (CPU, GPU) put every device on slice 0 or give none: their processes are the slices.
   by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
   found = len({getattr(d, "process_index" if by_process else "slice_index") for d in devices})
