@@ -76,9 +76,10 @@ def test_config_fits_its_slice(name, slice_name):
   assert seq["prompt"] + seq["response"] == CONTEXT[name]
 
 
-@pytest.mark.parametrize("name", qwen_math.SIZES)
-def test_train_step_and_decode_trace_at_full_size(name):
-  config, _, sizes = _build(name, DEFAULT_SLICE[name])
+@pytest.mark.parametrize("name, slice_name", [*DEFAULT_SLICE.items(), ("1.5b", "2xv5p-32")])  # and 2 slices (DCN)
+def test_train_step_and_decode_trace_at_full_size(name, slice_name):
+  config, _, sizes = _build(name, slice_name)
+  assert sizes["data"] % config.mesh.dcn_data == 0
   loss, chunk = plan.abstract_trace(config, sizes)
   assert loss.shape == () and loss.dtype == jnp.float32
   assert chunk.tokens_BxC.shape == (config.sampling.num_slots, config.sampling.chunk_size)
