@@ -7,6 +7,7 @@ process had reached when the notice spread, so a notice stops the run at the end
 iteration. On a single process a SIGTERM handler sets a flag that stops the run at the end of the current iteration.
 """
 import signal
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -25,7 +26,7 @@ class PreemptionWatch:
     self._previous = None
 
   def __enter__(self) -> "PreemptionWatch":
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():  # handlers: main only
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
 
