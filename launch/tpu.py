@@ -270,11 +270,12 @@ def create(args, runner: Runner, poll_s: float = 30.0):
 
 def setup(args, runner: Runner):
   archive = "k15-src.tar.gz"
-  local = os.path.join(tempfile.mkdtemp(prefix="k15-launch-"), archive)
-  if not runner.dry_run:
-    make_archive(local)
   scp, ssh = (qr_scp_all_command, qr_ssh_all_command) if _multi_slice(args) else (scp_all_command, ssh_all_command)
-  runner(scp(args.name, args.zone, local, archive, args.project))  # lands in the home directory
+  with tempfile.TemporaryDirectory(prefix="k15-launch-") as tmp:
+    local = os.path.join(tmp, archive)
+    if not runner.dry_run:
+      make_archive(local)
+    runner(scp(args.name, args.zone, local, archive, args.project))  # lands in the home directory
   runner(ssh(args.name, args.zone, install_script(archive), args.project))
 
 

@@ -116,6 +116,25 @@ def test_queued_resource_is_waited_for_until_active(monkeypatch):
     tpu.create(args, runner, poll_s=0)
 
 
+def test_readme_shows_what_the_multi_slice_dry_run_prints(monkeypatch):
+  """README's abridged --dry_run output is the command's: one line per printed gcloud command, in order, and the
+  pieces of each (cut at '...') appear in that order in the printed line."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    block = f.read().split("what --dry_run prints, abridged:\n")[1].split("```")[0].splitlines()
+  argv = (block[0].rstrip("\\") + block[1]).split()
+  assert argv[:5] == ["python", "-m", "launch.tpu", "up", "--dry_run"]
+  shown = [line[2:] for line in block[2:]]
+  assert shown and all(line.startswith("+ gcloud ") for line in shown), block
+  _, printed = _dry_run(argv[3:4] + argv[5:], monkeypatch)
+  assert len(printed) == len(shown)
+  for abridged, line in zip(shown, printed):
+    at = 0
+    for piece in filter(None, (p.strip() for p in abridged.split("..."))):
+      found = line.find(piece, at)
+      assert found >= at and (at or found == 0), (piece, line)
+      at = found + len(piece)
+
+
 def test_missing_gcloud_is_a_clear_error(monkeypatch, capsys):
   monkeypatch.setenv("PATH", "/nonexistent")
   rc = tpu.main(["create", "--name=k15", "--zone=z", "--accelerator=v5p-8"])
