@@ -34,7 +34,19 @@ def _launch(num_processes, devices, workdir, command=None):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "K15_NUM_PROCESSES")}
   return subprocess.Popen([sys.executable, "-m", "launch.local", f"--num_processes={num_processes}",
                            f"--devices_per_process={devices}", "--", *command],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)  # its own process group: _output kills the whole run on a timeout
+
+
+def _output(proc, timeout):
+  """The launcher's output once it exits. A run that outlives `timeout` (a hang, or a very loaded machine) is
+  killed with its processes (jax's preemption service keeps them alive through SIGTERM), and the test fails."""
+  try:
+    return proc.communicate(timeout=timeout)[0]
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.communicate()[0]
+    pytest.fail(f"{' '.join(proc.args[:8])} ... still running after {timeout} s; killed. Its output:\n{log[-4000:]}")
 
 
 def _counted(workdir, log_dir):
@@ -56,7 +68,12 @@ def reference_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("reference_runs")
   dirs = {"1x8": str(root / "1x8"), "2x4": str(root / "2x4"), "counts": str(root / "counts")}
   procs = [_launch(1, 8, dirs["1x8"]), _launch(2, 4, None, _counted(dirs["2x4"], dirs["counts"]))]
-  logs = [p.communicate(timeout=900)[0] for p in procs]
+  try:
+    logs = [_output(p, 900) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:  # the other run, when one timed out
+        os.killpg(p.pid, signal.SIGKILL)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-4000:]
   return dirs, logs[1]
@@ -108,7 +125,7 @@ def test_hosts_that_disagree_on_rewards_stop_within_seconds(tmp_path):
   """Every process verifies every item itself and process 1 scores one item of an RL batch differently: the run
   stops with an error naming the iteration and the rewards, instead of drifting apart and hanging."""
   proc = _launch(2, 4, None, [sys.executable, HELPER, "disagree", *FLAGS, f"--workdir={tmp_path / 'run'}"])
-  log = proc.communicate(timeout=600)[0]
+  log = _output(proc, 600)
   stopped = time.time()
   assert proc.returncode != 0, log[-4000:]
   injected = [float(t) for t in re.findall(r"injected a different reward at ([0-9.]+)", log)]
@@ -133,7 +150,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(reference_runs
     if line.startswith("[0] [rl 1/4"):
       proc.send_signal(signal.SIGTERM)
       break
-  log = "".join(lines) + proc.communicate(timeout=600)[0]
+  log = "".join(lines) + _output(proc, 600)
   assert proc.returncode == 0, log[-4000:]
   stop = re.findall(r"preempted: stopped after RL iteration (\d+)", log)
   assert len(stop) == 2 and stop[0] == stop[1], log[-4000:]  # both processes, the same iteration
@@ -142,7 +159,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(reference_runs
   assert not os.path.exists(os.path.join(workdir, "final"))  # RL did not finish
 
   proc = _launch(2, 4, None, _counted(workdir, counts))
-  log = proc.communicate(timeout=600)[0]
+  log = _output(proc, 600)
   assert proc.returncode == 0, log[-4000:]
   assert f"resumed RL from iteration {stopped_at}" in log
   resumed = metrics_lib.read_jsonl(os.path.join(workdir, "rl.jsonl"))
@@ -162,6 +179,6 @@ def test_params_placed_from_one_process_and_gathered_back(tmp_path):
   models.save_hf(str(tmp_path / "hf"), place_worker.CFG, models.init_params(place_worker.CFG, jax.random.PRNGKey(3)))
   proc = _launch(2, 4, None, [sys.executable, os.path.join("tests", "helpers", "place_worker.py"),
                               str(tmp_path / "hf")])
-  log = proc.communicate(timeout=300)[0]
+  log = _output(proc, 900)
   assert proc.returncode == 0, log[-4000:]
   assert "[0] process 0: placed and gathered OK" in log and "[1] process 1: placed and gathered OK" in log
