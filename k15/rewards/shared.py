@@ -1,8 +1,11 @@
 """Rewards computed once across the processes of a multi-host run, and the same on every process.
 
-Process p of P verifies items p, p + P, p + 2P, ... of a batch; the rewards (and the count of verifier failures)
-are all-gathered, so every process applies the same rewards and each item is verified once, not once per host.
-Hosts that verified alone could disagree (a math-verify timeout on one host and not another) and then drift apart.
+Of a batch's items that rules score (arith, math-verify, the code sandbox: host-side work), process p of P verifies
+the p-th, (p + P)-th, ...; the rewards (and the count of verifier failures) are all-gathered, so every process applies
+the same rewards and each such item is verified once, not once per host. Hosts that verified alone could disagree (a
+math-verify timeout on one host and not another) and then drift apart. Items a judge scores (a reward model,
+k15/rewards/reward_model.py) are device work on the run's mesh: every process scores all of them in the same calls,
+as every process takes part in each computation on the mesh.
 """
 from typing import Mapping, Sequence
 
@@ -12,26 +15,43 @@ from jax.experimental import multihost_utils
 
 
 class SharedVerifier:
-  """A k15.rewards.verifiers.Verifier (or anything called the same way, with a `failures` count) whose items are
-  split across processes; every process must call it with the same batch."""
+  """A k15.rewards.verifiers.Verifier (or anything called the same way, with a `failures` count, and optionally
+  `judged(example)`) whose rule-scored items are split across processes; every process must call it with the same
+  batch."""
 
   def __init__(self, verifier):
     self.verifier = verifier
     self.failures = 0  # responses scored 0 because their verifier failed, over every call and every process
 
+  @property
+  def judge_failures(self) -> int:
+    """The verifier's judges' failures (the same on every process: each scores every judged item)."""
+    return getattr(self.verifier, "judge_failures", 0)
+
+  @property
+  def judge_time_s(self) -> float:
+    return getattr(self.verifier, "judge_time_s", 0.0)
+
   def __call__(self, texts: Sequence[str], examples: Sequence[Mapping]) -> np.ndarray:
     if len(texts) != len(examples):
       raise ValueError(f"{len(texts)} responses but {len(examples)} examples")
     P, p, n = jax.process_count(), jax.process_index(), len(texts)
-    before = self.verifier.failures
     if P == 1:
+      before = self.verifier.failures
       rewards = np.asarray(self.verifier(texts, examples), np.float32)
       self.failures += self.verifier.failures - before
       return rewards
-    mine = range(p, n, P)
-    per = -(-n // P)
+    judged = getattr(self.verifier, "judged", lambda example: False)
+    on_mesh = [i for i, ex in enumerate(examples) if judged(ex)]
+    ruled = [i for i, ex in enumerate(examples) if not judged(ex)]
+    rewards = np.zeros(n, np.float32)
+    if on_mesh:  # every process, all of them: a judge's computations span the mesh
+      rewards[on_mesh] = self.verifier([texts[i] for i in on_mesh], [examples[i] for i in on_mesh])
+    mine = ruled[p::P]
+    per = -(-len(ruled) // P)
     row = np.zeros(per + 2, np.float32)  # this process's rewards (padded), its failure count, whether it raised
     error = None
+    before = self.verifier.failures
     try:
       if mine:
         row[:len(mine)] = self.verifier([texts[i] for i in mine], [examples[i] for i in mine])
@@ -44,9 +64,9 @@ class SharedVerifier:
     if rows[:, per + 1].any():
       raise RuntimeError(f"verifying rewards failed on process(es) {np.flatnonzero(rows[:, per + 1]).tolist()}; "
                          "see their logs")
-    rewards = np.empty(n, np.float32)
     for q in range(P):
-      rewards[q::P] = rows[q, :len(range(q, n, P))]
+      theirs = ruled[q::P]
+      rewards[theirs] = rows[q, :len(theirs)]
     self.failures += int(rows[:, per].sum())
     return rewards
 

@@ -90,6 +90,10 @@ class Verifier:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
     return rewards
 
+  def judged(self, ex: Mapping) -> bool:
+    """Whether a judge (a reward model on the mesh), not a rule, scores example `ex`."""
+    return self._methods[self._domain(ex)] != "rules"
+
   @property
   def judge_failures(self) -> int:
     """Responses a judge scored 0 for want of a single valid verdict, over every call."""

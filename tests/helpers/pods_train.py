@@ -42,8 +42,8 @@ def counting(log_dir):
       _log(os.path.join(log_dir, f"outer.{p()}.jsonl"), _items(texts, examples))
       return super().__call__(texts, examples)
 
-  return lambda config: Logged(Counting(default_domain=config.reward.default_domain,
-                                        sandbox_config=SandboxConfig(allow_unisolated=True)))
+  return lambda config, trainer=None, reward="rules": Logged(Counting(
+      default_domain=config.reward.default_domain, sandbox_config=SandboxConfig(allow_unisolated=True)))
 
 
 def disagreeing():
@@ -67,7 +67,7 @@ def disagreeing():
       armed.clear()
 
   loop.build_batch = armed_build_batch
-  return lambda config: Disagreeing(default_domain=config.reward.default_domain)
+  return lambda config, trainer=None, reward="rules": Disagreeing(default_domain=config.reward.default_domain)
 
 
 if __name__ == "__main__":
