@@ -39,6 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: the rest of the devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # slices that 'data' spans (multi-slice TPU runs); the sizes above are per slice
   c.sharding = ml_collections.ConfigDict()
   c.sharding.logical_axis_rules = DEFAULT_RULES  # (logical axis, mesh axes) pairs of training
   c.sharding.sampling_rules = SAMPLING_RULES  # of the CoT judge's sampling
