@@ -10,6 +10,7 @@ Workdir (a rerun skips what is complete):
   cot_rm.jsonl, value_rm.jsonl   training metrics (and tensorboard/)
   rm_eval.json / .md     the comparison on the held-out pairs
 """
+import collections
 import dataclasses
 import json
 import os
@@ -151,7 +152,23 @@ def predictions(config: RMTrainConfig, workdir, trainer, pairs) -> dict:
     if kind == "cot_rm":
       extra["cot_rm_failures"] = judge.failures
       extra["cot_rm_outputs"] = judge.last_outputs[:20]
+      extra["cot_rm_errors"] = cot_errors(pairs, judge.last_outputs, out[name])
   return out, extra
+
+
+def _trace_lines(text: str) -> dict:
+  return dict(line.split(": ", 1) for line in text.split("\n") if ": " in line and not line.startswith("{"))
+
+
+def cot_errors(pairs, outputs, rewards) -> dict:
+  """Where the CoT judge's wrong verdicts go wrong: per trace line ("Value", "Match", ...), how many of them differ
+  from the target trace (rm_data.cot_target); and how many name the reference as the value when it is not."""
+  wrong = [(p, _trace_lines(out)) for p, out, r in zip(pairs, outputs, rewards) if r != float(p["correct"])]
+  lines = collections.Counter()
+  for p, got in wrong:
+    lines.update(k for k, v in _trace_lines(rm_data.cot_target(p)).items() if got.get(k) != v)
+  copied = sum(got.get("Value") == p["answer"] != _trace_lines(rm_data.cot_target(p)).get("Value") for p, got in wrong)
+  return {"wrong verdicts": len(wrong), "wrong lines": dict(lines), "value copied from the reference": copied}
 
 
 def comparison(pairs, preds: dict) -> dict:
@@ -197,6 +214,8 @@ def run(config: RMTrainConfig, workdir: str) -> dict:
     with open(os.path.join(workdir, "rm_eval.md"), "w") as f:
       f.write(markdown(table) + "\n")
   print("\n" + markdown(table), flush=True)
+  if "cot_rm_errors" in extra:
+    print(f"CoT RM errors: {extra['cot_rm_errors']}", flush=True)
   print(f"wall time {summary['wall_time_s']:.0f}s", flush=True)
   return summary
 

@@ -222,3 +222,14 @@ def test_sft_token_weights_select_what_is_learned():
                         weights=[[w] * len(r) for r in responses])
     delta = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(start)))
     assert (delta > 1e-4) == moves, (w, delta)
+
+
+def test_cot_errors_locate_the_wrong_lines():
+  from experiments import train_rm  # pylint: disable=g-import-not-at-top
+  pair = lambda final, value, answer, correct: dict(final=final, value=value, answer=answer, correct=correct)
+  pairs = [pair("3*2+2", "8", "6", False), pair("14/2", "7", "7", True), pair("9-4", "5", "5", True)]
+  outputs = ["Final answer: 3*2+2\nValue: 6\nReference: 6\nMatch: yes\n{\"correct\": true}",  # the reference copied
+             "Final answer: 14/2\nValue: 7\nReference: 7\nMatch: yes\n{\"correct\": true}",  # right
+             "Final answer: 9-4\nValue: 5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
+  errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0])
+  assert errors == {"wrong verdicts": 2, "wrong lines": {"Value": 1, "Match": 2}, "value copied from the reference": 1}
