@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from experiments import train as main_job
-from k15 import checkpoint, sharding
+from k15 import checkpoint, sharding, storage
 from k15 import config as config_lib
 from k15.rewards.verifiers import Verifier
 from k15.rl import evaluation, loop
@@ -135,8 +135,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   else:
     warmup_eval = evaluation.evaluate(trainer, params, tokenizer, eval_, typed.sampling, typed.eval, verifier,
                                       sampled=True)
-    with open(path, "w") as f:
-      json.dump(warmup_eval, f, indent=2)
+    storage.write_text(path, json.dumps(warmup_eval, indent=2))  # whole or absent: its presence means done
   print(f"warm-up ({typed.model.num_params() / 1e6:.2f}M params): held-out accuracy {warmup_eval['accuracy']:.1%}, "
         f"mean tokens {warmup_eval['mean_tokens']:.1f} ({time.time() - start:.0f}s)", flush=True)
   return Setup(config, workdir, trainer, tokenizer, train, eval_, params, warmup_eval, time.time() - start, verifier)
@@ -162,8 +161,7 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
       if json.load(f) != config_dict:
         raise ValueError(f"{vdir} holds a run with another config; delete it or use a fresh workdir")
   else:
-    with open(config_path, "w") as f:
-      json.dump(config_dict, f, indent=2)
+    storage.write_text(config_path, json.dumps(config_dict, indent=2))
   if os.path.exists(result_path):
     with open(result_path) as f:
       print(f"{name}: reusing {result_path}", flush=True)
@@ -185,8 +183,7 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
             "iterations": config.rl.iterations, "rl_time_s": rl_time, "eval": final,
             "train_accuracy_last5": _tail_mean(rows, "accuracy"),
             "response_len_last5": _tail_mean(rows, "response_len_mean")}
-  with open(result_path, "w") as f:
-    json.dump(_jsonable(result), f, indent=2)
+  storage.write_text(result_path, json.dumps(_jsonable(result), indent=2))  # whole or absent: the run's end marker
   print(f"{name}: held-out accuracy {final['accuracy']:.1%} (warm-up {setup.warmup_eval['accuracy']:.1%}), "
         f"mean tokens {final['mean_tokens']:.1f}, RL {rl_time:.0f}s", flush=True)
   return result

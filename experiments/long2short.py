@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from experiments import train as main_job
-from k15 import checkpoint
+from k15 import checkpoint, storage
 from k15.config import Config, long2short_start
 from k15.long2short import dpo, merge, rejection, report
 from k15.rl import evaluation, loop, sft
@@ -102,8 +102,7 @@ class Long2Short:
         raise ValueError(f"{self.workdir} was built from another long model (sha256 "
                          f"{old['final_weights_sha256'][:12]}); use a fresh --workdir for {self.long}")
     elif jax.process_index() == 0:
-      with open(path, "w") as f:
-        json.dump(source, f, indent=2)
+      storage.write_text(path, json.dumps(source, indent=2))
 
   # --- paths, loading and saving
 
@@ -184,9 +183,8 @@ class Long2Short:
     self.log(f"  sampled {lengths.size} responses from {variant}: accuracy {correct.mean():.1%}, mean tokens "
              f"{lengths.mean():.1f}, prompts with a correct one {correct.any(axis=1).mean():.1%}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        json.dump(dict(key, responses=responses, lengths=lengths.tolist(), correct=correct.tolist()), f)
+      storage.write_text(path, json.dumps(dict(key, responses=responses, lengths=lengths.tolist(),
+                                               correct=correct.tolist())))  # whole or absent: read back on resume
     return examples, responses, lengths, correct
 
   def stage_merge_rs(self):
@@ -246,9 +244,7 @@ class Long2Short:
     result = evaluation.evaluate(self.trainer, self.load_variant(variant), self.tokenizer, self.eval,
                                  self.config.sampling, self.config.eval, self.verifier)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+      storage.write_text(path, json.dumps(result, indent=2))  # whole or absent: its presence means done
     return result
 
   def descriptions(self):
