@@ -404,6 +404,8 @@ def test_non_root_trainer_cannot_touch_its_own_files():
                  "rewards/sandbox_init.py"):
       os.makedirs(os.path.join(home, "lib/k15/rewards"), exist_ok=True)
       shutil.copy(os.path.join(package, name), os.path.join(home, "lib/k15", name))
+    trainer = os.path.join(home, "lib/sandbox_trainer.py")  # the checkout may sit in a directory the uid cannot read
+    shutil.copy(os.path.join(_HELPERS, "sandbox_trainer.py"), trainer)
     os.makedirs(os.path.join(home, "work"))
     for parent, dirs, names in os.walk(home):
       for name in [parent] + [os.path.join(parent, n) for n in dirs + names]:
@@ -416,7 +418,7 @@ def test_non_root_trainer_cannot_touch_its_own_files():
            "tests": [[{"input": "", "output": "pwned"}], [{"input": "", "output": files["data/train.jsonl"]}]]}
     as_uid = dict(user=uid, group=uid, extra_groups=[]) if os.geteuid() == 0 else {}
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "PYTHONPATH": os.path.join(home, "lib")}
-    out = subprocess.run([python, "-s", os.path.join(_HELPERS, "sandbox_trainer.py"), json.dumps(job)], **as_uid,
+    out = subprocess.run([python, "-s", trainer, json.dumps(job)], **as_uid,
                          env=env, cwd=home, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
