@@ -73,11 +73,28 @@ def train_cot(config: RMTrainConfig, workdir, trainer, tokenizer, train):
     head, tail = tokenizer.encode(first + "\n"), tokenizer.encode(rest) + [tokenizer.eos_id]
     targets.append(head + tail)
     weights.append([1.0] * len(head) + [config.cot_judging_weight] * len(tail))
-  params = trainer.init_params(jax.random.PRNGKey(config.seed))
+  if config.cot_init == "scratch":
+    params = trainer.init_params(jax.random.PRNGKey(config.seed))
+  else:
+    params = trainer.place_params(load_judge_params(config, config.cot_init, os.path.join(workdir, "data", "spm.model")))
   logger = MetricsLogger(workdir, "cot_rm", total_steps=config.cot.steps)
   params = sft.sft_train(trainer, params, judge_inputs(config, tokenizer, train), targets, config.cot,
                          pad_id=tokenizer.pad_id, seed=config.seed, logger=logger, weights=weights)
   logger.close()
+  return params
+
+
+def load_judge_params(config: RMTrainConfig, path: str, spm_path: str):
+  """The params of a saved judge that starts a new one: its model shape and tokenizer must be this run's."""
+  _, model_cfg, params, _ = rm.load_judge_files(path)
+  shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+  differ = {f: (getattr(model_cfg, f), getattr(config.model, f)) for f in shape
+            if getattr(model_cfg, f) != getattr(config.model, f)}
+  if differ:
+    raise ValueError(f"{path}: the judge's model differs from config.model in (judge, config) {differ}")
+  with open(os.path.join(path, "tokenizer.model"), "rb") as a, open(spm_path, "rb") as b:
+    if a.read() != b.read():
+      raise ValueError(f"{path}: the judge's tokenizer differs from {spm_path}; copy its run's data/ into the workdir")
   return params
 
 
@@ -97,7 +114,8 @@ def train_value(config: RMTrainConfig, workdir, trainer, tokenizer, train):
     return {"tokens": tokens_all[idx], "lengths": lengths_all[idx], "labels": labels[idx]}
 
   if config.value_init == "cot_rm":  # the trained CoT RM's transformer, a new head
-    model = trainer.place_params(rm.load_judge_files(os.path.join(workdir, "cot_rm"))[2])
+    model = trainer.place_params(load_judge_params(config, os.path.join(workdir, "cot_rm"),
+                                                   os.path.join(workdir, "data", "spm.model")))
   else:
     model = trainer.init_params(jax.random.PRNGKey(config.seed + 1))
   params = {"model": model, "head": jax.device_put(rm.init_value_head(cfg), sharding.replicated(trainer.mesh))}
@@ -160,14 +178,21 @@ def _trace_lines(text: str) -> dict:
   return dict(line.split(": ", 1) for line in text.split("\n") if ": " in line and not line.startswith("{"))
 
 
+def _result(line):
+  """The value a trace line ends on: "3*2=6, 6+2=8" -> "8"."""
+  return None if line is None else line.rsplit("=", 1)[-1]
+
+
 def cot_errors(pairs, outputs, rewards) -> dict:
   """Where the CoT judge's wrong verdicts go wrong: per trace line ("Value", "Match", ...), how many of them differ
-  from the target trace (rm_data.cot_target); and how many name the reference as the value when it is not."""
+  from the target trace (rm_data.cot_target); and how many end their value on the reference when it is not."""
   wrong = [(p, _trace_lines(out)) for p, out, r in zip(pairs, outputs, rewards) if r != float(p["correct"])]
   lines = collections.Counter()
+  copied = 0
   for p, got in wrong:
-    lines.update(k for k, v in _trace_lines(rm_data.cot_target(p)).items() if got.get(k) != v)
-  copied = sum(got.get("Value") == p["answer"] != _trace_lines(rm_data.cot_target(p)).get("Value") for p, got in wrong)
+    target = _trace_lines(rm_data.cot_target(p))
+    lines.update(k for k, v in target.items() if got.get(k) != v)
+    copied += _result(got.get("Value")) == p["answer"] != _result(target.get("Value"))
   return {"wrong verdicts": len(wrong), "wrong lines": dict(lines), "value copied from the reference": copied}
 
 

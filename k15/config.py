@@ -8,6 +8,7 @@ files (experiments/configs/*.py).
 """
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from typing import Any, Mapping, Optional, Union
@@ -500,6 +501,7 @@ class RMTrainConfig:
   sampling: RolloutConfig  # the CoT judge's sampler (greedy)
   math_timeout_s: float  # the comparison's math-verify pool
   value_init: str  # the value RM's transformer at the start: scratch | cot_rm (the trained CoT RM's)
+  cot_init: str  # the CoT RM's params at the start: scratch | a CoT judge's directory (train_rm's <workdir>/cot_rm)
   cot_judging_weight: float  # the CoT RM's loss weight of the tokens after its first line (value, match, verdict)
 
   def __post_init__(self):
@@ -507,6 +509,8 @@ class RMTrainConfig:
     _check(bool(self.rms) and set(self.rms) <= set(reward_model.JUDGE_KINDS), "rms",
            f"must be a non-empty subset of {list(reward_model.JUDGE_KINDS)}, got {self.rms}")
     _one_of(self, "value_init", ("scratch", "cot_rm"))
+    _check(self.cot_init == "scratch" or os.path.isdir(self.cot_init), "cot_init",
+           f"must be 'scratch' or a CoT judge's directory; {self.cot_init!r} is not a directory")
     _positive(self, "cot_judging_weight")
     _check(self.value_init == "scratch" or "value_rm" not in self.rms or "cot_rm" not in self.rms
            or self.rms.index("cot_rm") < self.rms.index("value_rm"), "rms",

@@ -204,6 +204,32 @@ def test_rm_data_labels_come_from_the_canonical_value():
   assert rm_data.cot_target(pairs[0]).endswith(rm.verdict_line(pairs[0]["correct"]))
 
 
+def test_cot_target_steps_are_true_arithmetic_and_decide_the_label():
+  """Every step of a CoT target holds (checked by Python's own arithmetic), and the trace's last result against the
+  reference (a fraction: the check's product against the numerator) gives the label."""
+  pairs = rm_data.generate_pairs(arith.generate(80, 5, (1, 2, 3, 4)), 900, 5)
+  assert rm_data.expression_steps("3*2+2") == "3*2=6, 6+2=8" and rm_data.expression_steps("-1-1") == "-1-1=-2"
+  for p in pairs:
+    lines = dict(l.split(": ", 1) for l in rm_data.cot_target(p).split("\n")[:-1])
+    if p["final"] is None:
+      assert lines == {"Final answer": "none"} and not p["correct"]
+      continue
+    assert lines["Final answer"] == p["final"] and lines["Reference"] == p["answer"]
+    assert lines["Match"] == ("yes" if p["correct"] else "no")
+    if p["form"] == "fraction":
+      product, numerator = lines["Check"], p["final"].split("/")[0]
+      left, right = product.split("=")
+      assert eval(left) == int(right)  # pylint: disable=eval-used  # our own digits and *
+      assert (right == numerator) == p["correct"], p
+      continue
+    for step in lines["Value"].split(", ") if p["form"] == "expression" else []:
+      left, right = step.split("=")
+      assert eval(left) == int(right), step  # pylint: disable=eval-used
+    if "/" not in p["value"]:
+      assert lines["Value"].rsplit("=", 1)[-1] == p["value"]
+      assert (lines["Value"].rsplit("=", 1)[-1] == p["answer"]) == p["correct"], p
+
+
 def test_question_of_an_arith_prompt_is_the_question():
   assert rm.question_of({"inputs_text": arith.prompt_text("Compute 7+2."), "answer": "9"}) == "Compute 7+2."
   assert rm.question_of({"question": "What is 2+2?", "inputs_text": "x"}) == "What is 2+2?"
@@ -226,10 +252,12 @@ def test_sft_token_weights_select_what_is_learned():
 
 def test_cot_errors_locate_the_wrong_lines():
   from experiments import train_rm  # pylint: disable=g-import-not-at-top
-  pair = lambda final, value, answer, correct: dict(final=final, value=value, answer=answer, correct=correct)
-  pairs = [pair("3*2+2", "8", "6", False), pair("14/2", "7", "7", True), pair("9-4", "5", "5", True)]
-  outputs = ["Final answer: 3*2+2\nValue: 6\nReference: 6\nMatch: yes\n{\"correct\": true}",  # the reference copied
-             "Final answer: 14/2\nValue: 7\nReference: 7\nMatch: yes\n{\"correct\": true}",  # right
-             "Final answer: 9-4\nValue: 5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
+  pair = lambda final, value, answer, correct, form: dict(final=final, value=value, answer=answer, correct=correct,
+                                                         form=form)
+  pairs = [pair("3*2+2", "8", "6", False, "expression"), pair("14/2", "7", "7", True, "fraction"),
+           pair("9-4", "5", "5", True, "expression")]
+  outputs = ["Final answer: 3*2+2\nValue: 3*2=6, 6+2=6\nReference: 6\nMatch: yes\n{\"correct\": true}",  # copied
+             "Final answer: 14/2\nReference: 7\nCheck: 7*2=14\nMatch: yes\n{\"correct\": true}",  # right
+             "Final answer: 9-4\nValue: 9-4=5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
   errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0])
   assert errors == {"wrong verdicts": 2, "wrong lines": {"Value": 1, "Match": 2}, "value copied from the reference": 1}

@@ -81,3 +81,27 @@ def test_judges_score_the_same_on_8_devices_as_on_1(rm_run):
   assert out["8"]["text"] == out["1"]["text"]
   np.testing.assert_allclose(out["8"]["logits"], out["1"]["logits"], rtol=1e-4, atol=1e-4)
   assert out["8"]["value"] == out["1"]["value"]
+
+
+def test_cot_rm_continues_from_a_saved_judge(rm_run, tmp_path):
+  """cot_init: the saved judge's params start the CoT RM; another tokenizer or model shape is refused by name."""
+  workdir, config, _ = rm_run
+  spm = os.path.join(workdir, "data", "spm.model")
+  saved = os.path.join(workdir, "cot_rm")
+  params = train_rm.load_judge_params(config, saved, spm)
+  jax.tree.map(np.testing.assert_array_equal, params, rm.load_judge_files(saved)[2])
+  other_spm = tmp_path / "other.model"
+  other_spm.write_bytes(open(spm, "rb").read() + b"x")
+  with pytest.raises(ValueError, match="tokenizer differs"):
+    train_rm.load_judge_params(config, saved, str(other_spm))
+  wider = dataclasses.replace(config, model=dataclasses.replace(config.model, d_ff=2 * config.model.d_ff))
+  with pytest.raises(ValueError, match="d_ff"):
+    train_rm.load_judge_params(wider, saved, spm)
+  # 20 more steps from the trained judge end below where the 20 from scratch ended
+  again = dataclasses.replace(config, cot_init=saved)
+  os.symlink(os.path.join(workdir, "data"), tmp_path / "data")
+  tokenizer, train_pairs, _, _ = train_rm.load_data(again, str(tmp_path))
+  train_rm.train_cot(again, str(tmp_path), train_rm.make_trainer(again), tokenizer, train_pairs)
+  last = lambda d: metrics_lib.read_jsonl(os.path.join(d, "cot_rm.jsonl"))[-1]
+  assert last(str(tmp_path))["step"] == last(workdir)["step"] == config.cot.steps
+  assert last(str(tmp_path))["loss"] < last(workdir)["loss"]

@@ -74,6 +74,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The value RM's transformer at the start: scratch (random, like the CoT RM) | cot_rm (the trained CoT RM's, a
   # stand-in for the pretrained model a value RM usually starts from)
   c.value_init = "scratch"
+  # The CoT RM's params at the start: scratch | a CoT judge's directory (<workdir>/cot_rm of an earlier run with
+  # the same data/, whose tokenizer it must share): continues training it on this run's targets
+  c.cot_init = "scratch"
 
   c.sampling = ml_collections.ConfigDict()  # the CoT judge's sampler; it decodes greedily
   c.sampling.temperature = 1.0  # unused by the judge (greedy); > 0

@@ -17,13 +17,17 @@ whole number (15/2, 7.5); with some probability the trace's last step is changed
 from the exact verifier (k15.rewards.arith) on the canonical value of what is written: the integer "7" for "14/2",
 "15/2" (not an integer, so wrong) for "15/2"; a truncated response has no answer and is wrong.
 
-The CoT RM's target (`cot_target`) is a short trace ending in the JSON verdict:
-  Final answer: 14/2
-  Value: 7
-  Reference: 7
-  Match: yes
-  {"correct": true}
+The CoT RM's target (`cot_target`) is a short trace ending in the JSON verdict. It computes the written value in
+single steps, as the task's own traces do, so that a small judge need not do two operations in one token:
+  Final answer: 3*2+2      Final answer: 14/2
+  Value: 3*2=6, 6+2=8      Reference: 7
+  Reference: 8             Check: 7*2=14
+  Match: yes               Match: yes
+  {"correct": true}        {"correct": true}
+A fraction is checked by multiplying the reference by its denominator: a product, which the judge learns, where the
+quotient is a division it would have to invert.
 """
+import re
 import fractions
 import os
 from typing import Optional, Sequence
@@ -147,13 +151,36 @@ def make_pair(problem: dict, form: str, want_correct: bool, rng: np.random.Gener
               correct=label(value, problem["answer"]), form=form, difficulty=problem["difficulty"])
 
 
+def expression_steps(expression: str) -> str:
+  """The steps of an expression of _write, left to right (a '*' only comes first): "3*2+2" -> "3*2=6, 6+2=8"."""
+  first = re.match(r"-?\d+", expression)
+  rest = re.findall(r"([-+*])(\d+)", expression[first.end():]) if first else []
+  if not first or first.group() + "".join(op + n for op, n in rest) != expression:
+    raise ValueError(f"not an expression of integers and + - *: {expression!r}")
+  steps, acc = [], int(first.group())
+  for op, n in rest:
+    result = acc * int(n) if op == "*" else acc + int(n) if op == "+" else acc - int(n)
+    steps.append(f"{acc}{op}{n}={result}")
+    acc = result
+  return ", ".join(steps) or str(acc)
+
+
 def cot_target(pair: dict) -> str:
-  """The CoT RM's target: the final answer as written, its value, the reference, whether they match, the verdict."""
+  """The CoT RM's target: the final answer as written, its value computed step by step (a fraction: the reference
+  times the denominator), the reference, whether they match, the verdict."""
   if pair["final"] is None:
     return f"Final answer: none\n{verdict_line(False)}"
-  value = pair["value"] if "/" not in pair["value"] else "not a whole number"
-  return (f"Final answer: {pair['final']}\nValue: {value}\nReference: {pair['answer']}\n"
-          f"Match: {'yes' if pair['correct'] else 'no'}\n{verdict_line(pair['correct'])}")
+  head, reference = f"Final answer: {pair['final']}\n", pair["answer"]
+  if pair["form"] == "fraction":
+    denominator = int(pair["final"].split("/")[1])
+    lines = f"Reference: {reference}\nCheck: {reference}*{denominator}={int(reference) * denominator}\n"
+  else:
+    if pair["form"] == "expression":
+      value = expression_steps(pair["final"])
+    else:
+      value = pair["value"] if "/" not in pair["value"] else "not a whole number"
+    lines = f"Value: {value}\nReference: {reference}\n"
+  return f"{head}{lines}Match: {'yes' if pair['correct'] else 'no'}\n{verdict_line(pair['correct'])}"
 
 
 def generate_pairs(problems: Sequence[dict], n: int, seed: int) -> list[dict]:
