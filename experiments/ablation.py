@@ -12,6 +12,7 @@ Workdir layout:
   ablation_curves.png      accuracy and mean response length per iteration, all variants on shared axes
   ablation_final.png       held-out accuracy against mean response tokens after RL
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,10 @@ VARIANTS: dict[str, dict] = {
     "curriculum_only": {"prioritized": False},
     "prioritized_only": {"curriculum": ()},
     "full_rollouts": {"partial_rollouts": False},  # every sample finishes in the iteration it started
+    # rewards from the reward models in config.reward.rm_path (experiments/train_rm.py); held-out accuracy stays
+    # the rules'
+    "cot_rm": {"reward": "cot_rm"},
+    "value_rm": {"reward": "value_rm"},
 }
 
 VariantSpec = Union[Sequence[str], Mapping[str, Mapping]]
@@ -101,6 +106,8 @@ def describe(rl: config_lib.RLConfig) -> str:
     if rl.form != "gradient":
       words.append(f"{rl.form}-form")
   words.append("reset" if rl.reset_optimizer else "no-reset")
+  if rl.reward != "rules":
+    words.append(f"reward {rl.reward}")
   return " ".join(words)
 
 
@@ -171,7 +178,10 @@ def run_variant(setup: Setup, name: str, rl_overrides: Mapping) -> dict:
   start = time.time()
   # The train step donates its params: each variant gets its own copy of the warm-up.
   params = jax.tree.map(lambda x: x.copy(), setup.warmup_params)
-  params = loop.run_rl(config, vdir, setup.trainer, params, setup.tokenizer, setup.train, setup.eval, setup.verifier)
+  with (contextlib.nullcontext(setup.verifier) if config.rl.reward == "rules"
+        else main_job.make_verifier(config, setup.trainer, config.rl.reward)) as reward_verifier:
+    params = loop.run_rl(config, vdir, setup.trainer, params, setup.tokenizer, setup.train, setup.eval,
+                         reward_verifier, setup.verifier)
   rl_time = time.time() - start
   final = evaluation.evaluate(setup.trainer, params, setup.tokenizer, setup.eval, config.sampling, config.eval,
                               setup.verifier, sampled=True)

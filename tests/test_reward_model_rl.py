@@ -105,3 +105,19 @@ def test_cot_rm_continues_from_a_saved_judge(rm_run, tmp_path):
   last = lambda d: metrics_lib.read_jsonl(os.path.join(d, "cot_rm.jsonl"))[-1]
   assert last(str(tmp_path))["step"] == last(workdir)["step"] == config.cot.steps
   assert last(str(tmp_path))["loss"] < last(workdir)["loss"]
+
+
+def test_ablation_variant_rewards_with_the_reward_model(rm_run, tmp_path):
+  """The cot_rm variant of experiments.ablation (and so of the seeds sweep) scores RL with the judge, and evaluates
+  held-out accuracy with the rules."""
+  from experiments import ablation  # pylint: disable=g-import-not-at-top
+  rm_dir, _, _ = rm_run
+  config = arith_config.get_config("smoke")
+  config.rl.iterations = 2
+  config.reward.rm_path = rm_dir
+  setup = ablation.prepare(config, str(tmp_path))
+  result = ablation.run_variant(setup, "cot_rm", ablation.VARIANTS["cot_rm"])
+  assert "reward cot_rm" in result["description"] and 0 <= result["eval"]["accuracy"] <= 1
+  rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / "variants" / "cot_rm" / "rl.jsonl"))
+          if r.get("groups_trained")]
+  assert rows and all(r["rm_time_s"] > 0 for r in rows)
