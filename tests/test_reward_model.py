@@ -217,7 +217,8 @@ def test_cot_target_steps_are_true_arithmetic_and_decide_the_label():
     assert lines["Final answer"] == p["final"] and lines["Reference"] == p["answer"]
     assert lines["Match"] == ("yes" if p["correct"] else "no")
     if p["form"] == "fraction":
-      product, numerator = lines["Check"], p["final"].split("/")[0]
+      product, numerator = lines["Check"].split(", numerator ")
+      assert numerator == p["final"].split("/")[0]
       left, right = product.split("=")
       assert eval(left) == int(right)  # pylint: disable=eval-used  # our own digits and *
       assert (right == numerator) == p["correct"], p
@@ -257,7 +258,7 @@ def test_cot_errors_locate_the_wrong_lines():
   pairs = [pair("3*2+2", "8", "6", False, "expression"), pair("14/2", "7", "7", True, "fraction"),
            pair("9-4", "5", "5", True, "expression")]
   outputs = ["Final answer: 3*2+2\nValue: 3*2=6, 6+2=6\nReference: 6\nMatch: yes\n{\"correct\": true}",  # copied
-             "Final answer: 14/2\nReference: 7\nCheck: 7*2=14\nMatch: yes\n{\"correct\": true}",  # right
+             "Final answer: 14/2\nReference: 7\nCheck: 7*2=14, numerator 14\nMatch: yes\n{\"correct\": true}",  # right
              "Final answer: 9-4\nValue: 9-4=5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
   errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0])
   assert errors == {"wrong verdicts": 2, "wrong lines": {"Value": 1, "Match": 2}, "value copied from the reference": 1}

@@ -21,11 +21,11 @@ The CoT RM's target (`cot_target`) is a short trace ending in the JSON verdict. 
 single steps, as the task's own traces do, so that a small judge need not do two operations in one token:
   Final answer: 3*2+2      Final answer: 14/2
   Value: 3*2=6, 6+2=8      Reference: 7
-  Reference: 8             Check: 7*2=14
+  Reference: 8             Check: 7*2=14, numerator 14
   Match: yes               Match: yes
   {"correct": true}        {"correct": true}
 A fraction is checked by multiplying the reference by its denominator: a product, which the judge learns, where the
-quotient is a division it would have to invert.
+quotient is a division it would have to invert. Each "Match" compares two numbers on the lines just above it.
 """
 import re
 import fractions
@@ -172,8 +172,9 @@ def cot_target(pair: dict) -> str:
     return f"Final answer: none\n{verdict_line(False)}"
   head, reference = f"Final answer: {pair['final']}\n", pair["answer"]
   if pair["form"] == "fraction":
-    denominator = int(pair["final"].split("/")[1])
-    lines = f"Reference: {reference}\nCheck: {reference}*{denominator}={int(reference) * denominator}\n"
+    numerator, denominator = pair["final"].split("/")
+    product = int(reference) * int(denominator)
+    lines = f"Reference: {reference}\nCheck: {reference}*{denominator}={product}, numerator {numerator}\n"
   else:
     if pair["form"] == "expression":
       value = expression_steps(pair["final"])
