@@ -69,7 +69,7 @@ def train_cot(config: RMTrainConfig, workdir, trainer, tokenizer, train):
   """The CoT RM: SFT (k15.rl.sft) on the judge's input -> a short trace ending in the JSON verdict."""
   targets, weights = [], []
   for p in train:  # the first line copies the final answer; the judging after it weighs cot_judging_weight
-    first, rest = rm_data.cot_target(p).split("\n", 1)
+    first, rest = rm_data.cot_target(p, config.cot_trace).split("\n", 1)
     head, tail = tokenizer.encode(first + "\n"), tokenizer.encode(rest) + [tokenizer.eos_id]
     targets.append(head + tail)
     weights.append([1.0] * len(head) + [config.cot_judging_weight] * len(tail))
@@ -170,7 +170,7 @@ def predictions(config: RMTrainConfig, workdir, trainer, pairs) -> dict:
     if kind == "cot_rm":
       extra["cot_rm_failures"] = judge.failures
       extra["cot_rm_outputs"] = judge.last_outputs[:20]
-      extra["cot_rm_errors"] = cot_errors(pairs, judge.last_outputs, out[name])
+      extra["cot_rm_errors"] = cot_errors(pairs, judge.last_outputs, out[name], config.cot_trace)
   return out, extra
 
 
@@ -183,14 +183,14 @@ def _result(line):
   return None if line is None else line.rsplit("=", 1)[-1]
 
 
-def cot_errors(pairs, outputs, rewards) -> dict:
+def cot_errors(pairs, outputs, rewards, trace: str = "value") -> dict:
   """Where the CoT judge's wrong verdicts go wrong: per trace line ("Value", "Match", ...), how many of them differ
   from the target trace (rm_data.cot_target); and how many end their value on the reference when it is not."""
   wrong = [(p, _trace_lines(out)) for p, out, r in zip(pairs, outputs, rewards) if r != float(p["correct"])]
   lines = collections.Counter()
   copied = 0
   for p, got in wrong:
-    target = _trace_lines(rm_data.cot_target(p))
+    target = _trace_lines(rm_data.cot_target(p, trace))
     lines.update(k for k, v in target.items() if got.get(k) != v)
     copied += _result(got.get("Value")) == p["answer"] != _result(target.get("Value"))
   return {"wrong verdicts": len(wrong), "wrong lines": dict(lines), "value copied from the reference": copied}

@@ -503,6 +503,7 @@ class RMTrainConfig:
   value_init: str  # the value RM's transformer at the start: scratch | cot_rm (the trained CoT RM's)
   cot_init: str  # the CoT RM's params at the start: scratch | a CoT judge's directory (train_rm's <workdir>/cot_rm)
   cot_judging_weight: float  # the CoT RM's loss weight of the tokens after its first line (value, match, verdict)
+  cot_trace: str  # the CoT RM's target style (k15.data.rm_data.TRACES): value | steps
 
   def __post_init__(self):
     from k15.rewards import reward_model  # pylint: disable=g-import-not-at-top
@@ -512,6 +513,7 @@ class RMTrainConfig:
     _check(self.cot_init == "scratch" or os.path.isdir(self.cot_init), "cot_init",
            f"must be 'scratch' or a CoT judge's directory; {self.cot_init!r} is not a directory")
     _positive(self, "cot_judging_weight")
+    _one_of(self, "cot_trace", ("value", "steps"))
     _check(self.value_init == "scratch" or "value_rm" not in self.rms or "cot_rm" not in self.rms
            or self.rms.index("cot_rm") < self.rms.index("value_rm"), "rms",
            "value_init=cot_rm starts the value RM from the CoT RM: train cot_rm first")

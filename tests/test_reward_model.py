@@ -209,8 +209,15 @@ def test_cot_target_steps_are_true_arithmetic_and_decide_the_label():
   reference (a fraction: the check's product against the numerator) gives the label."""
   pairs = rm_data.generate_pairs(arith.generate(80, 5, (1, 2, 3, 4)), 900, 5)
   assert rm_data.expression_steps("3*2+2") == "3*2=6, 6+2=8" and rm_data.expression_steps("-1-1") == "-1-1=-2"
+  for p in pairs:  # the "value" style names the value at once
+    lines = dict(l.split(": ", 1) for l in rm_data.cot_target(p, "value").split("\n")[:-1])
+    if p["final"] is not None:
+      assert lines["Value"] == (p["value"] if "/" not in p["value"] else "not a whole number")
+      assert lines["Match"] == ("yes" if p["correct"] else "no") and lines["Reference"] == p["answer"]
+  with pytest.raises(ValueError, match="unknown CoT trace"):
+    rm_data.cot_target(pairs[0], "prose")
   for p in pairs:
-    lines = dict(l.split(": ", 1) for l in rm_data.cot_target(p).split("\n")[:-1])
+    lines = dict(l.split(": ", 1) for l in rm_data.cot_target(p, "steps").split("\n")[:-1])
     if p["final"] is None:
       assert lines == {"Final answer": "none"} and not p["correct"]
       continue
@@ -260,5 +267,5 @@ def test_cot_errors_locate_the_wrong_lines():
   outputs = ["Final answer: 3*2+2\nValue: 3*2=6, 6+2=6\nReference: 6\nMatch: yes\n{\"correct\": true}",  # copied
              "Final answer: 14/2\nReference: 7\nCheck: 7*2=14, numerator 14\nMatch: yes\n{\"correct\": true}",  # right
              "Final answer: 9-4\nValue: 9-4=5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
-  errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0])
+  errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0], trace="steps")
   assert errors == {"wrong verdicts": 2, "wrong lines": {"Value": 1, "Match": 2}, "value copied from the reference": 1}

@@ -17,8 +17,15 @@ whole number (15/2, 7.5); with some probability the trace's last step is changed
 from the exact verifier (k15.rewards.arith) on the canonical value of what is written: the integer "7" for "14/2",
 "15/2" (not an integer, so wrong) for "15/2"; a truncated response has no answer and is wrong.
 
-The CoT RM's target (`cot_target`) is a short trace ending in the JSON verdict. It computes the written value in
-single steps, as the task's own traces do, so that a small judge need not do two operations in one token:
+The CoT RM's target (`cot_target`) is a short trace ending in the JSON verdict, in one of two styles (TRACES).
+"value" names the written value at once:
+  Final answer: 14/2
+  Value: 7
+  Reference: 7
+  Match: yes
+  {"correct": true}
+"steps" computes it in single steps, as the task's own traces do, so that a small judge need not do two operations
+in one token:
   Final answer: 3*2+2      Final answer: 14/2
   Value: 3*2=6, 6+2=8      Reference: 7
   Reference: 8             Check: 7*2=14, numerator 14
@@ -42,6 +49,7 @@ from k15.rewards.reward_model import TEMPLATE, verdict_line
 FORMS = ("canonical", "words", "fraction", "decimal", "expression", "text", "truncated")
 FORM_WEIGHTS = (2.0, 1.5, 1.5, 1.0, 1.5, 1.5, 1.0)  # relative frequency of each form
 LONG_TRACE_PROB = 0.3  # responses with the long trace (else the short one)
+TRACES = ("value", "steps")  # styles of the CoT RM's target
 FIELDS = ("id", "question", "answer", "response", "final", "value", "correct", "form", "difficulty")
 # Forced single pieces of the judge's tokenizer: the arithmetic task's, and the JSON verdict's.
 SYMBOLS = arith.SYMBOLS + ["{", "}", '"', ":", "."]
@@ -165,18 +173,20 @@ def expression_steps(expression: str) -> str:
   return ", ".join(steps) or str(acc)
 
 
-def cot_target(pair: dict) -> str:
-  """The CoT RM's target: the final answer as written, its value computed step by step (a fraction: the reference
-  times the denominator), the reference, whether they match, the verdict."""
+def cot_target(pair: dict, trace: str = "value") -> str:
+  """The CoT RM's target: the final answer as written, its value ("steps": computed step by step; a fraction: the
+  reference times the denominator), the reference, whether they match, the verdict."""
+  if trace not in TRACES:
+    raise ValueError(f"unknown CoT trace {trace!r}; one of {TRACES}")
   if pair["final"] is None:
     return f"Final answer: none\n{verdict_line(False)}"
   head, reference = f"Final answer: {pair['final']}\n", pair["answer"]
-  if pair["form"] == "fraction":
+  if trace == "steps" and pair["form"] == "fraction":
     numerator, denominator = pair["final"].split("/")
     product = int(reference) * int(denominator)
     lines = f"Reference: {reference}\nCheck: {reference}*{denominator}={product}, numerator {numerator}\n"
   else:
-    if pair["form"] == "expression":
+    if trace == "steps" and pair["form"] == "expression":
       value = expression_steps(pair["final"])
     else:
       value = pair["value"] if "/" not in pair["value"] else "not a whole number"
@@ -207,8 +217,8 @@ def prepare_rm_data(out_dir: str, n_train: int, n_eval: int, seed: int, levels: 
            (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("spm", "spm.model"))}
   jsonl.write(paths["train"], train)
   jsonl.write(paths["eval"], eval_)
-  corpus = [TEMPLATE.format(question=p["question"], reference=p["answer"], response=p["response"]) + cot_target(p)
-            for p in train]
+  corpus = [TEMPLATE.format(question=p["question"], reference=p["answer"], response=p["response"])
+            + "\n".join(cot_target(p, trace) for trace in TRACES) for p in train]  # either style: one tokenizer
   tokenizer_lib.train_sentencepiece(corpus, os.path.join(out_dir, "spm"), vocab_size, user_defined_symbols=SYMBOLS)
   return paths
 
