@@ -187,6 +187,82 @@ def iter_minibatches(batch, n_groups, minibatches, G, rng):
     yield _pad_groups({k: v[rows] for k, v in batch.items()}, size, G)
 
 
+def rl_iteration(config: Config, state: RLState, trainer, engine, step_fn, ref_fn, optimizer, params, opt_state,
+                 tokenizer, train, verifier):
+  """Iteration state.iteration's rollouts, rewards and minibatch steps; returns (params, opt_state, metrics, skipped),
+  skipped: the training steps the divergence guard skipped. Evaluation, logging and checkpoints are run_rl's."""
+  rl = config.rl
+  G = rl.samples_per_prompt
+  it = state.iteration
+  t0 = time.time()
+  # The length schedule: this iteration's response cap holds for every trajectory it samples, resumed ones
+  # included.
+  max_response_len, token_budget = rl.lengths_at(it)
+  for traj in state.buffer:
+    traj.max_new_tokens = max_response_len
+  # 1. prompts: the curriculum picks the pool, prioritization picks within it.
+  requests = []
+  for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
+    gid = state.next_group
+    state.next_group += 1
+    state.group_prompt[gid] = int(prompt_index)
+    requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G, max_new_tokens=max_response_len))
+
+  # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer
+  # (without partial rollouts every sample runs to its end in this iteration).
+  with trainer.context():
+    finished, stats = engine.run(params, requests, state.buffer, it, token_budget if rl.partial_rollouts else None,
+                                 jax.random.PRNGKey(int(state.rng.integers(2**31))))
+  engine.release()  # the rollout cache is not held through training and evaluation
+  t_rollout = time.time() - t0
+  for t in finished:
+    state.pending.setdefault(t.prompt_id, []).append(t)
+  complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
+  groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
+  prompt_of = [state.group_prompt.pop(g) for g in complete]
+
+  metrics = {"iteration_time_s": 0.0, "max_response_len": max_response_len, "token_budget": token_budget,
+             "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
+             "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
+             "resumed": stats.resumed, "to_buffer": stats.to_buffer,
+             "buffered": len(state.buffer), "pending_groups": len(state.pending)}
+  for reason in ("eos", "repeat", "max_length"):
+    metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
+  skipped = 0  # training steps of this iteration the divergence guard skipped
+  batch = None
+  if groups:
+    # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
+    weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
+    batch, correct, batch_metrics = build_batch(groups, [train[p] for p in prompt_of], tokenizer, verifier, weight, rl)
+    metrics.update(batch_metrics)
+    state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
+  # Every process must hold the same host-side state from here on, or the next dispatches differ and hang.
+  agreement.check(it, {"prompts": [r.prompt_tokens for r in requests], "rewards": None if batch is None else
+                       batch["rewards"], "replay buffer": state.buffer.state_dict(), "pending": state.pending,
+                       "sampler statistics": state.sampler.state_dict(), "rng": state.rng.bit_generator.state})
+  if groups:
+    # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
+    rows = _minibatch_rows(len(groups), rl.minibatches, G)
+    batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
+    if rl.reset_optimizer:
+      opt_state = trainer.init_opt_state(optimizer, params)
+    step_metrics, padding = [], []
+    for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
+      if rl.pack:
+        mb, share = pack_minibatch(mb, tokenizer.pad_id)
+        padding.append(share)
+      params, opt_state, m = step_fn(params, opt_state, mb)
+      step_metrics.append(jax.device_get(m))
+    if padding:
+      metrics["pack_padding"] = float(np.mean(padding))
+    metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+    skipped = int(sum(m["skipped"] for m in step_metrics))
+  metrics["iteration_time_s"] = time.time() - t0
+  metrics["rm_time_share"] = metrics.get("rm_time_s", 0.0) / max(metrics["iteration_time_s"], 1e-9)
+  metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
+  return params, opt_state, metrics, skipped
+
+
 def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, verifier, eval_verifier=None):
   """Runs config.rl.iterations iterations from params (or from the latest checkpoint); returns the params.
 
@@ -197,7 +273,6 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
   """
   eval_verifier = verifier if eval_verifier is None else eval_verifier
   rl = config.rl
-  G = rl.samples_per_prompt
   model_cfg = trainer.cfg
   max_prompt = max(len(ex["inputs_ids"]) for ex in train)
   longest_response = rl.longest_lengths()[0]  # one engine, its cache sized for the length schedule's longest stage
@@ -224,75 +299,8 @@ def run_rl(config: Config, workdir, trainer, params, tokenizer, train, eval_, ve
     while state.iteration < rl.iterations:
       state.iteration += 1
       it = state.iteration
-      t0 = time.time()
-      # The length schedule: this iteration's response cap holds for every trajectory it samples, resumed ones
-      # included.
-      max_response_len, token_budget = rl.lengths_at(it)
-      for traj in state.buffer:
-        traj.max_new_tokens = max_response_len
-      # 1. prompts: the curriculum picks the pool, prioritization picks within it.
-      requests = []
-      for prompt_index in state.sampler.sample(rl.prompts_per_iteration, it):
-        gid = state.next_group
-        state.next_group += 1
-        state.group_prompt[gid] = int(prompt_index)
-        requests.append(Request(gid, train[prompt_index]["inputs_ids"], num_samples=G,
-                                max_new_tokens=max_response_len))
-
-      # 2. rollouts: buffered partials first, then the new requests; budget-cut samples go back to the buffer
-      # (without partial rollouts every sample runs to its end in this iteration).
-      with trainer.context():
-        finished, stats = engine.run(params, requests, state.buffer, it,
-                                     token_budget if rl.partial_rollouts else None,
-                                     jax.random.PRNGKey(int(state.rng.integers(2**31))))
-      engine.release()  # the rollout cache is not held through training and evaluation
-      t_rollout = time.time() - t0
-      for t in finished:
-        state.pending.setdefault(t.prompt_id, []).append(t)
-      complete = sorted(g for g, ts in state.pending.items() if len(ts) == G)
-      groups = [sorted(state.pending.pop(g), key=lambda t: t.sample_index) for g in complete]
-      prompt_of = [state.group_prompt.pop(g) for g in complete]
-
-      metrics = {"iteration_time_s": 0.0, "max_response_len": max_response_len, "token_budget": token_budget,
-                 "rollout_time_s": t_rollout, "slot_utilization": stats.slot_utilization,
-                 "decode_steps": stats.decode_steps, "useful_tokens": stats.useful_tokens,
-                 "resumed": stats.resumed, "to_buffer": stats.to_buffer,
-                 "buffered": len(state.buffer), "pending_groups": len(state.pending)}
-      for reason in ("eos", "repeat", "max_length"):
-        metrics[f"finish_{reason}"] = sum(t.finish_reason == reason for t in finished)
-      skipped = 0  # training steps of this iteration the divergence guard skipped
-      batch = None
-      if groups:
-        # 3. rewards: verifier + length penalty (after its warm-up) + repeat penalty.
-        weight = penalties.length_penalty_weight(it, rl.length_penalty_warmup, rl.length_penalty_weight)
-        batch, correct, batch_metrics = build_batch(groups, [train[p] for p in prompt_of], tokenizer, verifier,
-                                                    weight, rl)
-        metrics.update(batch_metrics)
-        state.sampler.update(np.asarray(prompt_of), correct.mean(axis=1))
-      # Every process must hold the same host-side state from here on, or the next dispatches differ and hang.
-      agreement.check(it, {"prompts": [r.prompt_tokens for r in requests], "rewards": None if batch is None else
-                           batch["rewards"], "replay buffer": state.buffer.state_dict(), "pending": state.pending,
-                           "sampler statistics": state.sampler.state_dict(), "rng": state.rng.bit_generator.state})
-      if groups:
-        # 4. reference = this iteration's starting policy; fresh optimizer state; several minibatch steps.
-        rows = _minibatch_rows(len(groups), rl.minibatches, G)
-        batch["ref_logp"] = in_chunks(ref_fn, params, {"tokens": batch["tokens"]}, rows)
-        if rl.reset_optimizer:
-          opt_state = trainer.init_opt_state(optimizer, params)
-        step_metrics, padding = [], []
-        for mb in iter_minibatches(batch, len(groups), rl.minibatches, G, state.rng):
-          if rl.pack:
-            mb, share = pack_minibatch(mb, tokenizer.pad_id)
-            padding.append(share)
-          params, opt_state, m = step_fn(params, opt_state, mb)
-          step_metrics.append(jax.device_get(m))
-        if padding:
-          metrics["pack_padding"] = float(np.mean(padding))
-        metrics.update({f"loss/{k}": np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
-        skipped = int(sum(m["skipped"] for m in step_metrics))
-      metrics["iteration_time_s"] = time.time() - t0
-      metrics["rm_time_share"] = metrics.get("rm_time_s", 0.0) / max(metrics["iteration_time_s"], 1e-9)
-      metrics["tokens_per_s"] = stats.useful_tokens / max(t_rollout, 1e-9)
+      params, opt_state, metrics, skipped = rl_iteration(config, state, trainer, engine, step_fn, ref_fn, optimizer,
+                                                         params, opt_state, tokenizer, train, verifier)
       if config.eval.every and (it % config.eval.every == 0 or it == rl.iterations):
         ev = evaluation.evaluate(trainer, params, tokenizer, eval_, config.sampling, config.eval, eval_verifier)
         metrics.update(eval_accuracy=ev["accuracy"], eval_mean_tokens=ev["mean_tokens"])
