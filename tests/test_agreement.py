@@ -36,7 +36,7 @@ def test_disagreements_name_the_fields_and_processes():
 
 def test_one_process_verifies_everything_and_counts_failures():
   class Fake:
-    failures = 0
+    failures, judge_failures, judge_time_s = 0, 0, 0.0
 
     def __call__(self, texts, examples):
       self.failures += 1  # one failure per call
@@ -60,6 +60,8 @@ def test_sigterm_on_one_process_stops_after_the_current_step():
 class _RulesAndJudge:
   """A verifier per process: "arith" items by a rule (exact match; the text "fail" is a verifier failure, scored 0
   and counted), "math" items by a judge (the text's length mod 3 / 2). Records the items of each call."""
+
+  judge_failures, judge_time_s = 0, 0.0  # SharedVerifier reads them: this stand-in judge takes no time and never fails
 
   def __init__(self):
     self.failures, self.calls = 0, []

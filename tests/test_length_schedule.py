@@ -47,7 +47,7 @@ class _Tokenizer:
 
 
 class _NoReward:
-  failures = 0
+  failures, judge_failures, judge_time_s = 0, 0, 0.0  # the counts the loop reports: no verifier, no judges
 
   def __call__(self, texts, examples):
     return np.zeros(len(texts), np.float32)

@@ -15,9 +15,9 @@ from jax.experimental import multihost_utils
 
 
 class SharedVerifier:
-  """A k15.rewards.verifiers.Verifier (or anything called the same way, with a `failures` count, and optionally
-  `judged(example)`) whose rule-scored items are split across processes; every process must call it with the same
-  batch."""
+  """A k15.rewards.verifiers.Verifier (or anything called the same way, with `failures`, `judge_failures` and
+  `judge_time_s`, and optionally `judged(example)`) whose rule-scored items are split across processes; every process
+  must call it with the same batch."""
 
   def __init__(self, verifier):
     self.verifier = verifier
@@ -26,11 +26,11 @@ class SharedVerifier:
   @property
   def judge_failures(self) -> int:
     """The verifier's judges' failures (the same on every process: each scores every judged item)."""
-    return getattr(self.verifier, "judge_failures", 0)
+    return self.verifier.judge_failures
 
   @property
   def judge_time_s(self) -> float:
-    return getattr(self.verifier, "judge_time_s", 0.0)
+    return self.verifier.judge_time_s
 
   def __call__(self, texts: Sequence[str], examples: Sequence[Mapping]) -> np.ndarray:
     if len(texts) != len(examples):

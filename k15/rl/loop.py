@@ -130,7 +130,7 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   G = rl_cfg.samples_per_prompt
   trajs = [t for g in groups for t in g]
   texts = [tokenizer.decode(t.response_tokens) for t in trajs]
-  judge_time = getattr(verifier, "judge_time_s", 0.0)  # a stand-in verifier without judges (tests) has none
+  judge_time = verifier.judge_time_s  # the judges' time so far: rm_time_s is this batch's
   correct = verifier(texts, [ex for ex in examples for _ in range(G)]).reshape(-1, G)
   lengths = np.array([len(t.response_tokens) for t in trajs], np.float32).reshape(-1, G)
   reasons = np.array([t.finish_reason for t in trajs], dtype=object).reshape(-1, G)
@@ -145,8 +145,8 @@ def build_batch(groups, examples, tokenizer, verifier, length_weight, rl_cfg):
   metrics = {
       "accuracy": correct.mean(),
       "verifier_failures": verifier.failures,  # responses scored 0 because their verifier failed, so far
-      "rm_time_s": getattr(verifier, "judge_time_s", 0.0) - judge_time,  # reward models' scoring (rl.reward)
-      "rm_failures": getattr(verifier, "judge_failures", 0),  # responses judged 0 for want of a verdict, so far
+      "rm_time_s": verifier.judge_time_s - judge_time,  # reward models' scoring (rl.reward)
+      "rm_failures": verifier.judge_failures,  # responses judged 0 for want of a verdict, so far
       "reward": rewards.mean(),
       "length_penalty_weight": length_weight,
       "length_penalty_share": np.abs(length_term).sum() / max(np.abs(rewards).sum(), 1e-9),
