@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import plotting
 from experiments import train as main_job
 from k15 import checkpoint, sharding, storage
 from k15 import config as config_lib
@@ -253,10 +254,7 @@ def plot_ablation(workdir: str, names: Sequence[str], png_path: str, baseline: O
 
   baseline: the warm-up's held-out accuracy, drawn at iteration 0 of every held-out curve.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (ax_acc, ax_eval, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+  fig, (ax_acc, ax_eval, ax_len) = plotting.pyplot().subplots(1, 3, figsize=(15, 4.2), sharex=True)
   for i, name in enumerate(names):
     rows = curves(workdir, name)
     color = f"C{i % 10}"
@@ -278,30 +276,14 @@ def plot_ablation(workdir: str, names: Sequence[str], png_path: str, baseline: O
   ax_acc.set(xlabel="iteration", ylabel="accuracy", title=f"train-sample accuracy (mean of last {smooth})")
   ax_eval.set(xlabel="iteration (0: warm-up)", ylabel="accuracy", title="held-out accuracy (greedy)")
   ax_len.set(xlabel="iteration", ylabel="response tokens", title=f"mean response length (mean of last {smooth})")
-  for ax in (ax_acc, ax_eval, ax_len):
-    ax.grid(alpha=0.3)
-  ax_len.legend(fontsize=8)
-  ax_eval.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return plotting.save(fig, (ax_acc, ax_eval, ax_len), png_path, legend_on=(ax_len, ax_eval), title=title)
 
 
 def plot_final(results: Sequence[dict], warmup_eval: dict, png_path: str):
   """Held-out accuracy against mean response tokens after RL, one point per variant, and the warm-up."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4.2))
+  fig, ax = plotting.pyplot().subplots(figsize=(6, 4.2))
   ax.scatter([warmup_eval["mean_tokens"]], [warmup_eval["accuracy"]], marker="x", color="gray", label="warm-up")
   for i, r in enumerate(results):
     ax.scatter([r["eval"]["mean_tokens"]], [r["eval"]["accuracy"]], color=f"C{i % 10}", label=r["name"])
   ax.set(xlabel="mean response tokens (held-out)", ylabel="held-out accuracy (greedy)", title="after RL")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return plotting.save(fig, [ax], png_path, legend_on=[ax])

@@ -30,6 +30,7 @@ import numpy as np
 
 from experiments import ablation
 from experiments import long2short as long2short_lib
+from experiments import plotting
 from experiments import seed_stats
 from k15 import config as config_lib
 from k15.rl.metrics import read_jsonl
@@ -265,10 +266,7 @@ def _band(values_SxT):
 def plot_rl(runs: Mapping[str, Mapping[int, dict]], png_path: str, title: str):
   """Per variant, the mean over seeds with its 95% band: held-out accuracy against iterations and against samples
   trained on, train response length and wall time per iteration."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+  fig, axes = plotting.pyplot().subplots(1, 4, figsize=(20, 4.4))
   ax_it, ax_samples, ax_len, ax_time = axes
   # Accuracy against samples: each seed's curve interpolated on a grid up to the fewest samples any run reached.
   grid = np.linspace(0, min(r["samples_seen"][-1] for seeds in runs.values() for r in seeds.values()), 60)
@@ -290,22 +288,12 @@ def plot_rl(runs: Mapping[str, Mapping[int, dict]], png_path: str, title: str):
   ax_samples.set(xlabel="samples trained on", ylabel="held-out accuracy (%)", title="against samples trained on")
   ax_len.set(xlabel="iteration", ylabel="tokens", title="mean train response length")
   ax_time.set(xlabel="iteration", ylabel="s", title="wall time per iteration")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-  ax_it.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=90)
-  plt.close(fig)
-  return png_path
+  return plotting.save(fig, axes, png_path, legend_on=[ax_it], title=title, dpi=90)
 
 
 def plot_long2short(summary: dict, png_path: str, title: str):
   """Held-out accuracy against mean response tokens per variant, with 95% intervals on both axes."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.6))
+  fig, ax = plotting.pyplot().subplots(figsize=(7, 4.6))
   markers = "os^Dv<>Pp*X"
   for i, (v, res) in enumerate(summary["final"].items()):
     x, y = res["mean_tokens"], res["accuracy"]
@@ -314,12 +302,7 @@ def plot_long2short(summary: dict, png_path: str, title: str):
     ax.errorbar(x["mean"], 100 * y["mean"], xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3,
                 label=v)
   ax.set(xlabel="held-out mean response tokens", ylabel="held-out accuracy (%)", title=title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return plotting.save(fig, [ax], png_path, legend_on=[ax])
 
 
 # --- the command
