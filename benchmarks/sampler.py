@@ -55,7 +55,22 @@ def parse_args():
                  help="timed rounds; each round runs every system once (interleaved), the best per system is kept")
   p.add_argument("--skip_tunix", action="store_true")
   p.add_argument("--skip_long_tail", action="store_true")
+  p.add_argument("--budgets", type=token_budgets, default=None,
+                 help="the long-tail workload's partial-rollout token budgets per iteration, comma-separated; the "
+                      "first one's run is also split by engine call (default: cap / 16, 4 and 8 times it: 32,128,256; "
+                      "with --quick 4,16,32)")
   return p.parse_args()
+
+
+def token_budgets(text):
+  """--budgets: positive token counts, comma-separated."""
+  try:
+    budgets = [int(b) for b in text.split(",")]
+  except ValueError:
+    budgets = []
+  if not budgets or min(budgets) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive token counts")
+  return budgets
 
 
 def hf_model(path, quick):
@@ -293,15 +308,15 @@ def long_tail(cfg, params, args, backend, mesh=None):
 
   Lengths are forced through per-request caps (as if EOS came there). Static batching runs each
   iteration's prompts in batches of `slots` until the longest of the batch ends; "refill" refills slots
-  as trajectories end; "+ partial rollouts" also caps each trajectory at `budget` tokens per iteration
-  and resumes it in the next one, re-encoding its prefix (cap / 16 tokens a segment, then budgets 4 and 8 times
-  larger: fewer re-encodes, only the tail cut). After the last iteration of new prompts, one more iteration without a budget finishes
-  what is left in the buffer, so every system does the same work.
+  as trajectories end; "+ partial rollouts" also caps each trajectory at a budget of tokens per iteration
+  and resumes it in the next one, re-encoding its prefix (args.budgets; by default cap / 16 tokens a segment, then
+  budgets 4 and 8 times larger: fewer re-encodes, only the tail cut). After the last iteration of new prompts, one
+  more iteration without a budget finishes what is left in the buffer, so every system does the same work.
   """
   rng = np.random.RandomState(0)
   params = replicate(params, mesh)
   slots, iters, per_iter, cap = (8, 3, 16, 64) if args.quick else (args.batch, 6, 128, 512)
-  prompt_len, budget = 16, cap // 16
+  prompt_len, budgets = 16, args.budgets or [cap // 16 * k for k in (1, 4, 8)]
   lengths = np.clip(np.round(rng.lognormal(math.log(cap / 10), 1.0, iters * per_iter)), 4, cap).astype(int)
   prompts = rng.randint(1, cfg.vocab_size - 1, (len(lengths), prompt_len))
   requests = [sampling.Request(i, prompts[i].tolist(), max_new_tokens=int(n)) for i, n in enumerate(lengths)]
@@ -329,15 +344,14 @@ def long_tail(cfg, params, args, backend, mesh=None):
                 iter_s=np.mean([s.wall_time_s for s in steady]), drain_s=sum(s.wall_time_s for s in per_iteration[iters:]))
 
   results = {}
-  for name, static, token_budget in [("static batching", True, None), ("refill", False, None),
-                                     ("refill + partial rollouts", False, budget),
-                                     (f"... budget {4 * budget}", False, 4 * budget),
-                                     (f"... budget {8 * budget}", False, 8 * budget)]:
+  schedules = [("static batching", True, None), ("refill", False, None),
+               ("refill + partial rollouts", False, budgets[0])] + [(f"... budget {b}", False, b) for b in budgets[1:]]
+  for name, static, token_budget in schedules:
     run(static, token_budget)  # compiles the shapes this schedule meets
     results[name] = run(static, token_budget)
   with timed_engine_calls() as times:  # one more run, to split its time (waiting for each call slows it a little)
-    seconds = run(False, budget)["seconds"]
-  return results, (dict(times), seconds), lengths, budget, slots, iters, per_iter
+    seconds = run(False, budgets[0])["seconds"]
+  return results, (dict(times), seconds), lengths, budgets[0], slots, iters, per_iter
 
 
 def main():
