@@ -50,7 +50,8 @@ def load_data(config: RMTrainConfig, workdir: str):
   data_dir = os.path.join(workdir, "data")
   if jax.process_index() == 0 and not checkpoint.is_complete(data_dir):
     with checkpoint.stage_dir(data_dir) as tmp:
-      rm_data.prepare_rm_data(tmp, d.n_train, d.n_eval, config.seed, d.levels, d.tokenizer_vocab_size)
+      rm_data.prepare_rm_data(tmp, d.n_train, d.n_eval, config.seed, d.levels, d.tokenizer_vocab_size,
+                              n_problems=d.n_problems)
   sharding.sync_processes("k15_rm_data")
   tokenizer = tokenizer_lib.SentencePieceTokenizer(os.path.join(data_dir, "spm.model"))
   tokenizer_lib.check_tokenizer_fits(tokenizer, config.model.vocab_size)

@@ -454,6 +454,9 @@ class Config:
 class RMDataConfig:
   """Labelled (question, reference, response, correct) pairs on the synthetic task (k15/data/rm_data.py)."""
   n_train: int  # training pairs
+  # distinct problems the pairs draw on (0: n_train + n_eval, within the levels' capacity); fixing it keeps the
+  # held-out pairs the same when n_train grows (more pairs per training problem)
+  n_problems: int
   n_eval: int  # held-out pairs (of problems no training pair uses)
   n_calibration: int  # training pairs kept out of training: the value RM's temperature is fitted on them
   levels: tuple[int, ...]
@@ -463,6 +466,8 @@ class RMDataConfig:
     from k15.data.arith import LEVELS  # pylint: disable=g-import-not-at-top
     _at_least(self, 1, "n_train", "n_eval", "n_calibration")
     _check(self.n_calibration < self.n_train, "n_calibration", f"must be < n_train={self.n_train}")
+    _check(self.n_problems == 0 or self.n_problems >= 3 * self.n_eval, "n_problems",
+           f"must be 0 or at least 3 x n_eval={3 * self.n_eval} (the held-out problems are at most a third)")
     _check(bool(self.levels) and set(self.levels) <= set(LEVELS), "levels",
            f"must be a non-empty subset of {sorted(LEVELS)}, got {self.levels}")
     _at_least(self, 16, "tokenizer_vocab_size")

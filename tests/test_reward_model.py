@@ -269,3 +269,19 @@ def test_cot_errors_locate_the_wrong_lines():
              "Final answer: 9-4\nValue: 9-4=5\nReference: 5\nMatch: no\n{\"correct\": false}"]  # a wrong match alone
   errors = train_rm.cot_errors(pairs, outputs, [1.0, 1.0, 0.0], trace="steps")
   assert errors == {"wrong verdicts": 2, "wrong lines": {"Value": 1, "Match": 2}, "value copied from the reference": 1}
+
+
+def test_more_training_pairs_over_fixed_problems_keep_the_held_out_pairs(tmp_path):
+  """data.n_problems fixed: a larger n_train adds pairs of the same training problems; the held-out pairs stay."""
+  runs = {}
+  for n_train in (300, 900):
+    out = tmp_path / str(n_train)
+    out.mkdir()
+    paths = rm_data.prepare_rm_data(str(out), n_train, 40, seed=4, vocab_size=120, n_problems=400)
+    runs[n_train] = {k: rm_data.read_pairs(paths[k]) for k in ("train", "eval")}
+  assert runs[300]["eval"] == runs[900]["eval"]
+  small, large = runs[300]["train"], runs[900]["train"]
+  assert len(large) == 900 and large[:300] == small  # the same draws, then more
+  questions = lambda pairs: {p["question"] for p in pairs}
+  assert len(questions(large)) <= 400 - 40  # drawn from the same pool of training problems
+  assert not questions(large) & questions(runs[900]["eval"])

@@ -47,6 +47,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.n_train = 600 if smoke else 12000  # labelled training pairs
   c.data.n_eval = 64 if smoke else 600  # held-out pairs, of problems no training pair uses
+  # distinct problems (0: n_train + n_eval); set it (e.g. 12600, the default's) to add training pairs per problem
+  # while the held-out pairs stay the same
+  c.data.n_problems = 0
   c.data.n_calibration = 32 if smoke else 600  # training pairs held out to fit the value RM's temperature
   c.data.levels = (1, 2, 3, 4)  # the main job's levels: answers 0-9
   c.data.tokenizer_vocab_size = 256  # SentencePiece vocabulary of the judges' corpus

@@ -207,10 +207,10 @@ def generate_pairs(problems: Sequence[dict], n: int, seed: int) -> list[dict]:
 
 
 def prepare_rm_data(out_dir: str, n_train: int, n_eval: int, seed: int, levels: Sequence[int] = (1, 2, 3, 4),
-                    vocab_size: int = 256) -> dict[str, str]:
+                    vocab_size: int = 256, n_problems: int = 0) -> dict[str, str]:
   """Writes train.jsonl and eval.jsonl (pairs of disjoint problems) and spm.model (trained on the judge's inputs and
   CoT targets of the train pairs). Returns {"train": path, "eval": path, "spm": path}."""
-  n_problems = min(max(n_train, n_eval) + n_eval, sum(arith.LEVELS[l].capacity() for l in levels))
+  n_problems = min(n_problems or max(n_train, n_eval) + n_eval, sum(arith.LEVELS[l].capacity() for l in levels))
   train_p, eval_p = arith.split_train_eval(arith.generate(n_problems, seed, levels), min(n_eval, n_problems // 3))
   train, eval_ = generate_pairs(train_p, n_train, seed), generate_pairs(eval_p, n_eval, seed + 1)
   paths = {k: os.path.join(out_dir, f) for k, f in
