@@ -74,8 +74,9 @@ def test_the_kv_cache_is_split_evenly_over_all_devices(tp_loop):
 
 def test_attention_cost_follows_the_filled_lengths():
   """A decode step's XLA paged attention where half the slots hold 64 tokens and half 1024 takes at most 0.6x the
-  time it takes when all hold 1024 (the ratio of pages read is 0.53): measured in one run, interleaved, the best of
-  several rounds each."""
+  time it takes when all hold 1024 (the ratio of pages read is 0.53): measured in one run, interleaved, the fastest
+  single call of 15 rounds each (the best of sums of calls let other jobs' bursts in: 0.61 once beside a training
+  run)."""
   rng = np.random.RandomState(0)
   B, N, K, H, Z = 16, 8, 2, 64, 16
   M = 1024 // Z
@@ -88,11 +89,10 @@ def test_attention_cost_follows_the_filled_lengths():
   best = {"full": np.inf, "mixed": np.inf}
   for name, positions in [("full", full), ("mixed", mixed)]:
     step(positions).block_until_ready()
-  for _ in range(7):
+  for _ in range(15):
     for name, positions in [("full", full), ("mixed", mixed)]:
       start = time.perf_counter()
-      for _ in range(3):
-        step(positions).block_until_ready()
+      step(positions).block_until_ready()
       best[name] = min(best[name], time.perf_counter() - start)
   assert best["mixed"] <= 0.6 * best["full"], best
 
