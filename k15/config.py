@@ -518,7 +518,8 @@ class RMTrainConfig:
     _check(self.cot_init == "scratch" or os.path.isdir(self.cot_init), "cot_init",
            f"must be 'scratch' or a CoT judge's directory; {self.cot_init!r} is not a directory")
     _positive(self, "cot_judging_weight")
-    _one_of(self, "cot_trace", ("value", "steps"))
+    from k15.data.rm_data import TRACES  # pylint: disable=g-import-not-at-top
+    _one_of(self, "cot_trace", TRACES)
     _check(self.value_init == "scratch" or "value_rm" not in self.rms or "cot_rm" not in self.rms
            or self.rms.index("cot_rm") < self.rms.index("value_rm"), "rms",
            "value_init=cot_rm starts the value RM from the CoT RM: train cot_rm first")

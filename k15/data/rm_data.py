@@ -34,9 +34,9 @@ in one token:
 A fraction is checked by multiplying the reference by its denominator: a product, which the judge learns, where the
 quotient is a division it would have to invert. Each "Match" compares two numbers on the lines just above it.
 """
-import re
 import fractions
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
