@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from k15 import checkpoint, sharding
+from k15 import checkpoint, models, sharding
 from k15.config import RMTrainConfig
 from k15.data import rm_data
 from k15.data import tokenizer as tokenizer_lib
@@ -88,11 +88,15 @@ def train_cot(config: RMTrainConfig, workdir, trainer, tokenizer, train):
 def load_judge_params(config: RMTrainConfig, path: str, spm_path: str):
   """The params of a saved judge that starts a new one: its model shape and tokenizer must be this run's."""
   _, model_cfg, params, _ = rm.load_judge_files(path)
-  shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-  differ = {f: (getattr(model_cfg, f), getattr(config.model, f)) for f in shape
-            if getattr(model_cfg, f) != getattr(config.model, f)}
-  if differ:
-    raise ValueError(f"{path}: the judge's model differs from config.model in (judge, config) {differ}")
+  shapes = lambda tree: {jax.tree_util.keystr(k): np.shape(x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved, wanted = shapes(params), shapes(models.abstract_params(config.model))
+  if saved != wanted:
+    params_differ = {k: (saved.get(k), wanted.get(k)) for k in sorted(saved.keys() | wanted.keys())
+                     if saved.get(k) != wanted.get(k)}
+    fields_differ = {f.name: (getattr(model_cfg, f.name), getattr(config.model, f.name))
+                     for f in dataclasses.fields(model_cfg) if getattr(model_cfg, f.name) != getattr(config.model, f.name)}
+    raise ValueError(f"{path}: the judge's params do not fit config.model; shapes (judge, config) {params_differ}; "
+                     f"model fields that differ (judge, config) {fields_differ}")
   with open(os.path.join(path, "tokenizer.model"), "rb") as a, open(spm_path, "rb") as b:
     if a.read() != b.read():
       raise ValueError(f"{path}: the judge's tokenizer differs from {spm_path}; copy its run's data/ into the workdir")
