@@ -148,6 +148,7 @@ def step_runs(cfg, params, batch, context, steps, backend, mesh=None, page_size=
     table = jax.device_put(table, NamedSharding(mesh, rows))
   run_steps = jax.jit(run_steps)
   run = lambda: jax.block_until_ready(run_steps(weights, kv, table))
+  run.compiled_text = lambda: run_steps.lower(weights, kv, table).compile().as_text()  # for profiles
   run()
   return run
 

@@ -155,14 +155,16 @@ def paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT, pa
                                  axis=1)[:, 0]
     # Whole pages as rows of a 2D array: XLA's CPU gather copies rows twice as fast as 4D slices.
     kv_WxZxCxH = kv_XxS[jnp.where(valid_W, page_W, 0)].reshape(W, Z, C, H)
-    k_WxZxKxH, v_WxZxKxH = kv_WxZxCxH[:, :, 0::2], kv_WxZxCxH[:, :, 1::2]
-    s = _scores(q_RxKxGxTxH[row_W], k_WxZxKxH.astype(q_RxTxNxH.dtype), "wkgth,wzkh->wkgtz")
+    # Keys and values of a kv head contiguous per page: one copy, which XLA's CPU dots read faster than two.
+    kv_WxKx2xZxH = jnp.transpose(kv_WxZxCxH.reshape(W, Z, K, 2, H), (0, 2, 3, 1, 4))
+    k_WxKxZxH, v_WxKxZxH = kv_WxKx2xZxH[:, :, 0], kv_WxKx2xZxH[:, :, 1]
+    s = _scores(q_RxKxGxTxH[row_W], k_WxKxZxH.astype(q_RxTxNxH.dtype), "wkgth,wkzh->wkgtz")
     key_pos_WxZ = page_index_W[:, None] * Z + jnp.arange(Z)
     mask_WxTxZ = (key_pos_WxZ[:, None, :] <= positions_RxT[row_W][:, :, None]) & valid_W[:, None, None]
     s = jnp.where(mask_WxTxZ[:, None, None], s, MASK_VALUE)
     m_W = jnp.max(s, axis=-1)
     p = jnp.exp(s - m_W[..., None])
-    o_W = jnp.einsum("wkgtz,wzkh->wkgth", p.astype(v_WxZxKxH.dtype), v_WxZxKxH.astype(q_RxTxNxH.dtype),
+    o_W = jnp.einsum("wkgtz,wkzh->wkgth", p.astype(v_WxKxZxH.dtype), v_WxKxZxH.astype(q_RxTxNxH.dtype),
                      preferred_element_type=jnp.float32)
     segment_W = jnp.where(valid_W, row_W, R)  # out of range: dropped by the segment reductions
     m_new = jnp.maximum(m_RxKxGxT, jax.ops.segment_max(m_W, segment_W, num_segments=R))
