@@ -40,6 +40,7 @@ from k15 import flops, models, sampling, sharding
 from k15.sampling import engine as engine_lib
 from k15.sampling import native
 from k15.sampling import slots as slots_lib
+import qwen2_model
 from timing import MATMUL_FLOPS, interleaved_best, matmul_run
 
 
@@ -73,20 +74,6 @@ def token_budgets(text):
   if not budgets or min(budgets) < 1:
     raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive token counts")
   return budgets
-
-
-def hf_model(path, quick):
-  """A random Qwen2-style model (qkv bias, GQA, tied embeddings) saved for all three systems."""
-  import torch
-  import transformers
-  torch.manual_seed(0)
-  size = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256) if quick else \
-      dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, vocab_size=1024)
-  cfg = transformers.Qwen2Config(num_attention_heads=8, num_key_value_heads=4, head_dim=32, tie_word_embeddings=True,
-                                 rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096, **size)
-  model = transformers.Qwen2ForCausalLM(cfg).eval()
-  model.save_pretrained(path)
-  return model
 
 
 STREAM_PASSES = 16
@@ -367,7 +354,7 @@ def main():
     args.batch, args.prompt, args.new, args.chunk, args.repeats, args.long_tail_repeats = 4, 16, 32, 16, 1, 1
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores")
   with tempfile.TemporaryDirectory() as path:
-    torch_model = hf_model(path, args.quick)
+    torch_model = qwen2_model.save(path, args.quick)
     cfg, params = models.load_hf(path)
     prompts = np.random.RandomState(1).randint(1, cfg.vocab_size - 1, (args.batch, args.prompt)).tolist()
     n_tokens = args.batch * args.new

@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 
+import qwen2_model
 import sampler as bench  # sets one fake CPU device per core before JAX starts
 import jax
 
@@ -54,7 +55,7 @@ def part_of(op_name):
 def main():
   args = parse_args()
   with tempfile.TemporaryDirectory() as path:
-    bench.hf_model(path, False)
+    qwen2_model.save(path, False)
     cfg, params = models.load_hf(path)
   run = bench.step_runs(cfg, params, args.batch, args.context, args.steps, sampling.ModelBackend(), bench.device_mesh())
   names = op_names(run.compiled_text())

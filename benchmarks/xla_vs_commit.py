@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+import qwen2_model
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -37,20 +39,13 @@ def measure(tree: str, repeats: int, quick: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
   from k15 import models, sampling, sharding  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
+  from timing import interleaved_best  # pylint: disable=import-outside-toplevel
 
   batch, prompt, new, chunk = (4, 16, 32, 16) if quick else (32, 64, 256, 64)
-  torch.manual_seed(0)
-  size = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256) if quick else \
-      dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, vocab_size=1024)
-  hf_cfg = transformers.Qwen2Config(num_attention_heads=8, num_key_value_heads=4, head_dim=32, tie_word_embeddings=True,
-                                    rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096, **size)
-  hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
   with tempfile.TemporaryDirectory() as path:
-    hf.save_pretrained(path)
+    hf = qwen2_model.save(path, quick)  # this tree's model, whichever tree's k15 loads it
     cfg, params = models.load_hf(path)
   prompts = np.random.RandomState(1).randint(1, cfg.vocab_size - 1, (batch, prompt)).tolist()
   mesh = sharding.make_mesh({"data": -1})  # every device on the slot axis
@@ -72,12 +67,7 @@ def measure(tree: str, repeats: int, quick: bool) -> dict:
 
   k15_tokens = np.stack([t.response_tokens for t in k15_run()])  # compiles
   hf_tokens = hf_run()[:, prompt:].numpy()
-  best = {"k15": float("inf"), "transformers": float("inf")}
-  for _ in range(repeats):
-    for name, run in (("k15", k15_run), ("transformers", hf_run)):
-      start = time.perf_counter()
-      run()
-      best[name] = min(best[name], time.perf_counter() - start)
+  best = interleaved_best({"k15": k15_run, "transformers": hf_run}, repeats)
   return dict(k15_tok_s=batch * new / best["k15"], transformers_tok_s=batch * new / best["transformers"],
               ratio=best["transformers"] / best["k15"], agree=float(np.mean(k15_tokens[:, :16] == hf_tokens[:, :16])))
 
