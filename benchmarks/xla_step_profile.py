@@ -43,8 +43,7 @@ def op_names(hlo_text):
 def part_of(op_name):
   """A coarse part of the decode step, from an op's jax op_name."""
   if "attn" in op_name:
-    return "attention: paged work loop" if "attn/while" in op_name or "/while/body/while" in op_name else \
-        "attention: projections, rotary, cache write"
+    return "attention: paged work loop" if "attn/while" in op_name else "attention: projections, rotary, cache write"
   for key, part in (("dynamic_index_in_dim", "a layer's weights taken from the layer stack"), ("mlp", "MLP"),
                     ("norm", "norms"), ("embed", "embedding, output head"), ("attend", "embedding, output head")):
     if key in op_name:
