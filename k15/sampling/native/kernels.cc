@@ -562,18 +562,33 @@ inline void weigh_block(const float* p, const float* alpha, const float* const* 
   for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
 }
 
-// Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few at a time.
+// Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few positions at a time.
 struct RowFetch {
   const float* const* at = nullptr;
-  int64_t n = 0, lines = 0, j = 0, c = 0;
+  int64_t n = 0, lines = 0, j = 0;
 
-  void next(int64_t count) {
-    for (; count > 0 && j < n; --count) {
-      __builtin_prefetch(at[j] + 16 * c, 0, 2);
-      if (++c == lines) c = 0, ++j;
-    }
+  void next(int64_t positions) {
+    for (const int64_t end = std::min(n, j + positions); j < end; ++j)
+      for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(at[j] + 16 * c, 0, 2);
   }
 };
+
+// The largest lane of v, and the sum of its lanes: halves, quarters, pairs, lanes.
+constexpr v16i kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                            {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                            {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                            {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+inline float hmax(v16 v) {
+  for (const v16i& swap : kSwaps) {
+    const v16 w = __builtin_shuffle(v, swap);
+    v = v > w ? v : w;
+  }
+  return v[0];
+}
+inline float hadd(v16 v) {
+  for (const v16i& swap : kSwaps) v += __builtin_shuffle(v, swap);
+  return v[0];
+}
 
 // One token's attention over n positions of its pages: for each kv head k, out[G heads of k] = softmax(q k^T /
 // sqrt(H)) v, the keys of position i at at[i] + 2kH and its values H floats after (a position's heads are one run
@@ -588,7 +603,7 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
   std::fill(m, m + NQ, -INFINITY);
   std::fill(l, l + NQ, 0.0f);
   std::fill(out, out + NQ * H, 0.0f);
-  const int64_t per_head = (ahead.n * ahead.lines + 1) / std::max<int64_t>(1, (n + 15) / 16 * NQ) + 1;
+  const int64_t per_head = ahead.n / std::max<int64_t>(1, (n + 15) / 16 * NQ) + 1;
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t count = std::min<int64_t>(16, n - i);
     const float* const* block = at + i;
@@ -619,15 +634,12 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
           }
         }
         for (int64_t j = count; j < 16; ++j) sv[j] = -INFINITY;
-        float block_max = sv[0];
-        for (int j = 1; j < 16; ++j) block_max = std::max(block_max, sv[j]);
+        const float block_max = hmax(sv);
         const float m_new = std::max(m[r], block_max);
         alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
         const v16 e = vexp(sv - m_new);
         store(p + 16 * r, e);
-        float sum = 0.0f;
-        for (int j = 0; j < 16; ++j) sum += e[j];
-        l[r] = l[r] * alpha[r] + sum;
+        l[r] = l[r] * alpha[r] + hadd(e);
         m[r] = m_new;
       }
     for (int64_t k = 0; k < KV; ++k) {  // the block's values, weighted, into each query head's running sum
