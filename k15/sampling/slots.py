@@ -57,15 +57,23 @@ def _constrain(tree, sharding: Optional[NamedSharding]):
 
 
 def init_state(cfg: models.ModelConfig, scfg: SamplingConfig, num_slots: int, num_pages: int, layout: Layout):
-  """An all-idle SlotState with an empty cache of `num_pages` pages."""
-  zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-  kv = jnp.zeros(models.kv_pages_shape(cfg, num_pages, scfg.page_size), cfg.jnp_dtype)
-  key_data = jax.random.key_data(jax.random.split(jax.random.key(0), num_slots))
-  state = SlotState(kv, zeros((num_slots, scfg.max_length)), zeros((num_slots,)), zeros((num_slots,)),
-                    zeros((num_slots,)), zeros((num_slots,)), zeros((num_slots,), bool), key_data)
-  if layout.slots is None:
-    return state
-  return jax.device_put(state, SlotState(layout.kv, *([layout.slots] * 7)))
+  """An all-idle SlotState with an empty cache of `num_pages` pages, in the layout's shardings."""
+  return state_maker(cfg, scfg, num_slots, num_pages, layout)()
+
+
+@functools.lru_cache(maxsize=None)
+def state_maker(cfg: models.ModelConfig, scfg: SamplingConfig, num_slots: int, num_pages: int, layout: Layout):
+  """init_state's program, compiled once per layout: each device fills its own share of the state. (Made outside a
+  program under the mesh, the whole cache would first be filled on every device: on a pod, many times its HBM.)"""
+  def make():
+    zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
+    kv = jnp.zeros(models.kv_pages_shape(cfg, num_pages, scfg.page_size), cfg.jnp_dtype)
+    key_data = jax.random.key_data(jax.random.split(jax.random.key(0), num_slots))
+    return SlotState(kv, zeros((num_slots, scfg.max_length)), zeros((num_slots,)), zeros((num_slots,)),
+                     zeros((num_slots,)), zeros((num_slots,)), zeros((num_slots,), bool), key_data)
+
+  shardings = None if layout.slots is None else SlotState(layout.kv, *([layout.slots] * 7))
+  return jax.jit(make, out_shardings=shardings)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
