@@ -1,7 +1,7 @@
 """The benchmarks' model: a random Qwen2-style transformers model, saved where k15 and the peers load it from.
 
 Imports no k15, so a benchmark's child process can build it beside another commit's k15
-(benchmarks/xla_vs_commit.py).
+(benchmarks/vs_commit.py).
 """
 
 

@@ -8,7 +8,7 @@ against this tree's on random rows (padding and trailing padding included). Then
 step (benchmarks/sampler.py `step_runs`: its model, one fake CPU device per core, the slots split over them) is
 compiled with each and timed, interleaved for --rounds rounds, the best of each kept. Prints ms per step and the
 ratio to this tree's. In one process, a drift of the machine's speed moves every version alike (across processes,
-as in benchmarks/xla_vs_commit.py, it does not).
+as in benchmarks/vs_commit.py, it does not).
 """
 import argparse
 import pathlib
