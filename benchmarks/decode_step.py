@@ -2,6 +2,7 @@
 
   python benchmarks/decode_step.py                # time per phase kind of one step (a profiling build)
   python benchmarks/decode_step.py a.cc [b.cc..]  # each variant of kernels.cc against the repo's step
+  python benchmarks/decode_step.py --prefill      # time per phase kind of one prefill call
 
 On the sampler benchmark's model (width 256, 4 layers, 8 / 4 heads, MLP 1024, vocab 1024), `--batch` slots
 at `--context` cached positions in pages of `--page_size` (each slot's pages spread over the cache, as a run's
@@ -11,7 +12,9 @@ allocations leave them), `--steps` greedy steps per jitted loop (the token of ea
 The default run builds kernels.cc with K15_PHASE_TIMES and prints, per kind of phase (embedding, each
 layer's qkv / attention / o / norms / matmuls summed over layers, the output head, the logit stats), the time
 a step spends running its items and waiting at the barrier that ends the phase, per thread (the threads'
-seconds summed and divided by their number). The timers cost the step a few percent; the shares hold.
+seconds summed and divided by their number), and each matmul phase's FLOP/s. The timers cost the step a few
+percent; the shares hold. With `--prefill`, the same for one prefill call that encodes `--batch` sequences of
+`--context` tokens, a page of a sequence per row (as the engine's refills call it).
 
 With variants: each file (same FFI arguments and results as kernels.cc) is built and checked for
 bit-identical logits and caches against the repo's step, then all are timed interleaved, `--rounds` rounds,
@@ -61,6 +64,8 @@ def parse_args():
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--threads", type=int, default=0, help="0: XLA's whole CPU thread pool")
   p.add_argument("--page_size", type=int, default=16)
+  p.add_argument("--prefill", action="store_true", help="profile a prefill call of --batch sequences of --context "
+                 "tokens instead of a decode step")
   p.add_argument("--matmul", choices=list(native.MATMUL_PIECES), default="float32",
                  help="the step's matmuls: float32 FMAs, or bfloat16 pieces or int8 slices on AMX tiles")
   return p.parse_args()
@@ -101,10 +106,37 @@ def inputs(args):
   return native.native_weights(CFG, params, args.matmul), kv, table
 
 
+def prefill_call(weights, table, args, target):
+  """A jitted prefill of --batch sequences of --context random tokens (row r: page r % M of sequence r // M) over
+  each sequence's pages of `table`; returns the cache."""
+  B, M, Z = args.batch, table.shape[1], args.page_size
+  tokens = np.random.RandomState(1).randint(1, CFG.vocab_size, (B * M * Z,)).astype(np.int32)
+  positions = np.arange(M * Z)[None].repeat(B, 0)
+  positions = np.where(positions < args.context, positions, -1).reshape(-1).astype(np.int32)  # past it: padding
+  rows_table = table.repeat(M, axis=0)  # each row reads its sequence's pages
+
+  @jax.jit
+  def run(kv):
+    return native.paged_step(CFG, weights, kv, tokens, positions, rows_table, prefill=True, threads=args.threads,
+                             target=target)[2]
+
+  return run
+
+
+def matmul_flops(args):
+  """{matmul phase kind: FLOPs per call}: a step's tokens through every layer and the head; a prefill's through
+  every layer's qkv, the last layer stopping at its keys and values."""
+  D, E, NH, F = CFG.d_model, (CFG.n_heads + 2 * CFG.n_kv_heads) * CFG.head_dim, CFG.n_heads * CFG.head_dim, CFG.d_ff
+  tokens = args.batch * (args.context if args.prefill else 1)
+  L, rest = CFG.n_layers, CFG.n_layers - (1 if args.prefill else 0)
+  return {"qkv": 2 * tokens * D * E * L, "o": 2 * tokens * NH * D * rest, "gate_up": 4 * tokens * D * F * rest,
+          "down": 2 * tokens * F * D * rest, "head": 0 if args.prefill else 2 * tokens * D * CFG.vocab_size}
+
+
 def phases(args):
   weights, kv, table = inputs(args)
   target = variant("phase_times", defines=("K15_PHASE_TIMES",))
-  run = step_loop(weights, table, args, target)
+  run = (prefill_call if args.prefill else step_loop)(weights, table, args, target)
   jax.block_until_ready(run(kv))  # compiles
   best, best_times = math.inf, None
   for _ in range(args.rounds):
@@ -119,12 +151,18 @@ def phases(args):
   threads = sum(run_s + wait_s for run_s, wait_s in times.values()) / best  # the threads that took part
   per_step = lambda s: 1e3 * s / calls / threads
   total = sum(run_s for run_s, _ in times.values())
-  print(f"{args.batch} slots at {args.context} cached positions (pages of {args.page_size}): "
-        f"{1e3 * best / args.steps:.3f} ms per step "
-        f"(best of {args.rounds} loops of {args.steps}), about {threads:.1f} threads working")
-  print(f"{'phase':>10} {'running ms':>11} {'waiting ms':>11} {'share':>6}")
+  if args.prefill:
+    print(f"prefill of {args.batch} sequences of {args.context} tokens (a page of {args.page_size} a row): "
+          f"{1e3 * best:.3f} ms per call (best of {args.rounds}), about {threads:.1f} threads working")
+  else:
+    print(f"{args.batch} slots at {args.context} cached positions (pages of {args.page_size}): "
+          f"{1e3 * best / args.steps:.3f} ms per step "
+          f"(best of {args.rounds} loops of {args.steps}), about {threads:.1f} threads working")
+  flops = matmul_flops(args)
+  print(f"{'phase':>10} {'running ms':>11} {'waiting ms':>11} {'share':>6} {'GFLOP/s':>8}")
   for kind, (run_s, wait_s) in times.items():
-    print(f"{kind:>10} {per_step(run_s):11.3f} {per_step(wait_s):11.3f} {run_s / total:6.1%}")
+    rate = f"{flops[kind] / (per_step(run_s) * 1e-3) / 1e9:8.1f}" if flops.get(kind) and run_s else ""
+    print(f"{kind:>10} {per_step(run_s):11.3f} {per_step(wait_s):11.3f} {run_s / total:6.1%} {rate}")
   wait = sum(w for _, w in times.values())
   print(f"{'all':>10} {per_step(total):11.3f} {per_step(wait):11.3f}")
 
