@@ -190,6 +190,46 @@ void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int
   if (a_) a_->rest();
 }
 
+// C0[MRx32] = A[MRxK] B0[Kx32], C1[MRx32] = A B1: two full panels against each row of A at once (6 rows x 4
+// vectors of accumulators), so each element of A loaded feeds 4 FMAs where block<12, 2> feeds 2.
+template <int MR>
+void block2(const float* A, int64_t lda, const float* B0, const float* B1, float* C0, float* C1, int64_t ldc,
+            int64_t K, bool add, Ahead* ahead) {
+  v16 c[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = add ? load((j < 2 ? C0 : C1) + r * ldc + 16 * (j % 2)) : splat(0.0f);
+  Ahead local = *ahead;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % kTickEvery == 0) local.tick();
+    const v16 b[4] = {load(B0 + 32 * k), load(B0 + 32 * k + 16), load(B1 + 32 * k), load(B1 + 32 * k + 16)};
+    for (int r = 0; r < MR; ++r) {
+      const v16 a = splat(A[r * lda + k]);
+      for (int j = 0; j < 4; ++j) c[r][j] += a * b[j];
+    }
+  }
+  *ahead = local;
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) store((j < 2 ? C0 : C1) + r * ldc + 16 * (j % 2), c[r][j]);
+}
+
+constexpr void (*kBlocks2[])(const float*, int64_t, const float*, const float*, float*, float*, int64_t, int64_t,
+                             bool, Ahead*) = {nullptr, block2<1>, block2<2>, block2<3>, block2<4>, block2<5>,
+                                              block2<6>};
+
+// Two full panels over all M rows, in blocks of at most 6 rows. `next`: the two panels read after these
+// (contiguous, 2 x Kx32), fetched into the cache over all the blocks.
+void slab2(const float* A, int64_t lda, int64_t M, int64_t K, const float* B0, const float* B1, float* C0, float* C1,
+           int64_t ldc, bool add, const float* next) {
+  const int64_t blocks = (M + 5) / 6;
+  Ahead ahead(next, 4 * K, 0, next ? 1 : 0, 4 * K, blocks * K);
+  for (int64_t j = 0, m = 0; j < blocks; ++j) {
+    const int64_t rows = M / blocks + (j < M % blocks ? 1 : 0);  // near-equal blocks
+    kBlocks2[rows](A + m * lda, lda, B0, B1, C0 + m * ldc, C1 + m * ldc, ldc, K, add, &ahead);
+    m += rows;
+  }
+  ahead.rest();
+}
+
 // ---- Matmuls on AMX tiles, to float32 accuracy ----
 // A CPU with AMX multiplies bfloat16 tiles (16 rows x 32 products, float32 sums) at about 16 times the rate
 // of float32 FMAs. Split into bfloat16 pieces, x = x0 + x1 + x2 + (|x| 2^-24 or less: the 24 bits of a float32
@@ -801,6 +841,9 @@ class PhasedStep {
     std::vector<const float*> positions, next_positions;  // where a token's (the next token's) positions are
   };
   static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kAmxPanelsPerItem = 4;
+  // Rows from which float32 matmuls take two panels a block (slab2: each A element loaded feeds 4 FMAs); with fewer,
+  // one panel a block of up to 12 rows reads each weight panel once (decode_step.py A/B: 1.05x at 8 rows).
+  static constexpr int64_t kTwoPanelRows = 12;
   // Panels per matmul item: AMX tile loads stream longer runs of a weight faster, while a phase keeps at least
   // 8 items for the threads to share.
   int64_t per_item(int64_t cols) const {
@@ -890,6 +933,12 @@ class PhasedStep {
       return;
     }
     const float* W = static_cast<const float*>(W_stack) + l * K * padded(N);
+    if (p_.B >= kTwoPanelRows && n1 - n0 == 64) {
+      const float* panel = W + (n0 / 32) * K * 32;
+      slab2(A, K, p_.B, K, panel, panel + K * 32, C + n0, C + n0 + 32, N, add,
+            next >= 0 ? W + next * panels * K * 32 : nullptr);
+      return;
+    }
     for (int64_t n = n0; n < n1; n += 32) {
       const float* panel = W + (n / 32) * K * 32;
       const float* after = n + 32 < n1 ? panel + K * 32 : next >= 0 ? W + next * panels * K * 32 : nullptr;
@@ -978,10 +1027,15 @@ class PhasedStep {
             const float* W = static_cast<const float*>(p.gate_up) + l * 2 * D * padded(F);
             const float* gate_panel = W + 2 * (n / 32) * D * 32;
             const float* up_panel = gate_panel + D * 32;
-            slab(h_.data(), D, B, D, gate_panel, 32, gate, 32, false, cols, up_panel);
-            const float* after = n + 32 < n1 ? up_panel + D * 32
-                               : next >= 0 ? W + 2 * next * panels * D * 32 : nullptr;
-            slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
+            if (B >= kTwoPanelRows && cols == 32) {
+              slab2(h_.data(), D, B, D, gate_panel, up_panel, gate, up, 32, false,
+                    n + 32 < n1 ? up_panel + D * 32 : next >= 0 ? W + 2 * next * panels * D * 32 : nullptr);
+            } else {
+              slab(h_.data(), D, B, D, gate_panel, 32, gate, 32, false, cols, up_panel);
+              const float* after = n + 32 < n1 ? up_panel + D * 32
+                                 : next >= 0 ? W + 2 * next * panels * D * 32 : nullptr;
+              slab(h_.data(), D, B, D, up_panel, 32, up, 32, false, cols, after);
+            }
           }
           for (int64_t b = 0; b < B; ++b) {
             const float* gv = gate + b * 32;
