@@ -193,6 +193,8 @@ def main():
   build.require("the native decode step")
   if args.matmul != "float32" and not native.amx_available():
     raise SystemExit(f"--matmul={args.matmul} needs a CPU with AMX tiles")
+  if args.prefill and args.variants:
+    raise SystemExit("--prefill profiles the repo's kernels.cc; variants are timed on decode steps (drop one)")
   ab(args) if args.variants else phases(args)
 
 
