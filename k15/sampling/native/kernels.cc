@@ -74,25 +74,47 @@ inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
-// exp(x) for 16 lanes (Cephes expf: n = round(x / ln 2), a degree-5 polynomial of the remainder; ~1 ulp).
-inline v16 vexp(v16 x) {
-  const v16 big = splat(88.0f), small = splat(-87.3f);
-  v16 xc = x > big ? big : x;
+// The widest vector a register holds: 16 floats with AVX-512, 8 with AVX2. A v16 elsewhere is two registers, and
+// GCC keeps v16 values in memory there: loops that must run from registers use vec.
+#ifdef __AVX512F__
+typedef v16 vec;
+typedef v16i veci;
+#else
+typedef float vec __attribute__((vector_size(32)));
+typedef int32_t veci __attribute__((vector_size(32)));
+#endif
+typedef float vecu __attribute__((vector_size(sizeof(vec)), aligned(4), may_alias));
+constexpr int kLanes = sizeof(vec) / sizeof(float);
+inline vec load_vec(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+inline void store_vec(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+#ifdef __AVX512F__
+inline vec splat_vec(float x) { return splat(x); }
+#else
+inline vec splat_vec(float x) { return vec{x, x, x, x, x, x, x, x}; }
+#endif
+
+// exp(x) lane by lane, of a v16 or a vec (Cephes expf: n = round(x / ln 2), a degree-5 polynomial of the
+// remainder; ~1 ulp).
+template <class V>
+inline V vexp(V x) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V big = V{} + 88.0f, small = V{} + -87.3f;
+  V xc = x > big ? big : x;
   xc = xc < small ? small : xc;
-  v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = xc - n * 0.693359375f;
+  V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;  // 2^n
-  v16 y = p * __builtin_bit_cast(v16, bits);
-  y = x > big ? splat(INFINITY) : y;
-  return x < small ? splat(0.0f) : y;
+  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n
+  V y = p * __builtin_bit_cast(V, bits);
+  y = x > big ? V{} + INFINITY : y;
+  return x < small ? V{} : y;
 }
 
 float exp1(float x) {  // the same arithmetic for one value (loop tails)
@@ -130,29 +152,29 @@ struct Ahead {
   }
 };
 
-// C[MRx(16 NV)] (+)= A[MRxK] B[Kx(16 NV)] with leading dimensions; the accumulators stay in registers.
+// C[MRx(kLanes NV)] (+)= A[MRxK] B[Kx(kLanes NV)] with leading dimensions; the accumulators stay in registers.
 // Only the first `cols` columns are stored (the zero-padded last panel of a packed weight).
 template <int MR, int NV>
 void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K, bool add,
            int64_t cols, Ahead* ahead = nullptr) {
-  v16 c[MR][NV];
-  const bool full = cols == 16 * NV;
+  vec c[MR][NV];
+  const bool full = cols == kLanes * NV;
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
       if (add && full) {
-        c[r][j] = load(C + r * ldc + 16 * j);
+        c[r][j] = load_vec(C + r * ldc + kLanes * j);
       } else {
-        c[r][j] = splat(0.0f);
-        for (int64_t i = 0; add && i < 16 && 16 * j + i < cols; ++i) c[r][j][i] = C[r * ldc + 16 * j + i];
+        c[r][j] = vec{};
+        for (int64_t i = 0; add && i < kLanes && kLanes * j + i < cols; ++i) c[r][j][i] = C[r * ldc + kLanes * j + i];
       }
     }
   Ahead local = ahead ? *ahead : Ahead();
   for (int64_t k = 0; k < K; ++k) {
     if (k % kTickEvery == 0) local.tick();
-    v16 b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + 16 * j);
+    vec b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load_vec(B + k * ldb + kLanes * j);
     for (int r = 0; r < MR; ++r) {
-      v16 a = splat(A[r * lda + k]);
+      const vec a = splat_vec(A[r * lda + k]);
       for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
     }
   }
@@ -160,33 +182,49 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
       if (full) {
-        store(C + r * ldc + 16 * j, c[r][j]);
+        store_vec(C + r * ldc + kLanes * j, c[r][j]);
       } else {
-        for (int64_t i = 0; i < 16 && 16 * j + i < cols; ++i) C[r * ldc + 16 * j + i] = c[r][j][i];
+        for (int64_t i = 0; i < kLanes && kLanes * j + i < cols; ++i) C[r * ldc + kLanes * j + i] = c[r][j][i];
       }
     }
 }
 
-// block<rows, 2> by its row count (1 to 12).
-constexpr void (*kBlocks[])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
-                            Ahead*) = {nullptr,      block<1, 2>,  block<2, 2>,  block<3, 2>, block<4, 2>,
-                                       block<5, 2>,  block<6, 2>,  block<7, 2>,  block<8, 2>, block<9, 2>,
-                                       block<10, 2>, block<11, 2>, block<12, 2>};
+// A slab's register block: kSlabRows rows x 2 vectors of accumulators. AVX-512 has 32 vector registers: 12 x 2
+// (24 accumulators). AVX2 has 16: 6 x 2 (12 accumulators), the 32-column slab in two halves of 16.
+#ifdef __AVX512F__
+constexpr int kSlabRows = 12;
+#else
+constexpr int kSlabRows = 6;
+#endif
+constexpr int kSlabVectors = 2;
 
-// One 32-column slab: all M rows, in blocks of at most 12 rows of near-equal size (12 x 2 vectors of
-// accumulators fit the 32 vector registers; fewer blocks read the slab fewer times). `next`: the packed slab
-// read after this one (Kx32), fetched into the cache over all the blocks, so memory streams it while they
-// compute on this one.
+// block<rows, kSlabVectors> by its row count (1 to kSlabRows).
+template <int... R>
+struct BlockTable {
+  void (*at[sizeof...(R) + 1])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
+                               Ahead*) = {nullptr, block<R, kSlabVectors>...};
+};
+#ifdef __AVX512F__
+constexpr BlockTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12> kBlocks;
+#else
+constexpr BlockTable<1, 2, 3, 4, 5, 6> kBlocks;
+#endif
+
+// One 32-column slab: all M rows, in blocks of at most kSlabRows rows of near-equal size (fewer blocks read the
+// slab fewer times). `next`: the packed slab read after this one (Kx32), fetched into the cache over all the
+// blocks, so memory streams it while they compute on this one.
 void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc,
           bool add, int64_t cols, const float* next = nullptr) {
-  const int64_t blocks = (M + 11) / 12;
-  Ahead ahead(next, 2 * K, 0, next ? 1 : 0, 2 * K, blocks * K);
+  constexpr int64_t width = kLanes * kSlabVectors;
+  const int64_t blocks = (M + kSlabRows - 1) / kSlabRows, parts = (cols + width - 1) / width;
+  Ahead ahead(next, 2 * K, 0, next ? 1 : 0, 2 * K, parts * blocks * K);
   Ahead* a_ = next ? &ahead : nullptr;
-  for (int64_t j = 0, m = 0; j < blocks; ++j) {
-    const int64_t rows = M / blocks + (j < M % blocks ? 1 : 0);
-    kBlocks[rows](A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, add, cols, a_);
-    m += rows;
-  }
+  for (int64_t part = 0; part < parts; ++part)
+    for (int64_t j = 0, m = 0; j < blocks; ++j) {
+      const int64_t rows = M / blocks + (j < M % blocks ? 1 : 0), c = part * width;
+      kBlocks.at[rows](A + m * lda, lda, B + c, ldb, C + m * ldc + c, ldc, K, add, std::min(width, cols - c), a_);
+      m += rows;
+    }
   if (a_) a_->rest();
 }
 
@@ -488,33 +526,6 @@ void rotary(float* x, int64_t heads, int64_t H, const float* cos, const float* s
   }
 }
 
-// x[:n] = softmax(scale * x[:n]), in place. The last n % 16 values go through one vector whose other lanes hold
-// -inf (exp gives 0 there): short rows (prefill's first positions) would spend most of their time in scalar exps.
-void softmax(float* x, int64_t n, float scale) {
-  const int64_t body = n / 16 * 16;
-  alignas(64) float tail[16];
-  for (int64_t i = 0; i < 16; ++i) tail[i] = body + i < n ? x[body + i] * scale : -INFINITY;
-  v16 mxv = load(tail);
-  for (int64_t s = 0; s < body; s += 16) {
-    v16 v = load(x + s) * scale;
-    store(x + s, v);
-    mxv = v > mxv ? v : mxv;
-  }
-  float mx = -INFINITY;
-  for (int i = 0; i < 16; ++i) mx = std::max(mx, mxv[i]);
-  v16 sumv = vexp(load(tail) - mx);
-  store(tail, sumv);
-  for (int64_t s = 0; s < body; s += 16) {
-    v16 e = vexp(load(x + s) - mx);
-    store(x + s, e);
-    sumv += e;
-  }
-  float sum = 0.0f;
-  for (int i = 0; i < 16; ++i) sum += sumv[i];
-  for (int64_t s = 0; s < body; s += 16) store(x + s, load(x + s) / sum);
-  for (int64_t i = 0; body + i < n; ++i) x[body + i] = tail[i] / sum;
-}
-
 // The first index of x[:V]'s largest value (V - 1 if any is NaN), that value, and log sum exp(x - it), in
 // `k15.models.logprobs_of`'s order of operations (shift by the max, sum the exps, then the log).
 void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, float* lse_out) {
@@ -572,34 +583,49 @@ struct Step {
   }
 };
 
-// The 16 horizontal sums of t[0..15] as one vector (lane i: the sum of t[i]'s lanes): pairs, quads, octets, halves.
-inline v16 hsum16(const v16* t) {
-  v16 u[8], w[4], x[2];
+// The kLanes horizontal sums of t[0..kLanes - 1] as one vector (lane i: the sum of t[i]'s lanes): pairs, quads,
+// octets (and halves, of 16 lanes).
+#ifdef __AVX512F__
+inline vec hsum_lanes(const vec* t) {
+  vec u[8], w[4], x[2];
   for (int i = 0; i < 8; ++i)
-    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], v16i{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
-           __builtin_shuffle(t[2 * i], t[2 * i + 1], v16i{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+           __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
   for (int i = 0; i < 4; ++i)
-    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], v16i{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
-           __builtin_shuffle(u[2 * i], u[2 * i + 1], v16i{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
   for (int i = 0; i < 2; ++i)
-    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], v16i{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
-           __builtin_shuffle(w[2 * i], w[2 * i + 1], v16i{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  return __builtin_shuffle(x[0], x[1], v16i{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
-         __builtin_shuffle(x[0], x[1], v16i{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], veci{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(w[2 * i], w[2 * i + 1], veci{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  return __builtin_shuffle(x[0], x[1], veci{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+         __builtin_shuffle(x[0], x[1], veci{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
 }
+#else
+inline vec hsum_lanes(const vec* t) {
+  vec u[4], w[2];
+  for (int i = 0; i < 4; ++i)
+    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{0, 8, 2, 10, 4, 12, 6, 14}) +
+           __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{1, 9, 3, 11, 5, 13, 7, 15});
+  for (int i = 0; i < 2; ++i)
+    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{0, 1, 8, 9, 4, 5, 12, 13}) +
+           __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{2, 3, 10, 11, 6, 7, 14, 15});
+  return __builtin_shuffle(w[0], w[1], veci{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(w[0], w[1], veci{4, 5, 6, 7, 12, 13, 14, 15});
+}
+#endif
 
-// acc[g] = acc[g] * alpha[g] + sum over `count` positions j of p[g][j] * (at[j] + off)[c:c + 16], for NG query heads
-// (their block weights p with row stride 16).
+// acc[g] = acc[g] * alpha[g] + sum over `count` positions j of p[g][j] * (at[j] + off)[c:c + kLanes], for NG
+// query heads (their block weights p with row stride 16).
 template <int NG>
 inline void weigh_block(const float* p, const float* alpha, const float* const* at, int64_t off, int64_t count,
                         int64_t c, float* acc, int64_t H) {
-  v16 a[NG];
-  for (int g = 0; g < NG; ++g) a[g] = load(acc + g * H + c) * alpha[g];
+  vec a[NG];
+  for (int g = 0; g < NG; ++g) a[g] = load_vec(acc + g * H + c) * alpha[g];
   for (int64_t j = 0; j < count; ++j) {
-    const v16 v = load(at[j] + off + c);
+    const vec v = load_vec(at[j] + off + c);
     for (int g = 0; g < NG; ++g) a[g] += p[g * 16 + j] * v;
   }
-  for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
+  for (int g = 0; g < NG; ++g) store_vec(acc + g * H + c, a[g]);
 }
 
 // Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few positions at a time.
@@ -613,20 +639,24 @@ struct RowFetch {
   }
 };
 
-// The largest lane of v, and the sum of its lanes: halves, quarters, pairs, lanes.
-constexpr v16i kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+// The largest lane of v, and the sum of its lanes: (halves,) quarters, eighths, pairs, lanes.
+#ifdef __AVX512F__
+constexpr veci kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
                             {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
                             {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
                             {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
-inline float hmax(v16 v) {
-  for (const v16i& swap : kSwaps) {
-    const v16 w = __builtin_shuffle(v, swap);
+#else
+constexpr veci kSwaps[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+#endif
+inline float hmax(vec v) {
+  for (const veci& swap : kSwaps) {
+    const vec w = __builtin_shuffle(v, swap);
     v = v > w ? v : w;
   }
   return v[0];
 }
-inline float hadd(v16 v) {
-  for (const v16i& swap : kSwaps) v += __builtin_shuffle(v, swap);
+inline float hadd(vec v) {
+  for (const veci& swap : kSwaps) v += __builtin_shuffle(v, swap);
   return v[0];
 }
 
@@ -652,21 +682,22 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
         const int64_t r = k * G + g;
         ahead.next(per_head);
         const float* qr = q + r * H;
-        v16 sv;
-        if (H % 16 == 0) {  // lane sums of q * k per position, then their horizontal sums
-          v16 t[16];
-          for (int64_t j = 0; j < 16; ++j) {
-            if (j >= count) {
-              t[j] = splat(0.0f);
-              continue;
+        alignas(64) float sv[16];
+        if (H % kLanes == 0) {  // lane sums of q * k per position, then their horizontal sums, kLanes at a time
+          for (int64_t j0 = 0; j0 < 16; j0 += kLanes) {
+            vec t[kLanes];
+            for (int64_t j = 0; j < kLanes; ++j) {
+              if (j0 + j >= count) {
+                t[j] = vec{};
+                continue;
+              }
+              const float* key = block[j0 + j] + 2 * k * H;
+              t[j] = load_vec(qr) * load_vec(key);
+              for (int64_t c = kLanes; c < H; c += kLanes) t[j] += load_vec(qr + c) * load_vec(key + c);
             }
-            const float* key = block[j] + 2 * k * H;
-            t[j] = load(qr) * load(key);
-            for (int64_t c = 16; c < H; c += 16) t[j] += load(qr + c) * load(key + c);
+            store_vec(sv + j0, hsum_lanes(t) * scale);
           }
-          sv = hsum16(t) * scale;
         } else {
-          sv = splat(0.0f);
           for (int64_t j = 0; j < count; ++j) {
             float sum = 0.0f;
             for (int64_t c = 0; c < H; ++c) sum += qr[c] * block[j][2 * k * H + c];
@@ -674,12 +705,17 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
           }
         }
         for (int64_t j = count; j < 16; ++j) sv[j] = -INFINITY;
-        const float block_max = hmax(sv);
-        const float m_new = std::max(m[r], block_max);
+        vec most = load_vec(sv);
+        for (int64_t j = kLanes; j < 16; j += kLanes) most = most > load_vec(sv + j) ? most : load_vec(sv + j);
+        const float m_new = std::max(m[r], hmax(most));
         alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
-        const v16 e = vexp(sv - m_new);
-        store(p + 16 * r, e);
-        l[r] = l[r] * alpha[r] + hadd(e);
+        vec sum{};
+        for (int64_t j = 0; j < 16; j += kLanes) {
+          const vec e = vexp(load_vec(sv + j) - m_new);
+          store_vec(p + 16 * r + j, e);
+          sum += e;
+        }
+        l[r] = l[r] * alpha[r] + hadd(sum);
         m[r] = m_new;
       }
     for (int64_t k = 0; k < KV; ++k) {  // the block's values, weighted, into each query head's running sum
@@ -688,14 +724,14 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
       const float* ak = alpha + k * G;
       float* ok = out + k * G * H;
       int64_t c = 0;
-      for (; c + 16 <= H; c += 16)
+      for (; c + kLanes <= H; c += kLanes)
         for (int64_t g = 0; g < G;) {
           const int64_t left = G - g;
           if (left >= 4) weigh_block<4>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 4;
           else if (left >= 2) weigh_block<2>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 2;
           else weigh_block<1>(pk + 16 * g, ak + g, block, off, count, c, ok + g * H, H), g += 1;
         }
-      for (; c < H; ++c)  // a head_dim that is not a multiple of 16
+      for (; c < H; ++c)  // a head_dim that is not a multiple of kLanes
         for (int64_t g = 0; g < G; ++g) {
           float sum = ok[g * H + c] * ak[g];
           for (int64_t j = 0; j < count; ++j) sum += pk[16 * g + j] * block[j][off + c];
@@ -843,7 +879,12 @@ class PhasedStep {
   static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kAmxPanelsPerItem = 4;
   // Rows from which float32 matmuls take two panels a block (slab2: each A element loaded feeds 4 FMAs); with fewer,
   // one panel a block of up to 12 rows reads each weight panel once (decode_step.py A/B: 1.05x at 8 rows).
+  // AVX2's 16 registers hold no two-panel block: never there.
+#ifdef __AVX512F__
   static constexpr int64_t kTwoPanelRows = 12;
+#else
+  static constexpr int64_t kTwoPanelRows = INT64_MAX;
+#endif
   // Panels per matmul item: AMX tile loads stream longer runs of a weight faster, while a phase keeps at least
   // 8 items for the threads to share.
   int64_t per_item(int64_t cols) const {
