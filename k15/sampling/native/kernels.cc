@@ -65,60 +65,48 @@ using Clock = std::chrono::steady_clock;
 inline double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 #endif
 
-// 16 floats: one AVX-512 register (two AVX2 registers elsewhere). v16u reads and writes any float address.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
-inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-
-// The widest vector a register holds: 16 floats with AVX-512, 8 with AVX2. A v16 elsewhere is two registers, and
-// GCC keeps v16 values in memory there: loops that must run from registers use vec.
+// The widest vector a register holds: 16 floats with AVX-512, else 8 (AVX2). Hot loops use no wider vectors: GCC
+// keeps a vector wider than a register in memory (AVX2 matmuls ran at 15 GFLOP/s on 16-float vectors).
 #ifdef __AVX512F__
-typedef v16 vec;
-typedef v16i veci;
+typedef float vec __attribute__((vector_size(64)));
+typedef int32_t veci __attribute__((vector_size(64)));
 #else
 typedef float vec __attribute__((vector_size(32)));
 typedef int32_t veci __attribute__((vector_size(32)));
 #endif
-typedef float vecu __attribute__((vector_size(sizeof(vec)), aligned(4), may_alias));
+typedef float vecu __attribute__((vector_size(sizeof(vec)), aligned(4), may_alias));  // any float address
 constexpr int kLanes = sizeof(vec) / sizeof(float);
-inline vec load_vec(const float* p) { return *reinterpret_cast<const vecu*>(p); }
-inline void store_vec(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
 #ifdef __AVX512F__
-inline vec splat_vec(float x) { return splat(x); }
+inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 #else
-inline vec splat_vec(float x) { return vec{x, x, x, x, x, x, x, x}; }
+inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x}; }
 #endif
 
-// exp(x) lane by lane, of a v16 or a vec (Cephes expf: n = round(x / ln 2), a degree-5 polynomial of the
-// remainder; ~1 ulp).
-template <class V>
-inline V vexp(V x) {
-  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-  const V big = V{} + 88.0f, small = V{} + -87.3f;
-  V xc = x > big ? big : x;
+// exp(x) lane by lane (Cephes expf: n = round(x / ln 2), a degree-5 polynomial of the remainder; ~1 ulp).
+inline vec vexp(vec x) {
+  const vec big = splat(88.0f), small = splat(-87.3f);
+  vec xc = x > big ? big : x;
   xc = xc < small ? small : xc;
-  V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  V r = xc - n * 0.693359375f;
+  vec n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vec r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
+  vec p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n
-  V y = p * __builtin_bit_cast(V, bits);
-  y = x > big ? V{} + INFINITY : y;
-  return x < small ? V{} : y;
+  veci bits = (__builtin_convertvector(n, veci) + 127) << 23;  // 2^n
+  vec y = p * __builtin_bit_cast(vec, bits);
+  y = x > big ? splat(INFINITY) : y;
+  return x < small ? splat(0.0f) : y;
 }
 
 float exp1(float x) {  // the same arithmetic for one value (loop tails)
-  float lanes[16] = {x};
+  float lanes[kLanes] = {x};
   store(lanes, vexp(load(lanes)));
   return lanes[0];
 }
@@ -162,7 +150,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
       if (add && full) {
-        c[r][j] = load_vec(C + r * ldc + kLanes * j);
+        c[r][j] = load(C + r * ldc + kLanes * j);
       } else {
         c[r][j] = vec{};
         for (int64_t i = 0; add && i < kLanes && kLanes * j + i < cols; ++i) c[r][j][i] = C[r * ldc + kLanes * j + i];
@@ -172,9 +160,9 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
   for (int64_t k = 0; k < K; ++k) {
     if (k % kTickEvery == 0) local.tick();
     vec b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = load_vec(B + k * ldb + kLanes * j);
+    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + kLanes * j);
     for (int r = 0; r < MR; ++r) {
-      const vec a = splat_vec(A[r * lda + k]);
+      const vec a = splat(A[r * lda + k]);
       for (int j = 0; j < NV; ++j) c[r][j] += a * b[j];
     }
   }
@@ -182,7 +170,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
       if (full) {
-        store_vec(C + r * ldc + kLanes * j, c[r][j]);
+        store(C + r * ldc + kLanes * j, c[r][j]);
       } else {
         for (int64_t i = 0; i < kLanes && kLanes * j + i < cols; ++i) C[r * ldc + kLanes * j + i] = c[r][j][i];
       }
@@ -233,21 +221,24 @@ void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int
 template <int MR>
 void block2(const float* A, int64_t lda, const float* B0, const float* B1, float* C0, float* C1, int64_t ldc,
             int64_t K, bool add, Ahead* ahead) {
-  v16 c[MR][4];
+  constexpr int NV = 32 / kLanes;  // vectors a panel row
+  vec c[MR][2 * NV];
+  const auto at = [&](int r, int j) { return (j < NV ? C0 : C1) + r * ldc + kLanes * (j % NV); };
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) c[r][j] = add ? load((j < 2 ? C0 : C1) + r * ldc + 16 * (j % 2)) : splat(0.0f);
+    for (int j = 0; j < 2 * NV; ++j) c[r][j] = add ? load(at(r, j)) : vec{};
   Ahead local = *ahead;
   for (int64_t k = 0; k < K; ++k) {
     if (k % kTickEvery == 0) local.tick();
-    const v16 b[4] = {load(B0 + 32 * k), load(B0 + 32 * k + 16), load(B1 + 32 * k), load(B1 + 32 * k + 16)};
+    vec b[2 * NV];
+    for (int j = 0; j < NV; ++j) b[j] = load(B0 + 32 * k + kLanes * j), b[NV + j] = load(B1 + 32 * k + kLanes * j);
     for (int r = 0; r < MR; ++r) {
-      const v16 a = splat(A[r * lda + k]);
-      for (int j = 0; j < 4; ++j) c[r][j] += a * b[j];
+      const vec a = splat(A[r * lda + k]);
+      for (int j = 0; j < 2 * NV; ++j) c[r][j] += a * b[j];
     }
   }
   *ahead = local;
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) store((j < 2 ? C0 : C1) + r * ldc + 16 * (j % 2), c[r][j]);
+    for (int j = 0; j < 2 * NV; ++j) store(at(r, j), c[r][j]);
 }
 
 constexpr void (*kBlocks2[])(const float*, int64_t, const float*, const float*, float*, float*, int64_t, int64_t,
@@ -529,17 +520,17 @@ void rotary(float* x, int64_t heads, int64_t H, const float* cos, const float* s
 // The first index of x[:V]'s largest value (V - 1 if any is NaN), that value, and log sum exp(x - it), in
 // `k15.models.logprobs_of`'s order of operations (shift by the max, sum the exps, then the log).
 void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, float* lse_out) {
-  v16 mxv = splat(-INFINITY);
-  v16i nans = {};
+  vec mxv = splat(-INFINITY);
+  veci nans = {};
   int64_t v = 0;
-  for (; v + 16 <= V; v += 16) {
-    v16 a = load(x + v);
+  for (; v + kLanes <= V; v += kLanes) {
+    vec a = load(x + v);
     nans |= a != a;
     mxv = a > mxv ? a : mxv;
   }
   float mx = -INFINITY;
   bool nan = false;
-  for (int i = 0; i < 16; ++i) mx = std::max(mx, mxv[i]), nan |= nans[i] != 0;
+  for (int i = 0; i < kLanes; ++i) mx = std::max(mx, mxv[i]), nan |= nans[i] != 0;
   for (; v < V; ++v) {
     nan |= x[v] != x[v];
     mx = std::max(mx, x[v]);
@@ -550,10 +541,10 @@ void logit_stats(const float* x, int64_t V, int32_t* argmax, float* max_out, flo
   }
   int64_t at = 0;
   while (at < V - 1 && x[at] != mx) ++at;
-  v16 sumv = splat(0.0f);
-  for (v = 0; v + 16 <= V; v += 16) sumv += vexp(load(x + v) - mx);
+  vec sumv{};
+  for (v = 0; v + kLanes <= V; v += kLanes) sumv += vexp(load(x + v) - mx);
   float sum = 0.0f;
-  for (int i = 0; i < 16; ++i) sum += sumv[i];
+  for (int i = 0; i < kLanes; ++i) sum += sumv[i];
   for (; v < V; ++v) sum += exp1(x[v] - mx);
   *argmax = static_cast<int32_t>(at), *max_out = mx, *lse_out = std::log(sum);
 }
@@ -620,12 +611,12 @@ template <int NG>
 inline void weigh_block(const float* p, const float* alpha, const float* const* at, int64_t off, int64_t count,
                         int64_t c, float* acc, int64_t H) {
   vec a[NG];
-  for (int g = 0; g < NG; ++g) a[g] = load_vec(acc + g * H + c) * alpha[g];
+  for (int g = 0; g < NG; ++g) a[g] = load(acc + g * H + c) * alpha[g];
   for (int64_t j = 0; j < count; ++j) {
-    const vec v = load_vec(at[j] + off + c);
+    const vec v = load(at[j] + off + c);
     for (int g = 0; g < NG; ++g) a[g] += p[g * 16 + j] * v;
   }
-  for (int g = 0; g < NG; ++g) store_vec(acc + g * H + c, a[g]);
+  for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
 }
 
 // Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few positions at a time.
@@ -692,10 +683,10 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
                 continue;
               }
               const float* key = block[j0 + j] + 2 * k * H;
-              t[j] = load_vec(qr) * load_vec(key);
-              for (int64_t c = kLanes; c < H; c += kLanes) t[j] += load_vec(qr + c) * load_vec(key + c);
+              t[j] = load(qr) * load(key);
+              for (int64_t c = kLanes; c < H; c += kLanes) t[j] += load(qr + c) * load(key + c);
             }
-            store_vec(sv + j0, hsum_lanes(t) * scale);
+            store(sv + j0, hsum_lanes(t) * scale);
           }
         } else {
           for (int64_t j = 0; j < count; ++j) {
@@ -705,14 +696,14 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
           }
         }
         for (int64_t j = count; j < 16; ++j) sv[j] = -INFINITY;
-        vec most = load_vec(sv);
-        for (int64_t j = kLanes; j < 16; j += kLanes) most = most > load_vec(sv + j) ? most : load_vec(sv + j);
+        vec most = load(sv);
+        for (int64_t j = kLanes; j < 16; j += kLanes) most = most > load(sv + j) ? most : load(sv + j);
         const float m_new = std::max(m[r], hmax(most));
         alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
         vec sum{};
         for (int64_t j = 0; j < 16; j += kLanes) {
-          const vec e = vexp(load_vec(sv + j) - m_new);
-          store_vec(p + 16 * r + j, e);
+          const vec e = vexp(load(sv + j) - m_new);
+          store(p + 16 * r + j, e);
           sum += e;
         }
         l[r] = l[r] * alpha[r] + hadd(sum);
@@ -1083,8 +1074,8 @@ class PhasedStep {
             const float* uv = up + b * 32;
             float* a = act_.data() + b * F + n;
             if (cols == 32) {
-              for (int j = 0; j < 32; j += 16) {
-                v16 x = load(gv + j);
+              for (int j = 0; j < 32; j += kLanes) {
+                const vec x = load(gv + j);
                 store(a + j, x * (1.0f / (1.0f + vexp(-x))) * load(uv + j));
               }
             } else {
