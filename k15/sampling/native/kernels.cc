@@ -39,8 +39,14 @@
 #include <mutex>
 #endif
 
-// K15_NO_AMX builds what a CPU without AMX gets (a test builds it so on any CPU).
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && !defined(K15_NO_AMX)
+// K15_NO_AMX builds what a CPU without AMX gets, K15_NO_AVX512 what a CPU without AVX-512 (AVX2) gets, AMX
+// included: tests build them so on any CPU.
+#if defined(__AVX512F__) && !defined(K15_NO_AVX512)
+#define K15_AVX512 1
+#else
+#define K15_AVX512 0
+#endif
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && !defined(K15_NO_AMX) && K15_AVX512
 #define K15_AMX 1  // the compiler targets a CPU with AMX tiles: the AMX matmuls below are built
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -67,7 +73,7 @@ inline double seconds(Clock::time_point a, Clock::time_point b) { return std::ch
 
 // The widest vector a register holds: 16 floats with AVX-512, else 8 (AVX2). Hot loops use no wider vectors: GCC
 // keeps a vector wider than a register in memory (AVX2 matmuls ran at 15 GFLOP/s on 16-float vectors).
-#ifdef __AVX512F__
+#if K15_AVX512
 typedef float vec __attribute__((vector_size(64)));
 typedef int32_t veci __attribute__((vector_size(64)));
 #else
@@ -78,7 +84,7 @@ typedef float vecu __attribute__((vector_size(sizeof(vec)), aligned(4), may_alia
 constexpr int kLanes = sizeof(vec) / sizeof(float);
 inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
-#ifdef __AVX512F__
+#if K15_AVX512
 inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 #else
 inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x}; }
@@ -179,7 +185,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
 
 // A slab's register block: kSlabRows rows x 2 vectors of accumulators. AVX-512 has 32 vector registers: 12 x 2
 // (24 accumulators). AVX2 has 16: 6 x 2 (12 accumulators), the 32-column slab in two halves of 16.
-#ifdef __AVX512F__
+#if K15_AVX512
 constexpr int kSlabRows = 12;
 #else
 constexpr int kSlabRows = 6;
@@ -192,7 +198,7 @@ struct BlockTable {
   void (*at[sizeof...(R) + 1])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
                                Ahead*) = {nullptr, block<R, kSlabVectors>...};
 };
-#ifdef __AVX512F__
+#if K15_AVX512
 constexpr BlockTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12> kBlocks;
 #else
 constexpr BlockTable<1, 2, 3, 4, 5, 6> kBlocks;
@@ -576,7 +582,7 @@ struct Step {
 
 // The kLanes horizontal sums of t[0..kLanes - 1] as one vector (lane i: the sum of t[i]'s lanes): pairs, quads,
 // octets (and halves, of 16 lanes).
-#ifdef __AVX512F__
+#if K15_AVX512
 inline vec hsum_lanes(const vec* t) {
   vec u[8], w[4], x[2];
   for (int i = 0; i < 8; ++i)
@@ -631,7 +637,7 @@ struct RowFetch {
 };
 
 // The largest lane of v, and the sum of its lanes: (halves,) quarters, eighths, pairs, lanes.
-#ifdef __AVX512F__
+#if K15_AVX512
 constexpr veci kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
                             {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
                             {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
@@ -871,7 +877,7 @@ class PhasedStep {
   // Rows from which float32 matmuls take two panels a block (slab2: each A element loaded feeds 4 FMAs); with fewer,
   // one panel a block of up to 12 rows reads each weight panel once (decode_step.py A/B: 1.05x at 8 rows).
   // AVX2's 16 registers hold no two-panel block: never there.
-#ifdef __AVX512F__
+#if K15_AVX512
   static constexpr int64_t kTwoPanelRows = 12;
 #else
   static constexpr int64_t kTwoPanelRows = INT64_MAX;
