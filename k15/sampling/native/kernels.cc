@@ -625,15 +625,24 @@ inline void weigh_block(const float* p, const float* alpha, const float* const* 
   for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
 }
 
-// Prefetches the lines of n positions' runs (`lines` lines from each at[j]) into L2, a few positions at a time.
+// Prefetches the cache lines of the positions a thread attends over, in the order it reads them (a token's
+// positions, then the next token's), kFetchAhead positions ahead of its reads. (Fetching all of the next token's
+// positions during a token kept two tokens' pages in L2: past ~200 positions they outgrew a 512 KB L2.)
+constexpr int64_t kFetchAhead = 64;
 struct RowFetch {
-  const float* const* at = nullptr;
-  int64_t n = 0, lines = 0, j = 0;
+  const float* const* at = nullptr;  // the token's positions
+  int64_t n = 0;
+  const float* const* next_at = nullptr;  // the next token's
+  int64_t next_n = 0, lines = 0;
+  int64_t done = 0;  // positions fetched so far
 
-  void next(int64_t positions) {
-    for (const int64_t end = std::min(n, j + positions); j < end; ++j)
-      for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(at[j] + 16 * c, 0, 2);
+  void upto(int64_t end) {  // fetches positions [done, end) of the token's and the next token's
+    for (end = std::min(end, n + next_n); done < end; ++done) {
+      const float* p = done < n ? at[done] : next_at[done - n];
+      for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(p + 16 * c, 0, 2);
+    }
   }
+  int64_t next_done() const { return std::max<int64_t>(0, done - n); }  // the next token's positions fetched
 };
 
 // The largest lane of v, and the sum of its lanes: (halves,) quarters, eighths, pairs, lanes.
@@ -660,8 +669,8 @@ inline float hadd(vec v) {
 // One token's attention over n positions of its pages: for each kv head k, out[G heads of k] = softmax(q k^T /
 // sqrt(H)) v, the keys of position i at at[i] + 2kH and its values H floats after (a position's heads are one run
 // of memory). Blocks of 16 positions are read in order, each while in L1: every head's scores, a running max and
-// sum per query head (online softmax), then its values. Meanwhile `ahead` fetches the next token's positions
-// (a block ahead is too late to hide the memory's latency). `scratch`: 19 KV G floats.
+// sum per query head (online softmax), then its values. Meanwhile `ahead` fetches the positions kFetchAhead
+// after the block (a block ahead is too late to hide the memory's latency). `scratch`: 19 KV G floats.
 void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float* const* at, int64_t n,
                   float* scratch, float* out, RowFetch& ahead) {
   const int64_t NQ = KV * G;
@@ -670,14 +679,13 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
   std::fill(m, m + NQ, -INFINITY);
   std::fill(l, l + NQ, 0.0f);
   std::fill(out, out + NQ * H, 0.0f);
-  const int64_t per_head = ahead.n / std::max<int64_t>(1, (n + 15) / 16 * NQ) + 1;
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t count = std::min<int64_t>(16, n - i);
     const float* const* block = at + i;
     for (int64_t k = 0; k < KV; ++k)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = k * G + g;
-        ahead.next(per_head);
+        ahead.upto(i + kFetchAhead + 16 * (r + 1) / NQ);
         const float* qr = q + r * H;
         alignas(64) float sv[16];
         if (H % kLanes == 0) {  // lane sums of q * k per position, then their horizontal sums, kLanes at a time
@@ -1028,19 +1036,20 @@ class PhasedStep {
         return;
       case 2:  // attention for the item's tokens (a decode's token first rotates and writes its own keys and values)
         positions(l, b0, scratch.next_positions);
-        for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t b = b0, fetched = 0; b < b1; ++b) {
           std::swap(scratch.positions, scratch.next_positions);  // the token before found this one's positions
           if (!p.prefill) rotate_and_write(l, b);
           const int64_t pos = p.positions[b], n = pos >= 0 && pos < S() ? pos + 1 : 0;
           const int64_t after = b + 1 < b1 ? b + 1 : next * kSlotsPerItem;  // the token this thread attends next
-          RowFetch ahead{scratch.next_positions.data(),
+          RowFetch ahead{scratch.positions.data(), n, scratch.next_positions.data(),
                          after >= 0 && after < B ? positions(l, after, scratch.next_positions) : 0,
-                         (2 * KV * H + 15) / 16};
+                         (2 * KV * H + 15) / 16, fetched};
           float* out = att_.data() + b * NH;
           if (n == 0)
             std::fill(out, out + NH, 0.0f);  // an inactive slot: garbage logits
           else
             attend_token(qkv_.data() + b * E, KV, G, H, scratch.positions.data(), n, scores, out, ahead);
+          fetched = ahead.next_done();
         }
         split_rows(att_.data(), NH, b0, b1, 0, NH, att16_, NH);
         return;
