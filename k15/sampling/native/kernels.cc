@@ -183,40 +183,33 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
     }
 }
 
-// A slab's register block: kSlabRows rows x 2 vectors of accumulators. AVX-512 has 32 vector registers: 12 x 2
-// (24 accumulators). AVX2 has 16: 6 x 2 (12 accumulators), the 32-column slab in two halves of 16.
+// A slab's register block: up to kSlabRows rows x 2 vectors of accumulators. AVX-512 has 32 vector registers:
+// 12 x 2 (24 accumulators). AVX2 has 16: 6 x 2 (12 accumulators), the 32-column slab in two halves of 16.
 #if K15_AVX512
 constexpr int kSlabRows = 12;
 #else
 constexpr int kSlabRows = 6;
 #endif
-constexpr int kSlabVectors = 2;
 
-// block<rows, kSlabVectors> by its row count (1 to kSlabRows).
-template <int... R>
-struct BlockTable {
-  void (*at[sizeof...(R) + 1])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
-                               Ahead*) = {nullptr, block<R, kSlabVectors>...};
-};
-#if K15_AVX512
-constexpr BlockTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12> kBlocks;
-#else
-constexpr BlockTable<1, 2, 3, 4, 5, 6> kBlocks;
-#endif
+// block<rows, 2> by its row count (1 to kSlabRows).
+constexpr void (*kBlocks[])(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, int64_t,
+                            Ahead*) = {nullptr,      block<1, 2>,  block<2, 2>,  block<3, 2>, block<4, 2>,
+                                       block<5, 2>,  block<6, 2>,  block<7, 2>,  block<8, 2>, block<9, 2>,
+                                       block<10, 2>, block<11, 2>, block<12, 2>};
 
 // One 32-column slab: all M rows, in blocks of at most kSlabRows rows of near-equal size (fewer blocks read the
 // slab fewer times). `next`: the packed slab read after this one (Kx32), fetched into the cache over all the
 // blocks, so memory streams it while they compute on this one.
 void slab(const float* A, int64_t lda, int64_t M, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc,
           bool add, int64_t cols, const float* next = nullptr) {
-  constexpr int64_t width = kLanes * kSlabVectors;
+  constexpr int64_t width = 2 * kLanes;
   const int64_t blocks = (M + kSlabRows - 1) / kSlabRows, parts = (cols + width - 1) / width;
   Ahead ahead(next, 2 * K, 0, next ? 1 : 0, 2 * K, parts * blocks * K);
   Ahead* a_ = next ? &ahead : nullptr;
   for (int64_t part = 0; part < parts; ++part)
     for (int64_t j = 0, m = 0; j < blocks; ++j) {
       const int64_t rows = M / blocks + (j < M % blocks ? 1 : 0), c = part * width;
-      kBlocks.at[rows](A + m * lda, lda, B + c, ldb, C + m * ldc + c, ldc, K, add, std::min(width, cols - c), a_);
+      kBlocks[rows](A + m * lda, lda, B + c, ldb, C + m * ldc + c, ldc, K, add, std::min(width, cols - c), a_);
       m += rows;
     }
   if (a_) a_->rest();
