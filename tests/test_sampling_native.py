@@ -222,19 +222,22 @@ def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step
     jax.block_until_ready(step(native.native_weights(cfg, params, "int8x9"), "k15_paged_step_no_amx"))
 
 
+@pytest.mark.parametrize("vector_bytes", [32, 16])
 @pytest.mark.parametrize("d_ff,B,head_dim,page_size", [(96, 23, 16, 8), (80, 13, 36, 5)])
-def test_a_build_for_avx2_equals_the_model_step(needs_native_step, d_ff, B, head_dim, page_size):
-  """kernels.cc built as for a CPU without AVX-512 (K15_NO_AVX512: vectors of 8 floats, 6-row register blocks), on
-  any CPU: logits and cache match the model's paged pass. 23 slots take the two-panel blocks on AVX-512 but not
-  here; head_dim 36 leaves a remainder past its vectors of 8."""
+def test_builds_for_narrower_vectors_equal_the_model_step(needs_native_step, vector_bytes, d_ff, B, head_dim,
+                                                          page_size):
+  """kernels.cc built as for a CPU whose registers hold 32 bytes (AVX2) or 16 (SSE, NEON), on any CPU: logits and
+  cache match the model's paged pass. 23 slots take the two-panel blocks on AVX-512 only; head_dim 36 leaves a
+  remainder past vectors of 8 floats."""
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=head_dim,
                            d_ff=d_ff, qkv_bias=True, tie_embeddings=True)
   params = _params(cfg, seed=3)
   kv, table, tokens, positions = _paged_case(cfg, B, 1, page_size, seed=5)
-  build.register("k15_paged_step_avx2", build.build(defines=("K15_NO_AVX512",)))
+  target = f"k15_paged_step_{vector_bytes}_bytes"
+  build.register(target, build.build(defines=(f"K15_VECTOR_BYTES={vector_bytes}",)))
   weights = native.native_weights(cfg, params)
   got_logits, stats, got_kv = jax.jit(lambda kv: native.paged_step(cfg, weights, kv, tokens[:, 0], positions[:, 0],
-                                                                    table, target="k15_paged_step_avx2"))(kv)
+                                                                    table, target=target))(kv)
   want_logits, want_cache = models.forward_paged(cfg, params, tokens, positions, models.PagedCache(jnp.asarray(kv), table),
                                                  impl="xla")
   np.testing.assert_allclose(got_logits, np.asarray(want_logits)[:, 0], atol=2e-5, rtol=2e-5)

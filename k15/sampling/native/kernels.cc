@@ -39,13 +39,19 @@
 #include <mutex>
 #endif
 
-// K15_NO_AMX builds what a CPU without AMX gets, K15_NO_AVX512 what a CPU without AVX-512 (AVX2) gets, AMX
-// included: tests build them so on any CPU.
-#if defined(__AVX512F__) && !defined(K15_NO_AVX512)
-#define K15_AVX512 1
+// K15_VECTOR_BYTES: the bytes of the vectors the kernels compute on, the widest a register of the target holds
+// (64 with AVX-512, 32 with AVX, else 16: SSE, NEON). K15_NO_AMX builds what a CPU without AMX gets. Tests set
+// both to build what other CPUs get on any CPU.
+#ifndef K15_VECTOR_BYTES
+#if defined(__AVX512F__)
+#define K15_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define K15_VECTOR_BYTES 32
 #else
-#define K15_AVX512 0
+#define K15_VECTOR_BYTES 16
 #endif
+#endif
+#define K15_AVX512 (K15_VECTOR_BYTES == 64)
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__) && !defined(K15_NO_AMX) && K15_AVX512
 #define K15_AMX 1  // the compiler targets a CPU with AMX tiles: the AMX matmuls below are built
 #include <immintrin.h>
@@ -71,23 +77,21 @@ using Clock = std::chrono::steady_clock;
 inline double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 #endif
 
-// The widest vector a register holds: 16 floats with AVX-512, else 8 (AVX2). Hot loops use no wider vectors: GCC
-// keeps a vector wider than a register in memory (AVX2 matmuls ran at 15 GFLOP/s on 16-float vectors).
-#if K15_AVX512
-typedef float vec __attribute__((vector_size(64)));
-typedef int32_t veci __attribute__((vector_size(64)));
-#else
-typedef float vec __attribute__((vector_size(32)));
-typedef int32_t veci __attribute__((vector_size(32)));
-#endif
-typedef float vecu __attribute__((vector_size(sizeof(vec)), aligned(4), may_alias));  // any float address
+// The widest vector a register holds (K15_VECTOR_BYTES). Hot loops use no wider vectors: GCC keeps a vector
+// wider than a register in memory (AVX2 matmuls ran at 15 GFLOP/s on 16-float vectors).
+typedef float vec __attribute__((vector_size(K15_VECTOR_BYTES)));
+typedef int32_t veci __attribute__((vector_size(K15_VECTOR_BYTES)));
+typedef float vecu __attribute__((vector_size(K15_VECTOR_BYTES), aligned(4), may_alias));  // any float address
 constexpr int kLanes = sizeof(vec) / sizeof(float);
+static_assert(kLanes == 4 || kLanes == 8 || kLanes == 16, "K15_VECTOR_BYTES must be 16, 32 or 64");
 inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
-#if K15_AVX512
+#if K15_VECTOR_BYTES == 64
 inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-#else
+#elif K15_VECTOR_BYTES == 32
 inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x}; }
+#else
+inline vec splat(float x) { return vec{x, x, x, x}; }
 #endif
 
 // exp(x) lane by lane (Cephes expf: n = round(x / ln 2), a degree-5 polynomial of the remainder; ~1 ulp).
@@ -184,7 +188,7 @@ void block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, i
 }
 
 // A slab's register block: up to kSlabRows rows x 2 vectors of accumulators. AVX-512 has 32 vector registers:
-// 12 x 2 (24 accumulators). AVX2 has 16: 6 x 2 (12 accumulators), the 32-column slab in two halves of 16.
+// 12 x 2 (24 accumulators). AVX2 and SSE have 16: 6 x 2 (12 accumulators), the 32-column slab in parts of 2 vectors.
 #if K15_AVX512
 constexpr int kSlabRows = 12;
 #else
@@ -573,9 +577,9 @@ struct Step {
   }
 };
 
-// The kLanes horizontal sums of t[0..kLanes - 1] as one vector (lane i: the sum of t[i]'s lanes): pairs, quads,
-// octets (and halves, of 16 lanes).
-#if K15_AVX512
+// The kLanes horizontal sums of t[0..kLanes - 1] as one vector (lane i: the sum of t[i]'s lanes): pairs, then
+// quads, octets and halves, as far as the lanes go.
+#if K15_VECTOR_BYTES == 64
 inline vec hsum_lanes(const vec* t) {
   vec u[8], w[4], x[2];
   for (int i = 0; i < 8; ++i)
@@ -590,7 +594,7 @@ inline vec hsum_lanes(const vec* t) {
   return __builtin_shuffle(x[0], x[1], veci{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
          __builtin_shuffle(x[0], x[1], veci{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
 }
-#else
+#elif K15_VECTOR_BYTES == 32
 inline vec hsum_lanes(const vec* t) {
   vec u[4], w[2];
   for (int i = 0; i < 4; ++i)
@@ -601,6 +605,12 @@ inline vec hsum_lanes(const vec* t) {
            __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{2, 3, 10, 11, 6, 7, 14, 15});
   return __builtin_shuffle(w[0], w[1], veci{0, 1, 2, 3, 8, 9, 10, 11}) +
          __builtin_shuffle(w[0], w[1], veci{4, 5, 6, 7, 12, 13, 14, 15});
+}
+#else
+inline vec hsum_lanes(const vec* t) {
+  const vec u0 = __builtin_shuffle(t[0], t[1], veci{0, 4, 2, 6}) + __builtin_shuffle(t[0], t[1], veci{1, 5, 3, 7});
+  const vec u1 = __builtin_shuffle(t[2], t[3], veci{0, 4, 2, 6}) + __builtin_shuffle(t[2], t[3], veci{1, 5, 3, 7});
+  return __builtin_shuffle(u0, u1, veci{0, 1, 4, 5}) + __builtin_shuffle(u0, u1, veci{2, 3, 6, 7});
 }
 #endif
 
@@ -638,14 +648,16 @@ struct RowFetch {
   int64_t next_done() const { return std::max<int64_t>(0, done - n); }  // the next token's positions fetched
 };
 
-// The largest lane of v, and the sum of its lanes: (halves,) quarters, eighths, pairs, lanes.
-#if K15_AVX512
+// The largest lane of v, and the sum of its lanes: lanes swapped by halves, then quarters, ..., then neighbours.
+#if K15_VECTOR_BYTES == 64
 constexpr veci kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
                             {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
                             {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
                             {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
-#else
+#elif K15_VECTOR_BYTES == 32
 constexpr veci kSwaps[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+#else
+constexpr veci kSwaps[2] = {{2, 3, 0, 1}, {1, 0, 3, 2}};
 #endif
 inline float hmax(vec v) {
   for (const veci& swap : kSwaps) {
