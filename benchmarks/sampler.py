@@ -352,7 +352,8 @@ def main():
   args = parse_args()
   if args.quick:
     args.batch, args.prompt, args.new, args.chunk, args.repeats, args.long_tail_repeats = 4, 16, 32, 16, 1, 1
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; the native kernels compute on "
+        f"{native.vector_bytes()}-byte vectors, {'with' if native.amx_available() else 'without'} AMX")
   with tempfile.TemporaryDirectory() as path:
     torch_model = qwen2_model.save(path, args.quick)
     cfg, params = models.load_hf(path)

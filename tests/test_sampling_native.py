@@ -3,6 +3,7 @@ its errors (its samples are tested beside the model backend's in test_sampling.p
 import dataclasses
 import os
 import pathlib
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +244,16 @@ def test_builds_for_narrower_vectors_equal_the_model_step(needs_native_step, vec
   np.testing.assert_allclose(got_logits, np.asarray(want_logits)[:, 0], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got_kv, want_cache.kv_LxPxZxCxH, atol=2e-5)
   _check_stats(np.asarray(got_logits), stats)
+
+
+def test_the_build_computes_on_the_widest_vectors_the_cpu_has(needs_native_step):
+  """The kernels' vectors are as wide as this CPU's registers (its flags in /proc/cpuinfo): 64 bytes with AVX-512, 32
+  with AVX, else 16."""
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if not cpuinfo.exists() or platform.machine() != "x86_64":
+    pytest.skip("reads an x86-64 CPU's flags from /proc/cpuinfo")
+  flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+  assert native.vector_bytes() == (64 if "avx512f" in flags else 32 if "avx" in flags else 16)
 
 
 def test_a_source_that_does_not_compile_names_its_file(needs_native_step, tmp_path):

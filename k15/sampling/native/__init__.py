@@ -12,5 +12,5 @@ Select it with config.sampling.backend = "k15.sampling.native" (`k15.sampling.lo
 nothing else in k15 imports it. `build` compiles kernels.cc on first use and caches the library.
 """
 from k15.sampling.native.backend import NativeBackend, make_backend, paged_step
-from k15.sampling.native.build import BuildError, amx_available
+from k15.sampling.native.build import BuildError, amx_available, vector_bytes
 from k15.sampling.native.weights import MATMUL_PIECES, NativeWeights, native_weights

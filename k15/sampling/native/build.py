@@ -136,6 +136,12 @@ def require(what: str = "the native kernels"):
     raise RuntimeError(f"{what} is unavailable: {reason}")
 
 
+def vector_bytes() -> int:
+  """The bytes of the vectors the kernels compute on here: 64 with AVX-512, 32 with AVX, 16 otherwise; 0 when they
+  do not build."""
+  return _LIBRARIES[TARGET].K15VectorBytes() if load() is None else 0
+
+
 def amx_available() -> bool:
   """Whether the kernels can use AMX tiles here: the build targets a CPU with AMX (bf16) and the kernel lets this
   process use them."""

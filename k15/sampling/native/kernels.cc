@@ -1290,6 +1290,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PagedStepF32, PagedStep,
 // 1 when this build and this CPU can run the AMX matmuls (and this process may use AMX's tiles), else 0.
 extern "C" int K15AmxAvailable() { return amx_ready() ? 1 : 0; }
 
+// The bytes of the vectors this build computes on (K15_VECTOR_BYTES).
+extern "C" int K15VectorBytes() { return K15_VECTOR_BYTES; }
+
 #ifdef K15_PHASE_TIMES
 // Copies the (running, waiting) seconds per phase kind and the number of calls since the last read into
 // out[2 * kPhaseKinds + 1], and clears them.
