@@ -117,7 +117,8 @@ def test_a_packed_batch_gives_the_unpacked_log_probs_loss_and_gradients(params):
   (loss_a, _), grad_a = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
   (loss_b, _), grad_b = jax.value_and_grad(loss_fn, has_aux=True)(params, packed_mb)
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5, atol=1e-6)
-  assert _max_diff(grad_a, grad_b) < 1e-5
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad_a))  # float32 rounding grows with it
+  assert _max_diff(grad_a, grad_b) <= 1e-5 * max(scale, 1.0)
   plain = models.token_logprobs(cfg, params, jnp.asarray(tokens))
   packed = models.token_logprobs(cfg, params, packed_mb["packed_tokens"], packed_mb["packed_segments"])
   unpacked = np.asarray(packed)[packed_mb["unpack_rows_BxTm1"], packed_mb["unpack_cols_BxTm1"]]
