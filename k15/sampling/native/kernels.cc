@@ -889,7 +889,7 @@ class PhasedStep {
   static constexpr int64_t kSlotsPerItem = 2, kPanelsPerItem = 2, kAmxPanelsPerItem = 4;
   // Rows from which float32 matmuls take two panels a block (slab2: each A element loaded feeds 4 FMAs); with fewer,
   // one panel a block of up to 12 rows reads each weight panel once (decode_step.py A/B: 1.05x at 8 rows).
-  // AVX2's 16 registers hold no two-panel block: never there.
+  // AVX-512 builds only: AVX2's 16 registers hold no two-panel block, and narrower builds were not measured.
 #if K15_AVX512
   static constexpr int64_t kTwoPanelRows = 12;
 #else
