@@ -12,6 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("K15_NATIVE_CACHE", os.path.join(_SCRATCH, "native"))  # the native decode step's build
+# Executables kept on disk for the session: a test that reruns a job (resume, kill, a subprocess, a second
+# process) loads what an earlier run compiled instead of compiling it again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SCRATCH, "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import pytest  # noqa: E402
 
