@@ -90,7 +90,7 @@ def test_attention_cost_follows_the_filled_lengths():
   time it takes when all hold 1024 (the ratio of pages read is 0.53): measured in one run, interleaved, the fastest
   call of 30 rounds each. Each call attends 4 query sets in a loop, so that a call's fixed cost (dispatch) is a
   small part of it. With one query set a call and 15 rounds, the ratio came out at 0.607 once in CI, in a process
-  the tests before it had slowed (both times were 1.6x those of a run alone, where the ratio stays well below 0.6)."""
+  the tests before it had slowed (run alone, the ratio stays well below 0.6)."""
   rng = np.random.RandomState(0)
   B, N, K, H, Z = 16, 8, 2, 64, 16
   M = 1024 // Z
