@@ -125,22 +125,29 @@ def write_pages(kv_LxPxZxCxH, layer, k_RxTxKxH, v_RxTxKxH, page_table_RxM, posit
   return kv_LxPxZxCxH.at[layer, pages_RxT, pos % Z].set(new, mode="drop")
 
 
+# Pages a work item of `paged_attention_xla` reads: 2 (32 positions of 16-position pages) ran its decode step on CPU
+# 6-8% faster than 1 (`benchmarks/xla_attention_ab.py`); a row's last item may read one page past its length.
+PAGES_PER_ITEM = 2
+
+
 def paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT, pages_per_block: int):
   """Each query's attention over its row's positions <= its own (position < 0: padding, a garbage output).
 
-  kv_XxZxCxH: the pages the table indexes. Work items are (row, page) pairs over each row's filled pages (up to
-  its last position), taken `pages_per_block` at a time; each block's scores go into per-row running maxima,
-  sums and outputs (online softmax), so the work and the pages read follow the rows' lengths.
+  kv_XxZxCxH: the pages the table indexes. Work items are a row and `PAGES_PER_ITEM` consecutive pages of it, over
+  each row's filled pages (up to its last position), taken `pages_per_block` pages at a time; each block's scores
+  go into per-row running maxima, sums and outputs (online softmax), so the work and the pages read follow the
+  rows' lengths.
   """
   q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT = map(jnp.asarray, (q_RxTxNxH, kv_XxZxCxH, page_table_RxM,
                                                                           positions_RxT))
   R, T, N, H = q_RxTxNxH.shape
   Z, C = kv_XxZxCxH.shape[1], kv_XxZxCxH.shape[2]
   K = C // 2
-  G, W = N // K, pages_per_block
+  J = PAGES_PER_ITEM
+  G, W, Y = N // K, max(1, pages_per_block // J), J * Z  # items per block, positions per item
   lengths_R = jnp.max(positions_RxT, axis=1) + 1
-  pages_R = (lengths_R + Z - 1) // Z
-  ends_R = jnp.cumsum(pages_R)  # row r's items are [ends_R[r] - pages_R[r], ends_R[r])
+  items_R = (lengths_R + Y - 1) // Y
+  ends_R = jnp.cumsum(items_R)  # row r's items are [ends_R[r] - items_R[r], ends_R[r])
   total = ends_R[-1]
   q_RxKxGxTxH = jnp.transpose(q_RxTxNxH.reshape(R, T, K, G, H), (0, 2, 3, 1, 4))
   kv_XxS = kv_XxZxCxH.reshape(kv_XxZxCxH.shape[0], Z * C * H)
@@ -150,21 +157,21 @@ def paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, page_table_RxM, positions_RxT, pa
     items_W = start + jnp.arange(W)
     valid_W = items_W < total
     row_W = jnp.minimum(jnp.searchsorted(ends_R, items_W, side="right", method="compare_all"), R - 1)
-    page_index_W = items_W - (ends_R[row_W] - pages_R[row_W])
-    page_W = jnp.take_along_axis(page_table_RxM[row_W], jnp.clip(page_index_W, 0, page_table_RxM.shape[1] - 1)[:, None],
-                                 axis=1)[:, 0]
+    item_index_W = items_W - (ends_R[row_W] - items_R[row_W])
+    page_index_WxJ = jnp.clip(item_index_W[:, None] * J + jnp.arange(J), 0, page_table_RxM.shape[1] - 1)
+    page_WxJ = jnp.take_along_axis(page_table_RxM[row_W], page_index_WxJ, axis=1)
     # Whole pages as rows of a 2D array: XLA's CPU gather copies rows faster than 4D slices.
-    kv_WxZxCxH = kv_XxS[jnp.where(valid_W, page_W, 0)].reshape(W, Z, C, H)
-    # Keys and values of a kv head contiguous per page: one copy, which XLA's CPU dots read faster than two.
-    kv_WxKx2xZxH = jnp.transpose(kv_WxZxCxH.reshape(W, Z, K, 2, H), (0, 2, 3, 1, 4))
-    k_WxKxZxH, v_WxKxZxH = kv_WxKx2xZxH[:, :, 0], kv_WxKx2xZxH[:, :, 1]
-    s = _scores(q_RxKxGxTxH[row_W], k_WxKxZxH.astype(q_RxTxNxH.dtype), "wkgth,wkzh->wkgtz")
-    key_pos_WxZ = page_index_W[:, None] * Z + jnp.arange(Z)
-    mask_WxTxZ = (key_pos_WxZ[:, None, :] <= positions_RxT[row_W][:, :, None]) & valid_W[:, None, None]
-    s = jnp.where(mask_WxTxZ[:, None, None], s, MASK_VALUE)
+    kv_WxYxCxH = kv_XxS[jnp.where(valid_W[:, None], page_WxJ, 0)].reshape(W, Y, C, H)
+    # Keys, then values, of a kv head contiguous per item: one copy, which XLA's CPU dots read faster than two.
+    kv_2xWxKxYxH = jnp.transpose(kv_WxYxCxH.reshape(W, Y, K, 2, H), (3, 0, 2, 1, 4))
+    k_WxKxYxH, v_WxKxYxH = kv_2xWxKxYxH[0], kv_2xWxKxYxH[1]
+    s = _scores(q_RxKxGxTxH[row_W], k_WxKxYxH.astype(q_RxTxNxH.dtype), "wkgth,wkyh->wkgty")
+    key_pos_WxY = item_index_W[:, None] * Y + jnp.arange(Y)
+    mask_WxTxY = (key_pos_WxY[:, None, :] <= positions_RxT[row_W][:, :, None]) & valid_W[:, None, None]
+    s = jnp.where(mask_WxTxY[:, None, None], s, MASK_VALUE)
     m_W = jnp.max(s, axis=-1)
     p = jnp.exp(s - m_W[..., None])
-    o_W = jnp.einsum("wkgtz,wkzh->wkgth", p.astype(v_WxKxZxH.dtype), v_WxKxZxH.astype(q_RxTxNxH.dtype),
+    o_W = jnp.einsum("wkgty,wkyh->wkgth", p.astype(v_WxKxYxH.dtype), v_WxKxYxH.astype(q_RxTxNxH.dtype),
                      preferred_element_type=jnp.float32)
     segment_W = jnp.where(valid_W, row_W, R)  # out of range: dropped by the segment reductions
     m_new = jnp.maximum(m_RxKxGxT, jax.ops.segment_max(m_W, segment_W, num_segments=R))
