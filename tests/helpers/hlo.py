@@ -1,5 +1,11 @@
-"""Reading compiled HLO text: the collectives one iteration of a while loop runs, nested loops counted."""
+"""Reading compiled HLO text: the collectives one iteration of a while loop runs, nested loops counted; the bytes
+a run's executed ops write, from jax's profiler."""
+import glob
+import gzip
+import json
+import os
 import re
+import tempfile
 from typing import Dict, List, Optional, Tuple
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter", "all-reduce-start",
@@ -7,6 +13,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                "f64": 8, "s64": 8, "u64": 8}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(")
+_NAMED = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+[a-z][\w\-]*\(", re.M)
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
@@ -96,3 +103,21 @@ def sorts(text: str) -> List[Tuple[Tuple[int, ...], ...]]:
       if found and found.group(2) == "sort":
         out.append(tuple(dims for _, dims in array_shapes(found.group(1))))
   return out
+
+
+def executed_bytes(compiled, *args) -> int:
+  """The bytes that the ops of one run of `compiled` (a jax.stages.Compiled) write, summed over the ops the runtime
+  executed, as jax's profiler records them: a loop's ops count once per trip it really ran."""
+  jax = __import__("jax")
+  result_bytes = {name: type_bytes(type_text) for name, type_text in _NAMED.findall(compiled.as_text())}
+  jax.block_until_ready(compiled(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      jax.block_until_ready(compiled(*args))
+    trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  ops = [e["args"]["hlo_op"] for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  if not ops:
+    raise ValueError("the profiler recorded no executed ops")
+  return sum(result_bytes.get(op, 0) for op in ops)
