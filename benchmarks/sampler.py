@@ -331,6 +331,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
     steady = per_iteration[:iters]
     return dict(seconds=seconds, util=util(per_iteration), steady_util=util(steady),
                 prefill_tokens=sum(s.prefill_tokens for s in per_iteration),
+                decode_steps=sum(s.decode_steps for s in per_iteration),
                 iter_s=np.mean([s.wall_time_s for s in steady]), drain_s=sum(s.wall_time_s for s in per_iteration[iters:]))
 
   results = {}
@@ -343,9 +344,12 @@ def long_tail(cfg, params, args, backend, mesh=None):
       r = run(static, token_budget)
       if name not in results or r["seconds"] < results[name]["seconds"]:
         results[name] = r
-  with timed_engine_calls() as times:  # one more run, to split its time (waiting for each call slows it a little)
-    seconds = run(False, budgets[0])["seconds"]
-  return results, (dict(times), seconds), lengths, budgets[0], slots, iters, per_iter
+  splits = {}  # one more run of each refill schedule, to split its time (waiting for each call slows it a little)
+  for name, static, token_budget in schedules[1:]:
+    with timed_engine_calls() as times:
+      seconds = run(static, token_budget)["seconds"]
+    splits[name] = dict(times), seconds
+  return results, splits, lengths, budgets[0], slots, iters, per_iter
 
 
 def main():
@@ -434,7 +438,7 @@ def main():
   for name, (backend, m) in setups.items():
     if name != "k15" and m is None:
       continue  # the other native matmuls: the user's setup stands for them
-    results, (times, seconds), lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
+    results, splits, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
     print(f"\n== long-tailed lengths, {name}: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
           f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
           f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
@@ -443,9 +447,10 @@ def main():
       print(f"{schedule:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
             f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
             f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
-            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded")
-    print(f"refill + partial rollouts, run again with each engine call waited for: "
-          f"{calls_summary(times, seconds, in_ms=False)}")
+            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, {r['decode_steps']} decode steps")
+    print("run again with each engine call waited for:")
+    for schedule, (times, seconds) in splits.items():
+      print(f"{schedule:>26}: {calls_summary(times, seconds, in_ms=False)}")
 
 
 if __name__ == "__main__":
