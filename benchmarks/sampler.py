@@ -447,7 +447,8 @@ def main():
       print(f"{schedule:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
             f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
             f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
-            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, {r['decode_steps']} decode steps")
+            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, "
+            f"{r['decode_steps']} decode steps")
     print("run again with each engine call waited for:")
     for schedule, (times, seconds) in splits.items():
       print(f"{schedule:>26}: {calls_summary(times, seconds, in_ms=False)}")

@@ -97,7 +97,9 @@ def test_attention_cost_follows_the_filled_lengths():
   mixed = np.where(np.arange(B)[:, None] % 2 == 0, 63, 1023).astype(np.int32)
   step = jax.jit(lambda positions: attention.paged_attention_xla(q, kv, table, positions, 16)).lower(full).compile()
   cost = {name: hlo.executed_bytes(step, positions) for name, positions in [("full", full), ("mixed", mixed)]}
-  assert cost["full"] >= B * M * Z * 2 * K * H * 4  # every page of every slot was read and copied at least once
+  page_bytes = Z * 2 * K * H * 4
+  # Each run copied at least the pages it must read (no trip went unrecorded), and the mixed one far fewer.
+  assert cost["full"] >= B * M * page_bytes and cost["mixed"] >= B // 2 * (M + 64 // Z) * page_bytes, cost
   assert cost["mixed"] <= 0.6 * cost["full"], cost
 
 

@@ -125,8 +125,8 @@ def write_pages(kv_LxPxZxCxH, layer, k_RxTxKxH, v_RxTxKxH, page_table_RxM, posit
   return kv_LxPxZxCxH.at[layer, pages_RxT, pos % Z].set(new, mode="drop")
 
 
-# Pages a work item of `paged_attention_xla` reads: 2 (32 positions of 16-position pages) ran its decode step on CPU
-# 6-8% faster than 1 (`benchmarks/xla_attention_ab.py`); a row's last item may read one page past its length.
+# Pages a work item of `paged_attention_xla` reads: with 2, XLA's CPU decode step ran faster than with 1
+# (`benchmarks/xla_attention_ab.py`, docs/sampler.md); a row's last item may read one page past its length.
 PAGES_PER_ITEM = 2
 
 

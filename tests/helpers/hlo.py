@@ -8,6 +8,8 @@ import re
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+import jax
+
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter", "all-reduce-start",
                "all-gather-start", "collective-permute-start")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -108,7 +110,6 @@ def sorts(text: str) -> List[Tuple[Tuple[int, ...], ...]]:
 def executed_bytes(compiled, *args) -> int:
   """The bytes that the ops of one run of `compiled` (a jax.stages.Compiled) write, summed over the ops the runtime
   executed, as jax's profiler records them: a loop's ops count once per trip it really ran."""
-  jax = __import__("jax")
   result_bytes = {name: type_bytes(type_text) for name, type_text in _NAMED.findall(compiled.as_text())}
   jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
