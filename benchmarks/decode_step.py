@@ -75,13 +75,13 @@ CFG = models.ModelConfig(qkv_bias=True, tie_embeddings=True)
 
 
 def step_loop(weights, table, args, target):
-  """A jitted loop of `args.steps` steps of FFI target `target` over the last `steps` positions before
-  `args.context`; returns (the cache, last tokens, sum of the logits)."""
+  """A jitted loop of `args.steps` steps of FFI target `target` at positions centred on `args.context` (their mean
+  cached length); returns (the cache, last tokens, sum of the logits)."""
   B = args.batch
 
   def body(i, carry):
     kv, tokens_B, total = carry
-    positions_B = jnp.full((B,), args.context - args.steps, jnp.int32) + i
+    positions_B = jnp.full((B,), args.context - args.steps // 2, jnp.int32) + i
     logits, stats, kv = native.paged_step(CFG, weights, kv, tokens_B, positions_B, table, threads=args.threads,
                                           target=target)
     return kv, stats.argmax_B, total + logits
@@ -95,11 +95,11 @@ def step_loop(weights, table, args, target):
 
 
 def inputs(args):
-  """The packed weights, a cache of random keys and values with room for every slot at --context, and a page table
-  that gives each slot pages spread over it."""
+  """The packed weights, a cache of random keys and values with room for every slot at --context (and its steps
+  past it), and a page table that gives each slot pages spread over it."""
   rng = np.random.RandomState(0)
   params = models.init_params(CFG, jax.random.key(0))
-  M = -(-args.context // args.page_size)
+  M = -(-(args.context + (0 if args.prefill else args.steps // 2)) // args.page_size)
   P = args.batch * M
   kv = jnp.asarray(rng.normal(size=models.kv_pages_shape(CFG, P, args.page_size)), jnp.float32)
   table = rng.permutation(P).reshape(args.batch, M).astype(np.int32)

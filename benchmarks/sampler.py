@@ -106,10 +106,12 @@ def weights_bytes(cfg: models.ModelConfig):
 
 
 def step_runs(cfg, params, batch, context, steps, backend, mesh=None, page_size=16):
-  """A run of `steps` decode steps of `backend` at `context` cached positions (each slot's pages spread over the
-  cache), each step feeding the greedy token to the next. On a mesh each device steps its share of the slots over
-  its own pages on its own (shard_map, params replicated), as k15's decode loop does there."""
-  M = -(-context // page_size)
+  """A run of `steps` decode steps of `backend` at positions centred on `context` (their mean cached length; each
+  slot's pages spread over the cache), each step feeding the greedy token to the next. On a mesh each device steps
+  its share of the slots over its own pages on its own (shard_map, params replicated), as k15's decode loop does
+  there."""
+  first = context - steps // 2
+  M = -(-(first + steps) // page_size)
   shards = 1 if mesh is None else mesh.size
   kv = jnp.zeros(models.kv_pages_shape(cfg, batch * M, page_size), cfg.jnp_dtype)
   local_pages = batch * M // shards
@@ -122,7 +124,7 @@ def step_runs(cfg, params, batch, context, steps, backend, mesh=None, page_size=
     B = table.shape[0]
     def body(i, carry):
       kv, tokens_B = carry
-      positions_B = jnp.full((B,), context - steps, jnp.int32) + i
+      positions_B = jnp.full((B,), first, jnp.int32) + i
       _, stats, kv = backend.step(cfg, scfg, weights, kv, tokens_B, positions_B, table)
       return kv, stats.argmax_B
     return jax.lax.fori_loop(0, steps, body, (kv, jnp.zeros((B,), jnp.int32)))
