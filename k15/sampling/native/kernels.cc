@@ -632,6 +632,7 @@ inline void weigh_block(const float* p, const float* alpha, const float* const* 
 // positions, then the next token's), kFetchAhead positions ahead of its reads. (Fetching all of the next token's
 // positions during a token kept two tokens' pages in L2: past ~200 positions they outgrew a 512 KB L2.)
 constexpr int64_t kFetchAhead = 64;
+constexpr int64_t kNearAhead = 8;  // attend_token's fetches into L1: 16 positions from 8 ahead
 struct RowFetch {
   const float* const* at = nullptr;  // the token's positions
   int64_t n = 0;
@@ -675,7 +676,9 @@ inline float hadd(vec v) {
 // sqrt(H)) v, the keys of position i at at[i] + 2kH and its values H floats after (a position's heads are one run
 // of memory). Blocks of 16 positions are read in order, each while in L1: every head's scores, a running max and
 // sum per query head (online softmax), then its values. Meanwhile `ahead` fetches the positions kFetchAhead
-// after the block (a block ahead is too late to hide the memory's latency). `scratch`: 19 KV G floats.
+// after the block (a block ahead is too late to hide the memory's latency) into L2, and the block's second half
+// and the next block's first half come into L1 (the first head's scores otherwise wait on L2 line by line).
+// `scratch`: 19 KV G floats.
 void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float* const* at, int64_t n,
                   float* scratch, float* out, RowFetch& ahead) {
   const int64_t NQ = KV * G;
@@ -687,6 +690,8 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t count = std::min<int64_t>(16, n - i);
     const float* const* block = at + i;
+    for (int64_t j = i + kNearAhead; j < std::min(n, i + 16 + kNearAhead); ++j)
+      for (int64_t c = 0; c < ahead.lines; ++c) __builtin_prefetch(at[j] + 16 * c, 0, 3);
     for (int64_t k = 0; k < KV; ++k)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = k * G + g;
