@@ -628,6 +628,12 @@ inline void weigh_block(const float* p, const float* alpha, const float* const* 
   for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
 }
 
+// Fetches the `lines` 64-byte lines of one position's keys and values from p: into L2 (Locality 2) or L1 (3).
+template <int Locality>
+inline void fetch_position(const float* p, int64_t lines) {
+  for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(p + 16 * c, 0, Locality);
+}
+
 // Prefetches the cache lines of the positions a thread attends over, in the order it reads them (a token's
 // positions, then the next token's), kFetchAhead positions ahead of its reads. (Fetching all of the next token's
 // positions during a token kept two tokens' pages in L2: past ~200 positions they outgrew a 512 KB L2.)
@@ -642,8 +648,7 @@ struct RowFetch {
 
   void upto(int64_t end) {  // fetches positions [done, end) of the token's and the next token's
     for (end = std::min(end, n + next_n); done < end; ++done) {
-      const float* p = done < n ? at[done] : next_at[done - n];
-      for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(p + 16 * c, 0, 2);
+      fetch_position<2>(done < n ? at[done] : next_at[done - n], lines);
     }
   }
   int64_t next_done() const { return std::max<int64_t>(0, done - n); }  // the next token's positions fetched
@@ -690,8 +695,7 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t count = std::min<int64_t>(16, n - i);
     const float* const* block = at + i;
-    for (int64_t j = i + kNearAhead; j < std::min(n, i + 16 + kNearAhead); ++j)
-      for (int64_t c = 0; c < ahead.lines; ++c) __builtin_prefetch(at[j] + 16 * c, 0, 3);
+    for (int64_t j = i + kNearAhead; j < std::min(n, i + 16 + kNearAhead); ++j) fetch_position<3>(at[j], ahead.lines);
     for (int64_t k = 0; k < KV; ++k)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = k * G + g;
