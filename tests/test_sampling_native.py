@@ -63,7 +63,10 @@ def test_native_step_equals_the_model_step(needs_native_step, request, matmul, d
   want_logits, want_cache = models.forward_paged(cfg, params, tokens, np.where(positions < 48, positions, -1),
                                                  models.PagedCache(jnp.asarray(kv), table), impl="xla")
   active = (positions_B >= 0) & (positions_B < 48)
-  np.testing.assert_allclose(np.asarray(got_logits)[active], np.asarray(want_logits)[active, 0], atol=tol, rtol=tol)
+  # The outlier column makes each logit a sum of terms up to ~300 that cancel, and float32 rounds such sums by
+  # more than 2e-5 (6e-5 in a logit of 0.06 on an AVX-512 CPU): errors are measured against the largest logit.
+  want = np.asarray(want_logits)[active, 0]
+  np.testing.assert_allclose(np.asarray(got_logits)[active], want, atol=tol * np.abs(want).max(), rtol=0)
   np.testing.assert_allclose(got_kv, want_cache.kv_LxPxZxCxH, atol=tol)
   _check_stats(np.asarray(got_logits), stats)
 
