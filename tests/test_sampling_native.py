@@ -41,17 +41,19 @@ def _paged_case(cfg, B, T, Z, seed):
 
 
 @pytest.mark.parametrize("matmul", list(MATMULS))
-@pytest.mark.parametrize("d_ff,B,head_dim,page_size", [(96, 23, 16, 8), (80, 13, 40, 5), (72, 3, 32, 16)])
-def test_native_step_equals_the_model_step(needs_native_step, request, matmul, d_ff, B, head_dim, page_size):
+@pytest.mark.parametrize("d_ff,B,head_dim,page_size,n_heads", [(96, 23, 16, 8, 4), (80, 13, 40, 5, 4),
+                                                                (72, 3, 32, 16, 4), (64, 5, 16, 8, 20)])
+def test_native_step_equals_the_model_step(needs_native_step, request, matmul, d_ff, B, head_dim, page_size, n_heads):
   """B slots (the work shared by the CPU threads) at their own positions over shuffled pages, two of them inactive
   (a position past the pages, -1): logits and the written cache match the model's paged pass; inactive slots write
   nothing. d_ff 80 and vocab 80 end in part-filled weight panels; head_dim 40 is not a multiple of 16 (the
-  attention's remainder path); one embedding column is 100 times the others (an activation outlier for the int8
+  attention's remainder path); 20 query heads fill one vector of 16 lanes and part of a second (the softmax runs
+  a vector of heads at a time); one embedding column is 100 times the others (an activation outlier for the int8
   slices of each row)."""
   tol = MATMULS[matmul]
   if matmul != "float32":
     request.getfixturevalue("needs_amx")
-  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=2, head_dim=head_dim,
                            d_ff=d_ff, qkv_bias=True, tie_embeddings=True)
   params = _params(cfg)
   params["embed"]["embedding"][:, 5] *= 100
@@ -227,13 +229,13 @@ def test_a_build_without_amx_steps_alike_and_names_amx_weights(needs_native_step
 
 
 @pytest.mark.parametrize("vector_bytes", [32, 16])
-@pytest.mark.parametrize("d_ff,B,head_dim,page_size", [(96, 23, 16, 8), (80, 13, 36, 5)])
+@pytest.mark.parametrize("d_ff,B,head_dim,page_size,n_heads", [(96, 23, 16, 8, 4), (80, 13, 36, 5, 10)])
 def test_builds_for_narrower_vectors_equal_the_model_step(needs_native_step, vector_bytes, d_ff, B, head_dim,
-                                                          page_size):
+                                                          page_size, n_heads):
   """kernels.cc built as for a CPU whose registers hold 32 bytes (AVX2) or 16 (SSE, NEON), on any CPU: logits and
   cache match the model's paged pass. 23 slots take the two-panel blocks on AVX-512 only; head_dim 36 leaves a
-  remainder past vectors of 8 floats."""
-  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+  remainder past vectors of 8 floats; 10 query heads take a vector of 8 lanes and part of another (three of 4)."""
+  cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=2, head_dim=head_dim,
                            d_ff=d_ff, qkv_bias=True, tie_embeddings=True)
   params = _params(cfg, seed=3)
   kv, table, tokens, positions = _paged_case(cfg, B, 1, page_size, seed=5)

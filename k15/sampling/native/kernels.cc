@@ -577,42 +577,48 @@ struct Step {
   }
 };
 
-// The kLanes horizontal sums of t[0..kLanes - 1] as one vector (lane i: the sum of t[i]'s lanes): pairs, then
-// quads, octets and halves, as far as the lanes go.
+// op over each of t[0..kLanes - 1]'s lanes, as one vector (lane i: t[i]'s lanes reduced): pairs, then quads,
+// octets and halves, as far as the lanes go. `fold` combines the lanes that shuffles `lo` and `hi` pick of a and b.
+template <class Op>
+inline vec fold(Op op, vec a, vec b, veci lo, veci hi) {
+  return op(__builtin_shuffle(a, b, lo), __builtin_shuffle(a, b, hi));
+}
 #if K15_VECTOR_BYTES == 64
-inline vec hsum_lanes(const vec* t) {
+template <class Op>
+inline vec reduce_lanes(const vec* t, Op op) {
   vec u[8], w[4], x[2];
   for (int i = 0; i < 8; ++i)
-    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
-           __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+    u[i] = fold(op, t[2 * i], t[2 * i + 1], veci{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                veci{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
   for (int i = 0; i < 4; ++i)
-    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
-           __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    w[i] = fold(op, u[2 * i], u[2 * i + 1], veci{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                veci{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
   for (int i = 0; i < 2; ++i)
-    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], veci{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
-           __builtin_shuffle(w[2 * i], w[2 * i + 1], veci{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  return __builtin_shuffle(x[0], x[1], veci{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
-         __builtin_shuffle(x[0], x[1], veci{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    x[i] = fold(op, w[2 * i], w[2 * i + 1], veci{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                veci{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  return fold(op, x[0], x[1], veci{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+              veci{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
 }
 #elif K15_VECTOR_BYTES == 32
-inline vec hsum_lanes(const vec* t) {
+template <class Op>
+inline vec reduce_lanes(const vec* t, Op op) {
   vec u[4], w[2];
   for (int i = 0; i < 4; ++i)
-    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{0, 8, 2, 10, 4, 12, 6, 14}) +
-           __builtin_shuffle(t[2 * i], t[2 * i + 1], veci{1, 9, 3, 11, 5, 13, 7, 15});
+    u[i] = fold(op, t[2 * i], t[2 * i + 1], veci{0, 8, 2, 10, 4, 12, 6, 14}, veci{1, 9, 3, 11, 5, 13, 7, 15});
   for (int i = 0; i < 2; ++i)
-    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{0, 1, 8, 9, 4, 5, 12, 13}) +
-           __builtin_shuffle(u[2 * i], u[2 * i + 1], veci{2, 3, 10, 11, 6, 7, 14, 15});
-  return __builtin_shuffle(w[0], w[1], veci{0, 1, 2, 3, 8, 9, 10, 11}) +
-         __builtin_shuffle(w[0], w[1], veci{4, 5, 6, 7, 12, 13, 14, 15});
+    w[i] = fold(op, u[2 * i], u[2 * i + 1], veci{0, 1, 8, 9, 4, 5, 12, 13}, veci{2, 3, 10, 11, 6, 7, 14, 15});
+  return fold(op, w[0], w[1], veci{0, 1, 2, 3, 8, 9, 10, 11}, veci{4, 5, 6, 7, 12, 13, 14, 15});
 }
 #else
-inline vec hsum_lanes(const vec* t) {
-  const vec u0 = __builtin_shuffle(t[0], t[1], veci{0, 4, 2, 6}) + __builtin_shuffle(t[0], t[1], veci{1, 5, 3, 7});
-  const vec u1 = __builtin_shuffle(t[2], t[3], veci{0, 4, 2, 6}) + __builtin_shuffle(t[2], t[3], veci{1, 5, 3, 7});
-  return __builtin_shuffle(u0, u1, veci{0, 1, 4, 5}) + __builtin_shuffle(u0, u1, veci{2, 3, 6, 7});
+template <class Op>
+inline vec reduce_lanes(const vec* t, Op op) {
+  const vec u0 = fold(op, t[0], t[1], veci{0, 4, 2, 6}, veci{1, 5, 3, 7});
+  const vec u1 = fold(op, t[2], t[3], veci{0, 4, 2, 6}, veci{1, 5, 3, 7});
+  return fold(op, u0, u1, veci{0, 1, 4, 5}, veci{2, 3, 6, 7});
 }
 #endif
+inline vec hsum_lanes(const vec* t) { return reduce_lanes(t, [](vec a, vec b) { return a + b; }); }
+inline vec hmax_lanes(const vec* t) { return reduce_lanes(t, [](vec a, vec b) { return a > b ? a : b; }); }
 
 // acc[g] = acc[g] * alpha[g] + sum over `count` positions j of p[g][j] * (at[j] + off)[c:c + kLanes], for NG
 // query heads (their block weights p with row stride 16).
@@ -628,17 +634,15 @@ inline void weigh_block(const float* p, const float* alpha, const float* const* 
   for (int g = 0; g < NG; ++g) store(acc + g * H + c, a[g]);
 }
 
-// Fetches the `lines` 64-byte lines of one position's keys and values from p: into L2 (Locality 2) or L1 (3).
-template <int Locality>
+// Fetches the `lines` 64-byte lines of one position's keys and values from p into L2.
 inline void fetch_position(const float* p, int64_t lines) {
-  for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(p + 16 * c, 0, Locality);
+  for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(p + 16 * c, 0, 2);
 }
 
 // Prefetches the cache lines of the positions a thread attends over, in the order it reads them (a token's
 // positions, then the next token's), kFetchAhead positions ahead of its reads. (Fetching all of the next token's
 // positions during a token kept two tokens' pages in L2: past ~200 positions they outgrew a 512 KB L2.)
 constexpr int64_t kFetchAhead = 64;
-constexpr int64_t kNearAhead = 8;  // attend_token's fetches into L1: 16 positions from 8 ahead
 struct RowFetch {
   const float* const* at = nullptr;  // the token's positions
   int64_t n = 0;
@@ -648,95 +652,97 @@ struct RowFetch {
 
   void upto(int64_t end) {  // fetches positions [done, end) of the token's and the next token's
     for (end = std::min(end, n + next_n); done < end; ++done) {
-      fetch_position<2>(done < n ? at[done] : next_at[done - n], lines);
+      fetch_position(done < n ? at[done] : next_at[done - n], lines);
     }
   }
   int64_t next_done() const { return std::max<int64_t>(0, done - n); }  // the next token's positions fetched
 };
 
-// The largest lane of v, and the sum of its lanes: lanes swapped by halves, then quarters, ..., then neighbours.
-#if K15_VECTOR_BYTES == 64
-constexpr veci kSwaps[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
-                            {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
-                            {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
-                            {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
-#elif K15_VECTOR_BYTES == 32
-constexpr veci kSwaps[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
-#else
-constexpr veci kSwaps[2] = {{2, 3, 0, 1}, {1, 0, 3, 2}};
-#endif
-inline float hmax(vec v) {
-  for (const veci& swap : kSwaps) {
-    const vec w = __builtin_shuffle(v, swap);
-    v = v > w ? v : w;
+// One query head's scores q.k / sqrt(H) against a block's `count` positions (of 16) into s[0..16), -inf past
+// count: the lane sums of q * k per position, then their horizontal sums, kLanes positions at a time. NV: H /
+// kLanes, known when compiled (0: any H).
+template <int NV>
+inline void block_scores(const float* q, const float* const* block, int64_t off, int64_t count, int64_t H,
+                         float scale, float* s) {
+  if (NV == 0 && H % kLanes != 0) {
+    for (int64_t j = 0; j < 16; ++j) {
+      float sum = 0.0f;
+      for (int64_t c = 0; j < count && c < H; ++c) sum += q[c] * block[j][off + c];
+      s[j] = j < count ? sum * scale : -INFINITY;
+    }
+    return;
   }
-  return v[0];
+  const int64_t nv = NV > 0 ? NV : H / kLanes;
+  for (int64_t j0 = 0; j0 < 16; j0 += kLanes) {
+    vec t[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) {
+      if (j0 + j >= count) {
+        t[j] = vec{};
+        continue;
+      }
+      const float* key = block[j0 + j] + off;
+      vec sum = load(q) * load(key);
+      for (int64_t c = 1; c < nv; ++c) sum += load(q + kLanes * c) * load(key + kLanes * c);
+      t[j] = sum;
+    }
+    store(s + j0, hsum_lanes(t) * scale);
+  }
+  for (int64_t j = count; j < 16; ++j) s[j] = -INFINITY;
 }
-inline float hadd(vec v) {
-  for (const veci& swap : kSwaps) v += __builtin_shuffle(v, swap);
-  return v[0];
-}
+
+inline int64_t lanes_padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+// attend_token's scratch floats for NQ query heads.
+inline int64_t attention_scratch(int64_t NQ) { return 16 * NQ + 3 * lanes_padded(NQ); }
 
 // One token's attention over n positions of its pages: for each kv head k, out[G heads of k] = softmax(q k^T /
 // sqrt(H)) v, the keys of position i at at[i] + 2kH and its values H floats after (a position's heads are one run
-// of memory). Blocks of 16 positions are read in order, each while in L1: every head's scores, a running max and
-// sum per query head (online softmax), then its values. Meanwhile `ahead` fetches the positions kFetchAhead
-// after the block (a block ahead is too late to hide the memory's latency) into L2, and the block's second half
-// and the next block's first half come into L1 (the first head's scores otherwise wait on L2 line by line).
-// `scratch`: 19 KV G floats.
+// of memory). Blocks of 16 positions are read in order, each while in L1: every head's scores; then, kLanes heads
+// at a time in vectors, the running maxima, rescales and sums of an online softmax; then the values. Meanwhile
+// `ahead` fetches the positions kFetchAhead after the block into L2 (a block ahead is too late to hide the
+// memory's latency). `scratch`: attention_scratch(KV G) floats.
+template <int NV>
 void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float* const* at, int64_t n,
                   float* scratch, float* out, RowFetch& ahead) {
-  const int64_t NQ = KV * G;
+  const int64_t NQ = KV * G, NL = lanes_padded(NQ);
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  float *p = scratch, *m = p + 16 * NQ, *l = m + NQ, *alpha = l + NQ;
-  std::fill(m, m + NQ, -INFINITY);
-  std::fill(l, l + NQ, 0.0f);
+  float *p = scratch, *m = p + 16 * NQ, *l = m + NL, *alpha = l + NL;
+  std::fill(m, m + NL, -INFINITY);
+  std::fill(l, l + NL, 0.0f);
   std::fill(out, out + NQ * H, 0.0f);
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t count = std::min<int64_t>(16, n - i);
     const float* const* block = at + i;
-    for (int64_t j = i + kNearAhead; j < std::min(n, i + 16 + kNearAhead); ++j) fetch_position<3>(at[j], ahead.lines);
-    for (int64_t k = 0; k < KV; ++k)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = k * G + g;
-        ahead.upto(i + kFetchAhead + 16 * (r + 1) / NQ);
-        const float* qr = q + r * H;
-        alignas(64) float sv[16];
-        if (H % kLanes == 0) {  // lane sums of q * k per position, then their horizontal sums, kLanes at a time
-          for (int64_t j0 = 0; j0 < 16; j0 += kLanes) {
-            vec t[kLanes];
-            for (int64_t j = 0; j < kLanes; ++j) {
-              if (j0 + j >= count) {
-                t[j] = vec{};
-                continue;
-              }
-              const float* key = block[j0 + j] + 2 * k * H;
-              t[j] = load(qr) * load(key);
-              for (int64_t c = kLanes; c < H; c += kLanes) t[j] += load(qr + c) * load(key + c);
-            }
-            store(sv + j0, hsum_lanes(t) * scale);
-          }
-        } else {
-          for (int64_t j = 0; j < count; ++j) {
-            float sum = 0.0f;
-            for (int64_t c = 0; c < H; ++c) sum += qr[c] * block[j][2 * k * H + c];
-            sv[j] = sum * scale;
-          }
+    for (int64_t r = 0; r < NQ; ++r) {
+      ahead.upto(i + kFetchAhead + 16 * (r + 1) / NQ);
+      block_scores<NV>(q + r * H, block, 2 * (r / G) * H, count, H, scale, p + 16 * r);
+    }
+    for (int64_t r0 = 0; r0 < NQ; r0 += kLanes) {  // lane h: head r0 + h (zeros past the heads)
+      const int64_t heads = std::min<int64_t>(kLanes, NQ - r0);
+      vec t[kLanes];
+      for (int64_t h = 0; h < kLanes; ++h) {  // each head's block maximum
+        vec most = vec{};
+        for (int64_t j = 0; h < heads && j < 16; j += kLanes) {
+          const vec s = load(p + 16 * (r0 + h) + j);
+          most = j == 0 || s > most ? s : most;
         }
-        for (int64_t j = count; j < 16; ++j) sv[j] = -INFINITY;
-        vec most = load(sv);
-        for (int64_t j = kLanes; j < 16; j += kLanes) most = most > load(sv + j) ? most : load(sv + j);
-        const float m_new = std::max(m[r], hmax(most));
-        alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
-        vec sum{};
-        for (int64_t j = 0; j < 16; j += kLanes) {
-          const vec e = vexp(load(sv + j) - m_new);
-          store(p + 16 * r + j, e);
+        t[h] = most;
+      }
+      const vec m_old = load(m + r0), most = hmax_lanes(t);
+      const vec m_new = m_old > most ? m_old : most;
+      const vec rescale = vexp(m_old - m_new);  // 0 while m_old is -inf
+      store(alpha + r0, rescale);
+      store(m + r0, m_new);
+      for (int64_t h = 0; h < kLanes; ++h) {  // each position's weight exp(s - max), and their sum per head
+        vec sum = vec{};
+        for (int64_t j = 0; h < heads && j < 16; j += kLanes) {
+          const vec e = vexp(load(p + 16 * (r0 + h) + j) - m_new[h]);
+          store(p + 16 * (r0 + h) + j, e);
           sum += e;
         }
-        l[r] = l[r] * alpha[r] + hadd(sum);
-        m[r] = m_new;
+        t[h] = sum;
       }
+      store(l + r0, load(l + r0) * rescale + hsum_lanes(t));
+    }
     for (int64_t k = 0; k < KV; ++k) {  // the block's values, weighted, into each query head's running sum
       const int64_t off = (2 * k + 1) * H;
       const float* pk = p + 16 * k * G;
@@ -760,6 +766,19 @@ void attend_token(const float* q, int64_t KV, int64_t G, int64_t H, const float*
   }
   for (int64_t r = 0; r < NQ; ++r)
     for (int64_t c = 0; c < H; ++c) out[r * H + c] /= l[r];
+}
+
+// attend_token with the score loop compiled for the head_dim's vectors where it is a common one.
+void attend(const float* q, int64_t KV, int64_t G, int64_t H, const float* const* at, int64_t n, float* scratch,
+            float* out, RowFetch& ahead) {
+  switch (H % kLanes == 0 ? H / kLanes : 0) {
+    case 1: return attend_token<1>(q, KV, G, H, at, n, scratch, out, ahead);
+    case 2: return attend_token<2>(q, KV, G, H, at, n, scratch, out, ahead);
+    case 4: return attend_token<4>(q, KV, G, H, at, n, scratch, out, ahead);
+    case 8: return attend_token<8>(q, KV, G, H, at, n, scratch, out, ahead);
+    case 16: return attend_token<16>(q, KV, G, H, at, n, scratch, out, ahead);
+    default: return attend_token<0>(q, KV, G, H, at, n, scratch, out, ahead);
+  }
 }
 
 // Spins until `done` reaches n: items other threads took and are running (yielding after a while, as the
@@ -847,7 +866,7 @@ class PhasedStep {
   }
 
   void work() {
-    Scratch scratch{Aligned<float>(19 * p_.N), Aligned<float>(Mp() * 32), Aligned<float>(Mp() * 32),
+    Scratch scratch{Aligned<float>(attention_scratch(p_.N)), Aligned<float>(Mp() * 32), Aligned<float>(Mp() * 32),
                     Aligned<float>(Mp() * 32), std::vector<const float*>(S()), std::vector<const float*>(S())};
 #if K15_AMX
     if (p_.pieces) configure_tiles();  // per thread
@@ -1062,7 +1081,7 @@ class PhasedStep {
           if (n == 0)
             std::fill(out, out + NH, 0.0f);  // an inactive slot: garbage logits
           else
-            attend_token(qkv_.data() + b * E, KV, G, H, scratch.positions.data(), n, scores, out, ahead);
+            attend(qkv_.data() + b * E, KV, G, H, scratch.positions.data(), n, scores, out, ahead);
           fetched = ahead.next_done();
         }
         split_rows(att_.data(), NH, b0, b1, 0, NH, att16_, NH);
