@@ -234,7 +234,8 @@ def test_builds_for_narrower_vectors_equal_the_model_step(needs_native_step, vec
                                                           page_size, n_heads):
   """kernels.cc built as for a CPU whose registers hold 32 bytes (AVX2) or 16 (SSE, NEON), on any CPU: logits and
   cache match the model's paged pass. 23 slots take the two-panel blocks on AVX-512 only; head_dim 36 leaves a
-  remainder past vectors of 8 floats; 10 query heads take a vector of 8 lanes and part of another (three of 4)."""
+  remainder past vectors of 8 floats; 10 query heads take a vector of 8 lanes and part of another (or two vectors
+  of 4 and part of a third)."""
   cfg = models.ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=2, head_dim=head_dim,
                            d_ff=d_ff, qkv_bias=True, tie_embeddings=True)
   params = _params(cfg, seed=3)
