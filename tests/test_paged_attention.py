@@ -97,7 +97,7 @@ def test_auto_takes_xla_off_tpu_and_unknown_impls_are_named():
   out, _ = attention.paged_attention(q, k, v, kv[None], 0, table, positions, impl="auto")
   want, _ = attention.paged_attention(q, k, v, kv[None], 0, table, positions, impl="xla")
   np.testing.assert_array_equal(out, want)
-  with pytest.raises(ValueError, match="impl must be 'auto', 'kernel' or 'xla', got 'flash'"):
+  with pytest.raises(ValueError, match="impl must be 'auto', 'kernel', 'xla' or a function, got 'flash'"):
     attention.paged_attention(q, k, v, kv[None], 0, table, positions, impl="flash")
 
 

@@ -135,6 +135,35 @@ def test_make_backend_takes_the_plug_in_on_cpu_in_float32(needs_native_step):
   assert sampling.load_backend("model", CFG, jax.devices()) == sampling.ModelBackend()
 
 
+def test_step_model_takes_the_models_passes_with_the_native_attention(needs_native_step):
+  backend = sampling.load_backend("k15.sampling.native", CFG, jax.devices(), {"step": "model"})
+  assert backend == sampling.ModelBackend(attention=native.paged_attention) and backend.splits_over_mesh
+  with pytest.raises(ValueError, match="step must be one of .* got 'xla'"):
+    native.make_backend(CFG, jax.devices(), step="xla")
+
+
+@pytest.mark.parametrize("T,N,K,H,Z", [(1, 10, 2, 16, 4), (4, 4, 2, 36, 3), (3, 20, 4, 32, 16)])
+def test_native_paged_attention_matches_the_kernels_reference(needs_native_step, T, N, K, H, Z):
+  """kernels.cc's attention alone (`native.paged_attention`) against jax's reference function of the TPU kernel,
+  at every real query of rows over shuffled pages (a padding row, a row that ends inside it), which get zeros.
+  Head dims of whole vectors and not; query heads that span more than one vector of lanes."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa  # pylint: disable=g-import-not-at-top
+  from k15.models import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(T)
+  R, M = 5, 40 // Z
+  P = R * M + 2
+  kv = rng.normal(size=(P, Z, 2 * K, H)).astype(np.float32)
+  q = rng.normal(size=(R, T, N, H)).astype(np.float32)
+  table = rng.permutation(P)[:R * M].reshape(R, M).astype(np.int32)
+  positions = (rng.randint(0, M * Z - T, R)[:, None] + np.arange(T)).astype(np.int32)
+  positions[1], positions[2, T // 2:] = -1, -1
+  want = attention.paged_attention_kernel(q, kv, table, positions, kernel=rpa.ref_ragged_paged_attention)
+  got = np.asarray(jax.jit(native.paged_attention)(q, kv, table, positions))
+  real = positions >= 0
+  np.testing.assert_allclose(got[real], np.asarray(want)[real], atol=2e-6, rtol=2e-6)
+  np.testing.assert_array_equal(got[~real], 0.0)
+
+
 def test_amx_matmuls_without_amx_fall_back_to_float32_with_a_warning(needs_native_step, monkeypatch, caplog):
   monkeypatch.setattr(build, "amx_available", lambda: False)
   native.backend._warn_once.cache_clear()  # pylint: disable=protected-access

@@ -89,6 +89,21 @@ def test_the_native_plug_in_on_8_devices_equals_one(params, single_device, confi
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_the_models_passes_with_the_native_attention_on_a_tensor_parallel_mesh(params, single_device,
+                                                                              needs_native_step):
+  """The plug-in's step="model": the model's passes split over fsdp 4 x tensor 2 as on TPU, kernels.cc's attention
+  run by each device on its slots, pages and kv heads, sample what the model's passes sample on one device."""
+  backend = sampling.load_backend("k15.sampling.native", CFG, jax.devices(), {"step": "model", "required": True})
+  mesh = sharding.make_mesh(MESHES["fsdp4_tensor2"])
+  train_params = jax.device_put(params, sharding.param_shardings(CFG, mesh, sharding.DEFAULT_RULES))
+  engine = sampling.RolloutEngine(CFG, CONFIGS["greedy"], num_slots=8, mesh=mesh, backend=backend)
+  requests = [sampling.Request(i, p, num_samples=1) for i, p in enumerate(PROMPTS)]
+  done, _ = engine.run(train_params, requests, None, 0, None, jax.random.key(3))
+  for a, b in zip(sorted(done, key=lambda t: t.prompt_id), single_device["greedy"]):
+    np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["model", "native"])
 @pytest.mark.parametrize("stop_when_free", [9, 2])
 def test_local_loops_match_one_loop(params, stop_when_free, backend, request):

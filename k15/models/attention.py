@@ -10,7 +10,7 @@ On TPU the kernel runs; elsewhere `paged_attention_xla` computes the same over w
 blocks of them at a time with an online softmax, so its cost follows the rows' filled pages, not the capacity.
 """
 import functools
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -216,24 +216,26 @@ def _local(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM,
   if impl == "kernel":
     out = paged_attention_kernel(q_RxTxNxH, kv_XxZxCxH, table_RxM, positions_RxT)
   else:
-    out = paged_attention_xla(q_RxTxNxH, kv_XxZxCxH, table_RxM, positions_RxT, pages_per_block)
+    attend = paged_attention_xla if impl == "xla" else impl
+    out = attend(q_RxTxNxH, kv_XxZxCxH, table_RxM, positions_RxT, pages_per_block)
   return out, kv_LxPxZxCxH
 
 
 def paged_attention(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_table_RxM, positions_RxT,
-                    impl: str = "auto", pages_per_block: int = 16):
+                    impl: Union[str, Callable] = "auto", pages_per_block: int = 16):
   """Writes the rows' keys and values into the paged cache at their positions, then attends each query over
   its row's positions <= its own. Returns (out_RxTxNxH, the updated kv_LxPxZxCxH).
 
-  impl: "kernel" (jax's Pallas TPU kernel), "xla" (`paged_attention_xla`), or "auto" (the kernel on TPU).
+  impl: "kernel" (jax's Pallas TPU kernel), "xla" (`paged_attention_xla`), "auto" (the kernel on TPU), or a
+  function with `paged_attention_xla`'s arguments and contract (a plug-in's kernel, e.g. the native CPU one).
   Under a mesh (jax.set_mesh) with logical axis rules (flax's), the rows and pages are split over the mesh axes
   of 'cache_batch' and the heads over those of 'kv_heads' (shard_map): each device attends its rows over its own
   pages, so page table entries index the pages of the row's device.
   """
   if impl == "auto":
     impl = "kernel" if jax.default_backend() == "tpu" else "xla"
-  if impl not in ("kernel", "xla"):
-    raise ValueError(f"paged attention impl must be 'auto', 'kernel' or 'xla', got {impl!r}")
+  if not callable(impl) and impl not in ("kernel", "xla"):
+    raise ValueError(f"paged attention impl must be 'auto', 'kernel', 'xla' or a function, got {impl!r}")
   local = functools.partial(_local, impl=impl, pages_per_block=pages_per_block)
   R, K, P = q_RxTxNxH.shape[0], k_RxTxKxH.shape[2], kv_LxPxZxCxH.shape[1]
   rows = sharding.context_mesh_axes("cache_batch", R)

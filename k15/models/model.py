@@ -3,7 +3,7 @@
 The policy and the reference are the same functions with two param trees.
 """
 import functools
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -70,7 +70,7 @@ def kv_pages_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
 
 
 def forward_paged(cfg: ModelConfig, params, tokens_RxT, positions_RxT, cache: PagedCache, *, logits: bool = True,
-                  impl: str = "auto", pages_per_block: int = 16, unroll: int = 1):
+                  impl: Union[str, Callable] = "auto", pages_per_block: int = 16, unroll: int = 1):
   """A paged pass: each row's tokens (position < 0: padding) are written into the cache at their positions and
   attend over their row's cached positions up to their own. Returns (float32 logits_RxTxV, or None without
   `logits`; the updated cache).

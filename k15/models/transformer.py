@@ -7,7 +7,7 @@ Two modes of the same layers: a full causal pass over whole sequences (training,
 pass (sampling) whose rows (decode slots, or prefill chunks of sequences) write their keys and values into a paged
 KV cache and attend over their sequences' cached positions (`k15.models.attention.paged_attention`).
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,7 @@ def rotary(x_BxTxNxH, positions_BxT, cfg: ModelConfig):
 
 class Attention(nn.Module):
   cfg: ModelConfig
-  paged_impl: str = "auto"  # `paged_attention`'s impl
+  paged_impl: Union[str, Callable] = "auto"  # `paged_attention`'s impl
   pages_per_block: int = 16  # `paged_attention_xla`'s work block
 
   @nn.compact
@@ -106,7 +106,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
-  paged_impl: str = "auto"
+  paged_impl: Union[str, Callable] = "auto"
   pages_per_block: int = 16
 
   @nn.compact
@@ -129,7 +129,7 @@ class Transformer(nn.Module):
   (a paged pass: prefill needs only the cache). `unroll`: layers per iteration of the layer loop (n_layers: no
   loop)."""
   cfg: ModelConfig
-  paged_impl: str = "auto"
+  paged_impl: Union[str, Callable] = "auto"
   pages_per_block: int = 16
   unroll: int = 1
 

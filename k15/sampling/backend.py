@@ -11,6 +11,7 @@ The cache is `k15.models.attention`'s paged layout; the host's page table says w
 """
 import dataclasses
 import importlib
+from typing import Callable, Optional
 
 import jax
 
@@ -20,7 +21,12 @@ from k15.sampling.select import logit_stats
 
 @dataclasses.dataclass(frozen=True)
 class ModelBackend:
-  """The model's paged passes (`k15.models.forward_paged`): any platform; the Pallas kernel's attention on TPU."""
+  """The model's paged passes (`k15.models.forward_paged`): any platform; the Pallas kernel's attention on TPU.
+
+  attention: a plug-in's paged attention (a function with `k15.models.attention.paged_attention_xla`'s contract)
+  in place of the one `SamplingConfig.attention` names.
+  """
+  attention: Optional[Callable] = None
   splits_over_mesh = True
 
   def prepare(self, cfg, params):
@@ -30,7 +36,7 @@ class ModelBackend:
 
   def _paged(self, cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM, logits):
     return models.forward_paged(cfg, params, tokens_RxT, positions_RxT, models.PagedCache(kv, table_RxM),
-                                logits=logits, impl=scfg.attention, pages_per_block=scfg.attention_block,
+                                logits=logits, impl=self.attention or scfg.attention, pages_per_block=scfg.attention_block,
                                 unroll=cfg.n_layers if scfg.unroll_layers else 1)
 
   def prefill(self, cfg, scfg, params, kv, tokens_RxT, positions_RxT, table_RxM):

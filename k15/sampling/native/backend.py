@@ -10,7 +10,9 @@ import numpy as np
 from absl import logging
 
 from k15.models import ModelConfig
+from k15.sampling.backend import ModelBackend
 from k15.sampling.native import build
+from k15.sampling.native.attention import paged_attention
 from k15.sampling.native.weights import MATMUL_PIECES, native_weights, pieces_of
 from k15.sampling.select import LogitStats
 
@@ -82,20 +84,29 @@ def unsupported(cfg: ModelConfig, devices) -> Optional[str]:
   return None
 
 
-def make_backend(cfg: ModelConfig, devices, matmul: str = "auto", required: bool = False) -> Optional[NativeBackend]:
-  """The plug-in's entry (`k15.sampling.load_backend`): a NativeBackend for `cfg` on `devices`, or None (with a
-  warning) where it does not apply (off CPU, below float32, rope scaling) or does not build, unless `required`.
+STEPS = ("native", "model")
+
+
+def make_backend(cfg: ModelConfig, devices, matmul: str = "auto", required: bool = False, step: str = "native"):
+  """The plug-in's entry (`k15.sampling.load_backend`): for `cfg` on `devices`, a NativeBackend (step="native":
+  kernels.cc's whole pass), or the model's passes with kernels.cc's paged attention (step="model": XLA computes
+  the rest, split over a mesh as on TPU). None (with a warning) where it does not apply (off CPU, below float32,
+  rope scaling) or does not build, unless `required`.
 
   matmul: "auto" takes int8x9 where the CPU has AMX, else float32; an AMX choice on a CPU without AMX warns and
   takes float32."""
   if matmul != "auto" and matmul not in MATMUL_PIECES:
     raise ValueError(f"native backend: matmul must be 'auto' or one of {sorted(MATMUL_PIECES)}, got {matmul!r}")
+  if step not in STEPS:
+    raise ValueError(f"native backend: step must be one of {STEPS}, got {step!r}")
   reason = unsupported(cfg, devices) or build.load()
   if reason is not None:
     if required:
       raise ValueError(f"the native sampling backend is unavailable: {reason}")
     _warn_once(f"k15: sampling with the model's passes; the native CPU kernels are unavailable: {reason}")
     return None
+  if step == "model":
+    return ModelBackend(attention=paged_attention)
   if matmul == "auto":
     matmul = "int8x9" if build.amx_available() else "float32"
   elif matmul != "float32" and not build.amx_available():

@@ -21,6 +21,7 @@ import jax
 
 SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 TARGET = "k15_paged_step_f32"
+ATTENTION_TARGET = "k15_paged_attention_f32"  # kernels.cc's paged attention alone (`native.paged_attention`)
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-return-type")
 
 
@@ -122,7 +123,8 @@ def register(target: str, library: pathlib.Path) -> ctypes.CDLL:
 def load() -> Optional[str]:
   """Builds and registers kernels.cc once per process; None on success, else why it is unavailable."""
   try:
-    register(TARGET, build())
+    lib = register(TARGET, build())
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.K15PagedAttentionF32), platform="cpu")
   except (BuildError, OSError) as e:
     return str(e)
   return None

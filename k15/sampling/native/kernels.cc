@@ -1298,6 +1298,63 @@ ffi::Error PagedStep(ffi::ThreadPool pool, float eps, float theta, int64_t N, in
 }
 
 
+// Paged attention alone (K15PagedAttentionF32), the contract of `k15.models.attention.paged_attention_xla`: queries
+// q_RxTxNxH, the pages kv_XxZxCxH a page table RxM indexes, positions_RxT (int32 each) -> out_RxTxNxH, each query
+// over its row's positions up to its own (a position < 0 or past the table's pages: zeros). The model's passes on
+// CPU call it in place of their XLA loop, which copies every page it reads (a gather, then the keys and values
+// apart) before its dots: this reads them in place. Threads take queries with an atomic counter.
+struct AttentionCall {
+  const float *q, *kv;
+  const int32_t *table, *positions;
+  float* out;
+  int64_t T, NQ, KV, H, X, Z, M;
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t total;
+
+  void work() {
+    const int64_t S = M * Z, C = 2 * KV;
+    Aligned<float> scratch(attention_scratch(NQ)), zeros(C * H);
+    std::vector<const float*> at(S);
+    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
+      const int64_t r = i / T, pos = positions[i], n = pos >= 0 && pos < S ? pos + 1 : 0;
+      float* o = out + i * NQ * H;
+      for (int64_t j = 0; j < n; j += Z) {  // a page's positions: one run of memory
+        const int64_t page = table[r * M + j / Z];
+        const float* base = page >= 0 && page < X ? kv + page * Z * C * H : nullptr;
+        for (int64_t k = 0; k < Z && j + k < n; ++k) at[j + k] = base ? base + k * C * H : zeros.data();
+      }
+      if (n == 0) {
+        std::fill(o, o + NQ * H, 0.0f);
+      } else {
+        RowFetch ahead{at.data(), n, nullptr, 0, (C * H + 15) / 16, 0};
+        attend(q + i * NQ * H, KV, NQ / KV, H, at.data(), n, scratch.data(), o, ahead);
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, int64_t threads, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv,
+                          ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> positions,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = kv.dimensions(), td = table.dimensions(), pd = positions.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || pd.size() != 2 || td[0] != qd[0] || pd[0] != qd[0] ||
+      pd[1] != qd[1] || kd[3] != qd[3] || kd[2] % 2 != 0 || kd[2] == 0 || qd[2] % (kd[2] / 2) != 0)
+    return ffi::Error::InvalidArgument("k15 paged attention: q must be R x T x N x H, the pages X x Z x 2K x H with N "
+                                       "a multiple of K, the page table R x M and the positions R x T");
+  auto call = std::make_shared<AttentionCall>();
+  call->q = q.typed_data(), call->kv = kv.typed_data(), call->out = out->typed_data();
+  call->table = table.typed_data(), call->positions = positions.typed_data();
+  call->T = qd[1], call->NQ = qd[2], call->KV = kd[2] / 2, call->H = qd[3], call->X = kd[0], call->Z = kd[1];
+  call->M = td[1], call->total = qd[0] * qd[1];
+  int64_t parts = std::min<int64_t>(pool.num_threads(), call->total);
+  if (threads > 0) parts = std::min(parts, threads);
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([call] { call->work(); });
+  call->work();
+  wait_for(call->done, call->total);  // queries other threads took; a task that starts late finds none left
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PagedStepF32, PagedStep,
@@ -1314,6 +1371,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PagedStepF32, PagedStep,
                                   .Attr<bool>("prefill")
                                   .RemainingArgs()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(K15PagedAttentionF32, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("threads")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 when this build and this CPU can run the AMX matmuls (and this process may use AMX's tiles), else 0.
 extern "C" int K15AmxAvailable() { return amx_ready() ? 1 : 0; }
