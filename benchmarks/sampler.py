@@ -13,7 +13,9 @@ accuracy), then, where the CPU has AMX, with the plug-in's float32 FMAs, with bf
 float32's accuracy) and with the opt-in 16-bit AMX matmuls (`matmul="bf16x3"`), and with the model's own paged
 passes (`sampling.backend="model"`, XLA: what runs on TPU, there with the Pallas attention) in their fastest CPU
 setup (a mesh of one fake CPU device per core, slots and pages split and params replicated, each device decoding
-its slots in a loop of its own). Each k15 run's log-probs are compared with a float32 forward over its tokens.
+its slots in a loop of its own), and the same passes with the plug-in's attention in place of their XLA paged
+attention (`backend_options={"step": "model"}`: the model as on TPU, its attention a CPU kernel as it is the Pallas
+kernel there). Each k15 run's log-probs are compared with a float32 forward over its tokens.
 """
 import argparse
 import collections
@@ -179,6 +181,8 @@ def k15_setups(cfg, mesh):
       setups[f"k15, {name}"] = (native.NativeBackend(matmul), None)
   if mesh is not None:
     setups[f"k15, model's passes (XLA), {jax.device_count()} devices"] = (sampling.ModelBackend(), mesh)
+    setups[f"k15, model's passes + native attention, {jax.device_count()} devices"] = (
+        native.make_backend(cfg, jax.devices(), step="model", required=True), mesh)
   return setups
 
 

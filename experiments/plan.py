@@ -304,14 +304,15 @@ def abstract_trace(config, sizes: dict, prompt_len=None):
   scfg = rollout.sampling_config(config.sampling, eos_id=1, max_length=seq["rollout_cache"],
                                  max_new_tokens=seq["response"], temperature=config.sampling.temperature)
   state, layout = sampler_state(config, mesh, seq["rollout_cache"])
-  weights = _with_sharding(models.abstract_params(model_cfg),
-                           sharding.param_shardings(model_cfg, mesh, layout.rules))  # the sampling layout
+  backend = sampling.ModelBackend()
+  weights = backend.weights_like(model_cfg, _with_sharding(models.abstract_params(model_cfg),  # the sampling layout
+                                                           sharding.param_shardings(model_cfg, mesh, layout.rules)))
   table = jax.ShapeDtypeStruct((int(config.sampling.num_slots), scfg.pages_per_slot), jnp.int32, sharding=layout.slots)
   with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
     _, _, metrics = jax.eval_shape(train_step, params, opt_state, batch)
   with jax.sharding.use_abstract_mesh(mesh):  # the model's passes, tensor parallel: one SPMD loop
-    _, chunk = jax.eval_shape(lambda w, s, t: slots.decode_chunk(sampling.ModelBackend(), model_cfg, scfg, layout,
-                                                                 False, w, s, t, jnp.int32(1)), weights, state, table)
+    _, chunk = jax.eval_shape(lambda w, s, t: slots.decode_chunk(backend, model_cfg, scfg, layout, False, w, s, t,
+                                                                 jnp.int32(1)), weights, state, table)
   return metrics["loss"], chunk
 
 

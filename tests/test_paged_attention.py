@@ -105,8 +105,8 @@ CFG = models.ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_
                          qkv_bias=True)
 
 
-@pytest.mark.parametrize("page_size,unroll", [(4, 1), (8, 3)])
-def test_prefill_in_pages_then_decode_equals_the_full_pass(page_size, unroll):
+@pytest.mark.parametrize("page_size,unstacked", [(4, False), (8, True)])
+def test_prefill_in_pages_then_decode_equals_the_full_pass(page_size, unstacked):
   """Sequences prefilled a page per row (several rows of one sequence in one call), then decoded a token per row:
   each step's logits equal the full causal pass's at that position; pages of different sequences interleave in
   the cache."""
@@ -124,15 +124,16 @@ def test_prefill_in_pages_then_decode_equals_the_full_pass(page_size, unroll):
       rows_pos.append(np.concatenate([np.arange(j, j + m), -np.ones(page_size - m, int)]).astype(np.int32))
       rows_tab.append(table[s])
   kv = jnp.zeros(models.kv_pages_shape(CFG, P, page_size))
-  paged = jax.jit(models.forward_paged, static_argnums=0, static_argnames=("logits", "unroll"))
-  _, cache = paged(CFG, params, np.stack(rows_tok), np.stack(rows_pos), models.PagedCache(kv, np.stack(rows_tab)),
-                   logits=False, unroll=unroll)
+  paged = jax.jit(models.forward_paged, static_argnums=0, static_argnames=("logits", "unstacked"))
+  weights = models.unstack_layers(CFG, params) if unstacked else params
+  _, cache = paged(CFG, weights, np.stack(rows_tok), np.stack(rows_pos), models.PagedCache(kv, np.stack(rows_tab)),
+                   logits=False, unstacked=unstacked)
   full = [np.asarray(models.forward(CFG, params, seq[None]))[0] for seq in seqs]
   for step in range(max(len(s) - n for s, n in zip(seqs, prefix))):
     pos = np.array([min(n + step, len(s) - 1) for s, n in zip(seqs, prefix)], np.int32)
     live = np.array([n + step < len(s) for s, n in zip(seqs, prefix)])
     tokens = np.array([s[p] for s, p in zip(seqs, pos)], np.int32)
-    logits, cache = paged(CFG, params, tokens[:, None], np.where(live, pos, -1)[:, None],
-                          models.PagedCache(cache.kv_LxPxZxCxH, table), unroll=unroll)
+    logits, cache = paged(CFG, weights, tokens[:, None], np.where(live, pos, -1)[:, None],
+                          models.PagedCache(cache.kv_LxPxZxCxH, table), unstacked=unstacked)
     for r in np.flatnonzero(live):
       np.testing.assert_allclose(np.asarray(logits)[r, 0], full[r][pos[r]], atol=2e-5, rtol=2e-5)

@@ -227,7 +227,7 @@ def paged_attention(q_RxTxNxH, k_RxTxKxH, v_RxTxKxH, kv_LxPxZxCxH, layer, page_t
   its row's positions <= its own. Returns (out_RxTxNxH, the updated kv_LxPxZxCxH).
 
   impl: "kernel" (jax's Pallas TPU kernel), "xla" (`paged_attention_xla`), "auto" (the kernel on TPU), or a
-  function with `paged_attention_xla`'s arguments and contract (a plug-in's kernel, e.g. the native CPU one).
+  function with `paged_attention_xla`'s arguments and contract (a plug-in's kernel, e.g. a CPU one).
   Under a mesh (jax.set_mesh) with logical axis rules (flax's), the rows and pages are split over the mesh axes
   of 'cache_batch' and the heads over those of 'kv_heads' (shard_map): each device attends its rows over its own
   pages, so page table entries index the pages of the row's device.

@@ -69,17 +69,32 @@ def kv_pages_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
   return (cfg.n_layers, num_pages, page_size, 2 * cfg.n_kv_heads, cfg.head_dim)
 
 
+def unstack_layers(cfg: ModelConfig, params):
+  """The params (or a tree shaped like them: shardings, abstract arrays) with the layer stack's slices apart, as
+  `layers_0`, `layers_1`, ...: the tree `forward_paged(..., unstacked=True)` reads."""
+  def layer(x, i):
+    if isinstance(x, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(x.mesh, jax.sharding.PartitionSpec(*x.spec[1:]))
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=x.sharding and layer(x.sharding, i))
+    return x[i]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(cfg.n_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: layer(x, i), params["layers"])
+  return out
+
+
 def forward_paged(cfg: ModelConfig, params, tokens_RxT, positions_RxT, cache: PagedCache, *, logits: bool = True,
-                  impl: Union[str, Callable] = "auto", pages_per_block: int = 16, unroll: int = 1):
+                  impl: Union[str, Callable] = "auto", pages_per_block: int = 16, unstacked: bool = False):
   """A paged pass: each row's tokens (position < 0: padding) are written into the cache at their positions and
   attend over their row's cached positions up to their own. Returns (float32 logits_RxTxV, or None without
   `logits`; the updated cache).
 
   Rows are decode slots (T = 1) or prefill chunks; the rows of one sequence may share a call (all their keys
   and values are written before any attends). impl, pages_per_block: `k15.models.attention.paged_attention`'s;
-  unroll: layers per iteration of the layer loop.
+  unstacked: the params are `unstack_layers`'s (no loop over the layers).
   """
-  model = Transformer(cfg, paged_impl=impl, pages_per_block=pages_per_block, unroll=unroll)
+  model = Transformer(cfg, paged_impl=impl, pages_per_block=pages_per_block, scan_layers=not unstacked)
   return model.apply({"params": params}, tokens_RxT, positions_RxT, cache, logits)
 
 

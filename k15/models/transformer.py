@@ -126,12 +126,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Full causal pass (paged=None; segments_BxT: the samples of packed rows, None: one per row) or paged pass.
   `logits=False` returns the final hidden states instead of the logits (a full pass: for tiled log-probs) or none
-  (a paged pass: prefill needs only the cache). `unroll`: layers per iteration of the layer loop (n_layers: no
-  loop)."""
+  (a paged pass: prefill needs only the cache). `scan_layers=False`: the layers' params apart, as `layers_0`,
+  `layers_1`, ... (`unstack_layers`), each layer read in place where a loop over the stack copies its slice of
+  every weight."""
   cfg: ModelConfig
   paged_impl: Union[str, Callable] = "auto"
   pages_per_block: int = 16
-  unroll: int = 1
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, paged: Optional[PagedCache] = None, logits: bool = True,
@@ -144,11 +145,16 @@ class Transformer(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers, unroll=self.unroll,
-                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.paged_impl, self.pages_per_block,
-                                                                     name="layers")
-    (x_BxTxD, paged), _ = layers((x_BxTxD, paged), jnp.arange(cfg.n_layers), positions_BxT, segments_BxT)
+    if self.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.paged_impl, self.pages_per_block,
+                                                                       name="layers")
+      (x_BxTxD, paged), _ = layers((x_BxTxD, paged), jnp.arange(cfg.n_layers), positions_BxT, segments_BxT)
+    else:
+      for layer in range(cfg.n_layers):
+        (x_BxTxD, paged), _ = block(cfg, self.paged_impl, self.pages_per_block, name=f"layers_{layer}")(
+            (x_BxTxD, paged), layer, positions_BxT, segments_BxT)
     if not logits and paged is not None:
       return None, paged
 

@@ -28,7 +28,6 @@ class SamplingConfig:
   num_pages: int = 0  # pages in the cache (split over the slot shards); 0: every slot can reach max_length at once
   attention: str = "auto"  # paged attention: "kernel" (Pallas, TPU), "xla", or "auto" (the kernel on TPU)
   attention_block: int = 16  # pages per work block of the XLA paged attention (its loop's step)
-  unroll_layers: bool = False  # the paged passes run the layers without a loop (more compile time, no loop cost)
 
   def __post_init__(self):
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))

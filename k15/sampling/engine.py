@@ -184,8 +184,8 @@ class RolloutEngine:
 @functools.lru_cache(maxsize=None)
 def _prepare(backend, cfg: ModelConfig, mesh, rules):
   """backend.prepare(cfg, params), jitted once per (backend, model, layout); with a mesh its result is laid out as
-  the params are under `rules`."""
-  shardings = None if mesh is None else sharding_lib.param_shardings(cfg, mesh, rules)
+  the params are under `rules` (`backend.weights_like`)."""
+  shardings = None if mesh is None else backend.weights_like(cfg, sharding_lib.param_shardings(cfg, mesh, rules))
   return jax.jit(functools.partial(backend.prepare, cfg), out_shardings=shardings)
 
 
