@@ -2,13 +2,15 @@
 
   python benchmarks/xla_attention_ab.py variant.py [more.py ...]   # copies of k15/models/attention.py, changed
   python benchmarks/xla_attention_ab.py --rev HEAD~1                # the file as it was at a git revision
+  python benchmarks/xla_attention_ab.py --native --scan_layers      # the native plug-in's attention; the layers
+                                                                    # looped over their stack
 
 A variant's `paged_attention_xla` takes the same arguments and gives the same results: each is first checked
 against this tree's on random rows (padding and trailing padding included). Then the sampler benchmark's XLA decode
 step (benchmarks/sampler.py `step_runs`: its model, one fake CPU device per core, the slots split over them) is
-compiled with each and timed, interleaved for --rounds rounds, the best of each kept. Prints ms per step and the
-ratio to this tree's. In one process, a drift of the machine's speed moves every version alike (across processes,
-as in benchmarks/vs_commit.py, it does not).
+compiled with each (`sampling.ModelBackend(attention=...)`) and timed, interleaved for --rounds rounds, the best of
+each kept. Prints ms per step and the ratio to this tree's. In one process, a drift of the machine's speed moves
+every version alike (across processes, as in benchmarks/vs_commit.py, it does not).
 """
 import argparse
 import pathlib
@@ -32,13 +34,16 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("variants", nargs="*", type=pathlib.Path, help="changed copies of k15/models/attention.py")
   p.add_argument("--rev", action="append", default=[], help="a git revision whose attention.py to time (repeatable)")
+  p.add_argument("--native", action="store_true", help="also the native plug-in's attention (step='model')")
+  p.add_argument("--scan_layers", action="store_true", help="also this tree's step with the layers looped over their "
+                 "stack (ModelBackend(scan_layers=True)), each layer's weights sliced out of it")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--context", type=int, default=192, help="cached positions (the sampler benchmark's mean)")
   p.add_argument("--steps", type=int, default=64, help="steps per timed loop")
   p.add_argument("--rounds", type=int, default=9)
   args = p.parse_args()
-  if not args.variants and not args.rev:
-    p.error("name at least one variant file or --rev")
+  if not (args.variants or args.rev or args.native or args.scan_layers):
+    p.error("name at least one variant file, --rev, --native or --scan_layers")
   return args
 
 
@@ -58,6 +63,9 @@ def versions(args):
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:k15/models/attention.py"], capture_output=True,
                             text=True, check=True).stdout
     out[rev] = load(rev, source).paged_attention_xla
+  if args.native:
+    from k15.sampling import native  # pylint: disable=g-import-not-at-top
+    out["native attention"] = native.paged_attention
   return out
 
 
@@ -84,13 +92,12 @@ def main():
   with tempfile.TemporaryDirectory() as path:
     qwen2_model.save(path, False)
     cfg, params = models.load_hf(path)
-  mesh, runs = bench.device_mesh(), {}
-  try:
-    for name, fn in fns.items():  # step_runs compiles its loop on its first run, with the version set here
-      attention.paged_attention_xla = fn
-      runs[name] = bench.step_runs(cfg, params, args.batch, args.context, args.steps, sampling.ModelBackend(), mesh)
-  finally:
-    attention.paged_attention_xla = fns["this tree"]
+  backends = {name: sampling.ModelBackend(attention=fn) for name, fn in fns.items()}
+  if args.scan_layers:
+    backends["layers scanned"] = sampling.ModelBackend(scan_layers=True)
+  mesh = bench.device_mesh()
+  runs = {name: bench.step_runs(cfg, params, args.batch, args.context, args.steps, backend, mesh)
+          for name, backend in backends.items()}
   best = interleaved_best(runs, args.rounds)
   print(f"XLA decode step, batch {args.batch}, {args.context} cached positions, {mesh.size if mesh else 1} devices "
         f"(best of {args.rounds} interleaved rounds of {args.steps} steps):")

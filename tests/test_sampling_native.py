@@ -133,6 +133,12 @@ def test_make_backend_takes_the_plug_in_on_cpu_in_float32(needs_native_step):
   backend = sampling.load_backend("k15.sampling.native", CFG, jax.devices(), {"matmul": "float32"})
   assert backend == native.NativeBackend("float32") and not backend.splits_over_mesh
   assert sampling.load_backend("model", CFG, jax.devices()) == sampling.ModelBackend()
+  assert sampling.load_backend("model", CFG, jax.devices(), {"scan_layers": True}).scan_layers
+
+def test_the_model_backend_names_and_ignores_a_plug_ins_options(caplog):
+  with caplog.at_level("WARNING"):
+    assert sampling.load_backend("model", CFG, jax.devices(), {"matmul": "float32"}) == sampling.ModelBackend()
+  assert "takes backend_options 'scan_layers' only; ignoring ['matmul']" in caplog.text
 
 
 def test_step_model_takes_the_models_passes_with_the_native_attention(needs_native_step):

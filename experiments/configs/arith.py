@@ -77,7 +77,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # k15.sampling.native is C++ for float32 models on CPU (the model's passes where it cannot run).
   c.sampling.backend = "k15.sampling.native"
   # The plug-in's options: the native one's matmuls, "auto" (default: "int8x9" on a CPU with AMX tiles, else
-  # "float32"), "float32", "bf16x6", "bf16x3", "int8x9" (k15/sampling/native/weights.py).
+  # "float32"), "float32", "bf16x6", "bf16x3", "int8x9" (k15/sampling/native/weights.py); "step": "native" (its
+  # whole pass, default) or "model" (the model's passes, split over a mesh, with its attention). "model"'s options:
+  # "scan_layers" (loop over the layer stack instead of each layer's weights apart).
   c.sampling.backend_options = ml_collections.ConfigDict({"matmul": "auto"})
 
   c.reward = ml_collections.ConfigDict()

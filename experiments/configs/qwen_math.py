@@ -132,7 +132,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   # The sampler's device calls: "model" (the model's own paged passes; on TPU the Pallas ragged paged attention)
   # or a plug-in module (k15.sampling.native: C++ for float32 models on CPU).
   c.sampling.backend = "model"
-  c.sampling.backend_options = ml_collections.ConfigDict()  # the plug-in's make_backend options
+  c.sampling.backend_options = ml_collections.ConfigDict()  # make_backend's options (configs/arith.py lists them)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.default_domain = "math"  # verifier of examples without a domain field: arith | math | code

@@ -15,6 +15,7 @@ import importlib
 from typing import Callable, Optional
 
 import jax
+from absl import logging
 
 from k15 import models
 from k15.sampling.select import logit_stats
@@ -60,8 +61,12 @@ def load_backend(name: str, cfg: models.ModelConfig, devices, options=None):
   """The backend `name` names: "model" (`ModelBackend`), or the module path of a plug-in whose
   `make_backend(cfg, devices, **options)` returns one, or None where it cannot run on `devices` (then the
   model's)."""
-  if name == "model":
-    return ModelBackend(**dict(options or {}))
+  if name == "model":  # a plug-in's options left in a config switched to "model" are not its: named, ignored
+    options = dict(options or {})
+    others = sorted(set(options) - {"scan_layers"})
+    if others:
+      logging.warning("sampling backend 'model' takes backend_options 'scan_layers' only; ignoring %s", others)
+    return ModelBackend(scan_layers=bool(options.get("scan_layers", False)))
   try:
     module = importlib.import_module(name)
   except ImportError as e:
