@@ -1,6 +1,6 @@
 """Sampler throughput: k15 against transformers `generate` and the Tunix sampler, on the same weights.
 
-  python benchmarks/sampler.py            # the full run (about 20 minutes on a 2-core CPU)
+  python benchmarks/sampler.py            # the full run (about 35 minutes on a 2-core CPU)
   python benchmarks/sampler.py --quick    # a small smoke run of every part
 
 Prints, from one run: decode throughput ratios (k15 / transformers, k15 / Tunix), k15's achieved FLOP/s
