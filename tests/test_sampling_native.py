@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
 
 from k15 import models, sampling
+from k15.models import attention
 from k15.sampling import select
 
 native = pytest.importorskip("k15.sampling.native")
@@ -153,8 +155,6 @@ def test_native_paged_attention_matches_the_kernels_reference(needs_native_step,
   """kernels.cc's attention alone (`native.paged_attention`) against jax's reference function of the TPU kernel,
   at every real query of rows over shuffled pages (a padding row, a row that ends inside it), which get zeros.
   Head dims of whole vectors and not; query heads that span more than one vector of lanes."""
-  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa  # pylint: disable=g-import-not-at-top
-  from k15.models import attention  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(T)
   R, M = 5, 40 // Z
   P = R * M + 2

@@ -1,7 +1,6 @@
 """The sampler backend of kernels.cc: its paged pass as the decode step and the prefill, on CPU devices."""
 import dataclasses
 import functools
-import os
 from typing import Optional
 
 import jax
@@ -12,7 +11,7 @@ from absl import logging
 from k15.models import ModelConfig
 from k15.sampling.backend import ModelBackend
 from k15.sampling.native import build
-from k15.sampling.native.attention import paged_attention
+from k15.sampling.native.attention import paged_attention, threads_per_call
 from k15.sampling.native.weights import MATMUL_PIECES, native_weights, pieces_of
 from k15.sampling.select import LogitStats
 
@@ -42,13 +41,6 @@ def paged_step(cfg: ModelConfig, weights, kv, tokens_N, positions_N, table_RxM, 
   return out[0], LogitStats(*out[1:4]), out[4]
 
 
-def _threads() -> int:
-  """Threads per call: inside a shard_map each local device steps its slots side by side, sharing the cores."""
-  if jax.sharding.get_abstract_mesh().manual_axes:
-    return max(1, (os.cpu_count() or 1) // jax.local_device_count())
-  return 0
-
-
 @dataclasses.dataclass(frozen=True)
 class NativeBackend:
   """kernels.cc as the sampler's prefill and decode step (`k15.sampling.backend`); a float32 model on CPU.
@@ -65,11 +57,12 @@ class NativeBackend:
   def prefill(self, cfg, scfg, weights, kv, tokens_RxT, positions_RxT, table_RxM):
     del scfg
     return paged_step(cfg, weights, kv, tokens_RxT.reshape(-1), positions_RxT.reshape(-1), table_RxM, prefill=True,
-                      threads=_threads(), target=self.target)[2]
+                      threads=threads_per_call(), target=self.target)[2]
 
   def step(self, cfg, scfg, weights, kv, tokens_B, positions_B, table_BxM):
     del scfg
-    return paged_step(cfg, weights, kv, tokens_B, positions_B, table_BxM, threads=_threads(), target=self.target)
+    return paged_step(cfg, weights, kv, tokens_B, positions_B, table_BxM, threads=threads_per_call(),
+                      target=self.target)
 
 
 def unsupported(cfg: ModelConfig, devices) -> Optional[str]:

@@ -26,6 +26,9 @@
 // computed (the logits results have no rows).
 // A token whose position is outside [0, M Z) (an inactive slot, a prefill row's padding) is not computed: it writes
 // nothing, and its logits and stats are zero.
+//
+// A second handler, K15PagedAttentionF32, is the step's attention alone, for the model's own passes on CPU
+// (`native.paged_attention`; see `PagedAttention` below).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
