@@ -137,6 +137,7 @@ def test_make_backend_takes_the_plug_in_on_cpu_in_float32(needs_native_step):
   assert sampling.load_backend("model", CFG, jax.devices()) == sampling.ModelBackend()
   assert sampling.load_backend("model", CFG, jax.devices(), {"scan_layers": True}).scan_layers
 
+
 def test_the_model_backend_names_and_ignores_a_plug_ins_options(caplog):
   with caplog.at_level("WARNING"):
     assert sampling.load_backend("model", CFG, jax.devices(), {"matmul": "float32"}) == sampling.ModelBackend()

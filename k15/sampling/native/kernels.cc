@@ -661,6 +661,17 @@ struct RowFetch {
   int64_t next_done() const { return std::max<int64_t>(0, done - n); }  // the next token's positions fetched
 };
 
+// Where a row's positions [0, n) are in its pages: at[j] is position j's run of `run` floats (every head's keys and
+// values) in page row[j / Z] of `pages` (X pages of Z positions); a page outside [0, X) reads `zeros`.
+inline void position_runs(const int32_t* row, const float* pages, int64_t X, int64_t Z, int64_t run, int64_t n,
+                          const float* zeros, const float** at) {
+  for (int64_t j = 0; j < n; j += Z) {  // a page's positions: one run of memory
+    const int64_t page = row[j / Z];
+    const float* base = page >= 0 && page < X ? pages + page * Z * run : nullptr;
+    for (int64_t k = 0; k < Z && j + k < n; ++k) at[j + k] = base ? base + k * run : zeros;
+  }
+}
+
 // One query head's scores q.k / sqrt(H) against a block's `count` positions (of 16) into s[0..16), -inf past
 // count: the lane sums of q * k per position, then their horizontal sums, kLanes positions at a time. NV: H /
 // kLanes, known when compiled (0: any H).
@@ -1157,10 +1168,8 @@ class PhasedStep {
   int64_t positions(int64_t l, int64_t b, std::vector<const float*>& at) const {
     const Step& p = p_;
     const int64_t pos = p.positions[b], n = pos >= 0 && pos < S() ? pos + 1 : 0, run = 2 * p.KV * p.H;
-    for (int64_t j = 0; j < n; j += p.Z) {  // a page's positions: one run of memory
-      const float* page = p.page(l, b, j / p.Z);
-      for (int64_t o = 0; o < p.Z && j + o < n; ++o) at[j + o] = page ? page + o * run : zeros_.data();
-    }
+    position_runs(p.table + p.table_row[b] * p.M, p.kv + l * p.P * p.Z * run, p.P, p.Z, run, n, zeros_.data(),
+                  at.data());
     return n;
   }
 
@@ -1321,11 +1330,7 @@ struct AttentionCall {
     for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
       const int64_t r = i / T, pos = positions[i], n = pos >= 0 && pos < S ? pos + 1 : 0;
       float* o = out + i * NQ * H;
-      for (int64_t j = 0; j < n; j += Z) {  // a page's positions: one run of memory
-        const int64_t page = table[r * M + j / Z];
-        const float* base = page >= 0 && page < X ? kv + page * Z * C * H : nullptr;
-        for (int64_t k = 0; k < Z && j + k < n; ++k) at[j + k] = base ? base + k * C * H : zeros.data();
-      }
+      position_runs(table + r * M, kv, X, Z, C * H, n, zeros.data(), at.data());
       if (n == 0) {
         std::fill(o, o + NQ * H, 0.0f);
       } else {
