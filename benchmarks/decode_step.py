@@ -17,8 +17,9 @@ percent; the shares hold. With `--prefill`, the same for one prefill call that e
 `--context` tokens, a page of a sequence per row (as the engine's refills call it).
 
 With variants: each file (same FFI arguments and results as kernels.cc) is built and checked for
-bit-identical logits and caches against the repo's step, then all are timed interleaved, `--rounds` rounds,
-best of each; prints ms per step and the ratio to the repo's step. The host's speed drifts: compare ratios.
+bit-identical logits and caches against the repo's step, then all are timed interleaved, `--rounds` rounds; prints
+the best ms per step of each, its ratio to the repo step's best, and the median over rounds of each round's ratio
+(steadier when the host's speed drifts between rounds).
 """
 import argparse
 import ctypes
@@ -178,14 +179,17 @@ def ab(args):
     diff = float(jnp.max(jnp.abs(out[2] - outs[0][2])))
     print(f"{name}: " + ("bit-identical to the repo step" if same else
                          f"DIFFERS from the repo step (summed logits by up to {diff:.3g})"))
-  best = [math.inf] * len(runs)
-  for _ in range(args.rounds):
+  seconds = np.zeros((args.rounds, len(runs)))
+  for r in range(args.rounds):
     for i, run in enumerate(runs):
       start = time.perf_counter()
       jax.block_until_ready(run(kv))
-      best[i] = min(best[i], time.perf_counter() - start)
-  for name, b in zip(names, best):
-    print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / best[0]:6.3f}x the repo step")
+      seconds[r, i] = time.perf_counter() - start
+  best = seconds.min(axis=0)
+  paired = np.median(seconds / seconds[:, :1], axis=0)  # each round's ratio: drift within a round is small
+  for name, b, ratio in zip(names, best, paired):
+    print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / best[0]:6.3f}x the repo step (best of each); "
+          f"{ratio:6.3f}x (median of the rounds' ratios)")
 
 
 def main():
