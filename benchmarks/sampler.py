@@ -20,10 +20,8 @@ kernel there). Each k15 run's log-probs are compared with a float32 forward over
 import argparse
 import collections
 import contextlib
-import ctypes
 import math
 import os
-import pathlib
 import tempfile
 import time
 
@@ -43,7 +41,7 @@ from k15.sampling import engine as engine_lib
 from k15.sampling import native
 from k15.sampling import slots as slots_lib
 import qwen2_model
-from timing import MATMUL_FLOPS, interleaved_best, matmul_run
+from timing import MATMUL_FLOPS, STREAM_PASSES, interleaved_best, matmul_run, stream_run
 
 
 def parse_args():
@@ -76,23 +74,6 @@ def token_budgets(text):
   if not budgets or min(budgets) < 1:
     raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive token counts")
   return budgets
-
-
-STREAM_PASSES = 16
-
-
-def stream_run(n_bytes):
-  """STREAM_PASSES reads of a float32 array of `n_bytes` on every core (benchmarks/stream.cc): the rate a
-  decode step can read its weights and KV cache. The array is as large as what a step reads, so it stays in
-  the same level of the memory (a large L3 cache holds it whole; a small one does not)."""
-  lib = ctypes.cdll.LoadLibrary(str(native.build.build(pathlib.Path(__file__).with_name("stream.cc"))))
-  lib.k15_stream.restype = ctypes.c_double
-  lib.k15_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-  x = np.ones(n_bytes // 4, np.float32)
-  run = lambda: lib.k15_stream(x.ctypes.data, x.size, STREAM_PASSES, os.cpu_count())
-  if run() != x.size * STREAM_PASSES:  # every value read, each pass
-    raise RuntimeError(f"stream.cc read {run()} ones of {x.size * STREAM_PASSES}")
-  return run
 
 
 def useful_flops(cfg: models.ModelConfig, batch, prompt, new):

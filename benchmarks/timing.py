@@ -1,9 +1,14 @@
-"""Timing helpers shared by the benchmarks: interleaved best-of rounds and the machine's matmul rate."""
+"""Timing helpers shared by the benchmarks: interleaved best-of rounds, the machine's matmul rate and its streaming
+read (`stream.cc`)."""
+import ctypes
 import math
+import os
+import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MATMUL_FLOPS = 2 * 2048 ** 3
 
@@ -29,4 +34,22 @@ def matmul_run():
   f = jax.jit(lambda a: a @ a)
   run = lambda: f(x).block_until_ready()
   run()
+  return run
+
+
+STREAM_PASSES = 16
+
+
+def stream_run(n_bytes):
+  """STREAM_PASSES reads of a float32 array of `n_bytes` on every core (benchmarks/stream.cc): the rate a
+  decode step can read its weights and KV cache. The array is as large as what a step reads, so it stays in
+  the same level of the memory (a large L3 cache holds it whole; a small one does not)."""
+  from k15.sampling.native import build  # pylint: disable=import-outside-toplevel (vs_commit.py's older trees)
+  lib = ctypes.cdll.LoadLibrary(str(build.build(pathlib.Path(__file__).with_name("stream.cc"))))
+  lib.k15_stream.restype = ctypes.c_double
+  lib.k15_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+  x = np.ones(n_bytes // 4, np.float32)
+  run = lambda: lib.k15_stream(x.ctypes.data, x.size, STREAM_PASSES, os.cpu_count())
+  if run() != x.size * STREAM_PASSES:  # every value read, each pass
+    raise RuntimeError(f"stream.cc read {run()} ones of {x.size * STREAM_PASSES}")
   return run
