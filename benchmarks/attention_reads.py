@@ -5,8 +5,8 @@
 
 Times kernels.cc's paged attention (`native.paged_attention`: what the native decode step runs for each token) on
 the sampler benchmark's heads (8 query and 4 kv heads of 32, pages of 16 positions): `--tokens` decode tokens of
-one query each, each over `--context` positions, with XLA's whole CPU thread pool, over one cache by three page
-tables:
+one query each, each over `--context` positions, with XLA's whole CPU thread pool, over one cache (as XLA allocates
+it, on 4 KB pages, and as numpy does, on 2 MB pages) by three page tables:
 - hot: every token reads the same pages (one token's keys and values stay in L2): about the arithmetic alone;
 - spread: each token reads pages of its own, spread at random over a cache of all the tokens' pages, as a decode
   step reads its slots' (from L3 or memory, by the cache's size);
@@ -48,6 +48,33 @@ def attention_target(source: pathlib.Path, i: int) -> str:
   return target
 
 
+def on_huge_pages(x: np.ndarray):
+  """x in a numpy buffer of its own, which numpy advises onto transparent huge pages before it first touches it,
+  viewed by JAX in place (dlpack; XLA's own buffers come from malloc on 4 KB pages); and how many of its bytes are on
+  huge pages (/proc/self/smaps)."""
+  buf = np.empty(x.size + 64, x.dtype)
+  start = (-buf.ctypes.data % 64) // x.itemsize  # XLA's CPU buffers are 64-byte aligned
+  view = buf[start:start + x.size].reshape(x.shape)
+  view[...] = x
+  array = jax.dlpack.from_dlpack(view)
+  assert array.unsafe_buffer_pointer() == view.ctypes.data, "dlpack copied the array"
+  return array, huge_page_bytes(view.ctypes.data, view.nbytes)
+
+
+def huge_page_bytes(address: int, size: int) -> int:
+  """Bytes of the mappings overlapping [address, address + size) on transparent huge pages."""
+  total, overlaps = 0, False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      field = line.split()
+      if "-" in field[0] and ":" not in field[0]:  # a mapping's first line: its address range
+        begin, end = (int(a, 16) for a in field[0].split("-"))
+        overlaps = begin < address + size and address < end
+      elif overlaps and field[0] == "AnonHugePages:":
+        total += int(field[1]) * 1024
+  return total
+
+
 def attention_run(target, q, kv, table, positions):
   q, kv, table, positions = jax.device_put((q, kv, table, positions))  # once, not in every timed call
   ffi = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
@@ -71,22 +98,25 @@ def main():
   read_bytes = R * args.context * 2 * KV_HEADS * HEAD_DIM * 4
   targets = {"repo": build.ATTENTION_TARGET}
   targets.update({str(v): attention_target(v, i) for i, v in enumerate(args.variants)})
+  huge_kv, huge_bytes = on_huge_pages(kv)
+  caches = {"4 KB pages": kv, "2 MB pages": huge_kv}
   tables = {"hot": hot, "spread": spread, "in order": in_order}
-  runs = {(name, t): attention_run(target, q, kv, table, positions)
-          for name, target in targets.items() for t, table in tables.items()}
+  runs = {(name, c, t): attention_run(target, q, cache, table, positions)
+          for name, target in targets.items() for c, cache in caches.items() for t, table in tables.items()}
   runs["stream"] = stream_run(read_bytes)
   best = interleaved_best(runs, args.rounds)
   stream_us = 1e6 * best.pop("stream") / STREAM_PASSES / R
   print(f"{R} tokens over {args.context} positions each ({read_bytes / R / 1024:.0f} KB a token; a cache of "
-        f"{kv.nbytes / 2**20:.0f} MB), best of {args.rounds} rounds; stream.cc reads a token's bytes in "
+        f"{kv.nbytes / 2**20:.0f} MB, as XLA allocates it on 4 KB pages and as numpy does on 2 MB pages: "
+        f"{huge_bytes / kv.nbytes:.0%} of it), best of {args.rounds} rounds; stream.cc reads a token's bytes in "
         f"{stream_us:.2f} us ({read_bytes / R / stream_us / 1e3:.1f} GB/s):")
   for name in targets:
-    us = {t: 1e6 * best[(name, t)] / R for t in tables}
-    print(f"{name}: " + ", ".join(f"{t} {us[t]:.2f} us a token ({read_bytes / R / us[t] / 1e3:.1f} GB/s)"
-                                  for t in tables))
-    print("  beyond hot: " + ", ".join(f"{t} {us[t] - us['hot']:.2f} us, {(us[t] - us['hot']) / stream_us:.2f}x "
-                                       "stream.cc's time" for t in ("spread", "in order")))
-
+    for c in caches:
+      us = {t: 1e6 * best[(name, c, t)] / R for t in tables}
+      print(f"{name}, {c}: " + ", ".join(f"{t} {us[t]:.2f} us a token ({read_bytes / R / us[t] / 1e3:.1f} GB/s)"
+                                         for t in tables))
+      print("  beyond hot: " + ", ".join(f"{t} {us[t] - us['hot']:.2f} us, {(us[t] - us['hot']) / stream_us:.2f}x "
+                                         "stream.cc's time" for t in ("spread", "in order")))
 
 if __name__ == "__main__":
   main()
