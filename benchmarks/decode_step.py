@@ -23,6 +23,7 @@ the best ms per step of each, its ratio to the repo step's best, and the median 
 """
 import argparse
 import ctypes
+import functools
 import math
 import pathlib
 import time
@@ -34,6 +35,7 @@ import numpy as np
 from k15 import models
 from k15.sampling import native
 from k15.sampling.native import build
+from timing import interleaved_times, median_ratio
 
 # kernels.cc's phase kinds (PhasedStep::Kind), in order: what a K15_PHASE_TIMES build times.
 PHASE_KINDS = ("embed", "qkv", "write", "attention", "o", "mlp norm", "gate_up", "act split", "down", "norm", "head",
@@ -179,17 +181,12 @@ def ab(args):
     diff = float(jnp.max(jnp.abs(out[2] - outs[0][2])))
     print(f"{name}: " + ("bit-identical to the repo step" if same else
                          f"DIFFERS from the repo step (summed logits by up to {diff:.3g})"))
-  seconds = np.zeros((args.rounds, len(runs)))
-  for r in range(args.rounds):
-    for i, run in enumerate(runs):
-      start = time.perf_counter()
-      jax.block_until_ready(run(kv))
-      seconds[r, i] = time.perf_counter() - start
-  best = seconds.min(axis=0)
-  paired = np.median(seconds / seconds[:, :1], axis=0)  # each round's ratio: drift within a round is small
-  for name, b, ratio in zip(names, best, paired):
-    print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / best[0]:6.3f}x the repo step (best of each); "
-          f"{ratio:6.3f}x (median of the rounds' ratios)")
+  times = interleaved_times({name: functools.partial(lambda run: jax.block_until_ready(run(kv)), run)
+                             for name, run in zip(names, runs)}, args.rounds)
+  for name in names:
+    b = min(times[name])
+    print(f"{name:>24} {1e3 * b / args.steps:7.3f} ms per step  {b / min(times['repo']):6.3f}x the repo step (best of "
+          f"each); {median_ratio(times, 'repo', name):6.3f}x (median of the rounds' ratios)")
 
 
 def main():

@@ -41,7 +41,7 @@ from k15.sampling import engine as engine_lib
 from k15.sampling import native
 from k15.sampling import slots as slots_lib
 import qwen2_model
-from timing import MATMUL_FLOPS, STREAM_PASSES, interleaved_best, matmul_run, stream_run
+from timing import MATMUL_FLOPS, STREAM_PASSES, interleaved_times, matmul_run, median_ratio, stream_run
 
 
 def parse_args():
@@ -369,7 +369,8 @@ def main():
     runs["matmul"], runs["stream"] = matmul_run(), stream_run(weight_bytes + cache_bytes)
     for name, (backend, m) in setups.items():
       runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, backend, m, args.page_size)
-    best = interleaved_best(runs, args.repeats)
+    times = interleaved_times(runs, args.repeats)
+    best = {name: min(seconds) for name, seconds in times.items()}
     breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in setups}
 
   k15_names = list(setups)
@@ -385,7 +386,8 @@ def main():
   work = useful_flops(cfg, args.batch, args.prompt, args.new)
   work_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
   for k15 in k15_names:
-    print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer}" for peer in peers) +
+    print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer} (median of the rounds' ratios "
+                                 f"{median_ratio(times, k15, peer):.2f}x)" for peer in peers) +
           f"; {work / best[k15] / 1e9:.1f} GFLOP/s = {work / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
 

@@ -13,19 +13,31 @@ import numpy as np
 MATMUL_FLOPS = 2 * 2048 ** 3
 
 
-def interleaved_best(runs, repeats):
-  """Best seconds of each named callable over `repeats` rounds, each round running every callable once.
+def interleaved_times(runs, repeats):
+  """Seconds of each named callable in each of `repeats` rounds ({name: [seconds, a round each]}), each round
+  running every callable once.
 
   Interleaving puts a change in the machine's speed (a shared or throttled CPU) on all of them alike, so
   the ratios between them hold even when the absolute times drift during the run.
   """
-  best = {name: math.inf for name in runs}
+  times = {name: [] for name in runs}
   for _ in range(repeats):
     for name, fn in runs.items():
       start = time.perf_counter()
       fn()
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def interleaved_best(runs, repeats):
+  """Best seconds of each named callable over `repeats` interleaved rounds (`interleaved_times`)."""
+  return {name: min(seconds) for name, seconds in interleaved_times(runs, repeats).items()}
+
+
+def median_ratio(times, name, peer):
+  """The median over rounds of each round's time of `peer` / time of `name` (`interleaved_times`): a ratio each
+  round measures within itself, which a slow round of one of them moves less than it can move the best times'."""
+  return float(np.median(np.array(times[peer]) / np.array(times[name])))
 
 
 def matmul_run():
