@@ -12,7 +12,8 @@ benchmark's model and workload (benchmarks/sampler.py: batch 32, prompt 64, 256 
   mesh of one fake CPU device per core;
 - transformers `generate` and a 2048-square float32 matmul (the machine's FLOP/s),
 interleaved for --repeats rounds, the best of each kept. The children take turns for --rounds rounds; each tree's best
-ratios are printed, with each path's useful FLOP/s as a share of the matmul's.
+ratios are printed, with each path's useful FLOP/s as a share of the matmul's; then each tree's paths against one
+transformers time, the fastest of all the children's (each child's own moves with the host's speed during its turn).
 """
 import argparse
 import json
@@ -136,6 +137,13 @@ def main():
   print(f"\n== k15's sampling paths / transformers generate (best of {args.rounds} rounds of each tree) ==")
   for name, rs in results.items():
     report(name, rs, useful, batch * new)
+  # transformers is the same in every child, but each child times it in its own turns, as the host's speed drifts
+  pooled = min(r["seconds"]["transformers"] for rs in results.values() for r in rs)
+  print(f"\n== each tree's paths (best of its rounds) against the fastest transformers generate of all children "
+        f"({batch * new / pooled:.0f} new tokens/s) ==")
+  for name, rs in results.items():
+    print(f"{name:>10}: " + ", ".join(f"{path} {pooled / min(r['seconds'][path] for r in rs):.2f}x"
+                                      for path in PATHS))
 
 
 if __name__ == "__main__":
