@@ -1,7 +1,6 @@
-"""Timing helpers shared by the benchmarks: interleaved best-of rounds, the machine's matmul rate and its streaming
-read (`stream.cc`)."""
+"""Timing helpers shared by the benchmarks: interleaved rounds (their best times, and the median of each round's own
+ratio), the machine's matmul rate and its streaming read (`stream.cc`)."""
 import ctypes
-import math
 import os
 import pathlib
 import time
