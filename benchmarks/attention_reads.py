@@ -118,5 +118,6 @@ def main():
       print("  beyond hot: " + ", ".join(f"{t} {us[t] - us['hot']:.2f} us, {(us[t] - us['hot']) / stream_us:.2f}x "
                                          "stream.cc's time" for t in ("spread", "in order")))
 
+
 if __name__ == "__main__":
   main()
