@@ -321,7 +321,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
                 decode_steps=sum(s.decode_steps for s in per_iteration),
                 iter_s=np.mean([s.wall_time_s for s in steady]), drain_s=sum(s.wall_time_s for s in per_iteration[iters:]))
 
-  results = {}
+  results, rounds = {}, {}
   schedules = [("static batching", True, None), ("refill", False, None),
                ("refill + partial rollouts", False, budgets[0])] + [(f"... budget {b}", False, b) for b in budgets[1:]]
   for name, static, token_budget in schedules:
@@ -329,6 +329,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
   for _ in range(args.long_tail_repeats):  # interleaved rounds; each schedule's fastest run is kept
     for name, static, token_budget in schedules:
       r = run(static, token_budget)
+      rounds.setdefault(name, []).append(r["seconds"])
       if name not in results or r["seconds"] < results[name]["seconds"]:
         results[name] = r
   splits = {}  # one more run of each refill schedule, to split its time (waiting for each call slows it a little)
@@ -336,7 +337,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
     with timed_engine_calls() as times:
       seconds = run(static, token_budget)["seconds"]
     splits[name] = dict(times), seconds
-  return results, splits, lengths, budgets[0], slots, iters, per_iter
+  return results, rounds, splits, lengths, budgets[0], slots, iters, per_iter
 
 
 def main():
@@ -427,7 +428,7 @@ def main():
   for name, (backend, m) in setups.items():
     if name != "k15" and m is None:
       continue  # the other native matmuls: the user's setup stands for them
-    results, splits, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
+    results, rounds, splits, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
     print(f"\n== long-tailed lengths, {name}: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
           f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
           f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
@@ -438,6 +439,11 @@ def main():
             f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
             f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, "
             f"{r['decode_steps']} decode steps")
+    refill = results["refill"]["seconds"]
+    print("partial rollouts' time / refill's, fastest runs (median over rounds of each round's ratio): " +
+          ", ".join(f"{schedule.replace('refill + partial rollouts', f'budget {budget}').replace('... ', '')} "
+                    f"{results[schedule]['seconds'] / refill:.3f}x ({median_ratio(rounds, 'refill', schedule):.3f}x)"
+                    for schedule in results if schedule not in ("static batching", "refill")))
     print("run again with each engine call waited for:")
     for schedule, (times, seconds) in splits.items():
       print(f"{schedule:>26}: {calls_summary(times, seconds, in_ms=False)}")
