@@ -152,6 +152,9 @@ def bench_k15(cfg, params, prompts, args, backend, mesh=None):
 
 # Bytes per weight the native plug-in reads, per matmul: float32, bfloat16 pieces, int8 slices.
 WEIGHT_BYTES = {"float32": 4, "bf16x3": 4, "bf16x6": 6, "int8x9": 3}
+# The sampler's performance targets: the native plug-in's decode against transformers and as a share of the
+# matmul's FLOP/s; the model's passes (XLA) against transformers, as the hand-written XLA step reached at aa62d0e.
+TARGETS = {"native": 3.5, "flops": 0.5, "xla": 1.94}
 
 
 def k15_setups(cfg, mesh):
@@ -337,7 +340,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
     with timed_engine_calls() as times:
       seconds = run(static, token_budget)["seconds"]
     splits[name] = dict(times), seconds
-  return results, rounds, splits, lengths, budgets[0], slots, iters, per_iter
+  return results, rounds, splits, lengths, budgets, slots, iters, per_iter
 
 
 def main():
@@ -370,8 +373,8 @@ def main():
     runs["matmul"], runs["stream"] = matmul_run(), stream_run(weight_bytes + cache_bytes)
     for name, (backend, m) in setups.items():
       runs[(name, "step")] = step_runs(cfg, params, args.batch, context, steps, backend, m, args.page_size)
-    times = interleaved_times(runs, args.repeats)
-    best = {name: min(seconds) for name, seconds in times.items()}
+    round_times = interleaved_times(runs, args.repeats)
+    best = {name: min(seconds) for name, seconds in round_times.items()}
     breakdowns = {name: generate_breakdown(systems[name][0], args.repeats) for name in setups}
 
   k15_names = list(setups)
@@ -388,7 +391,7 @@ def main():
   work_prefill = useful_flops(cfg, args.batch, args.prompt, 0)  # the prompts' tokens but the last, fed by decode
   for k15 in k15_names:
     print(f"{k15}: " + ", ".join(f"{best[peer] / best[k15]:.2f}x {peer} (median of the rounds' ratios "
-                                 f"{median_ratio(times, k15, peer):.2f}x)" for peer in peers) +
+                                 f"{median_ratio(round_times, k15, peer):.2f}x)" for peer in peers) +
           f"; {work / best[k15] / 1e9:.1f} GFLOP/s = {work / best[k15] / mm:.0%} of a 2048^2 float32 matmul "
           f"({mm / 1e9:.1f} GFLOP/s)")
 
@@ -423,15 +426,41 @@ def main():
     print(f"  a decode at the pace of {what} (prefill free): {n_tokens / decode_s:.0f} tok/s = " +
           ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {work / decode_s / mm:.0%} of the matmul")
 
-  if args.skip_long_tail:
-    return
+  tail = {}  # setup -> (budget, partial rollouts' time / refill's, the median of the rounds' ratios), its best budget
+  if not args.skip_long_tail:
+    tail = long_tails(cfg, params, args, setups)
+  if not args.quick:  # its sizes are too small for the targets to mean anything
+    print_targets(best, round_times, work, mm, k15_names, tail)
+
+
+def print_targets(best, times, work, mm, k15_names, tail):
+  """The sampler's performance targets, each against this run's figure."""
+  print("\n== against the sampler's targets (transformers measured in this run) ==")
+  for k15 in k15_names:
+    target = TARGETS["xla"] if "model's passes" in k15 else TARGETS["native"]
+    ratio = best["transformers"] / best[k15]
+    line = (f"{k15}: {ratio:.2f}x transformers (median of the rounds' ratios "
+            f"{median_ratio(times, k15, 'transformers'):.2f}x), target {target}x: {'met' if ratio >= target else 'missed'}")
+    if k15 == "k15":
+      share = work / best[k15] / mm
+      line += f"; {share:.0%} of the matmul, target {TARGETS['flops']:.0%}: {'met' if share >= TARGETS['flops'] else 'missed'}"
+    print(line)
+  for k15, (budget, ratio, median) in tail.items():
+    print(f"long tail, {k15}: refill + partial rollouts (budget {budget}) {ratio:.3f}x refill's time (median of the "
+          f"rounds' ratios {median:.3f}x), target at most 1x: {'met' if ratio <= 1 else 'missed'}")
+
+
+def long_tails(cfg, params, args, setups):
+  """Runs and prints the long-tail workload for k15 as a user gets it and the setups over a mesh; returns each one's
+  best budget against refill."""
+  tail = {}
   for name, (backend, m) in setups.items():
     if name != "k15" and m is None:
       continue  # the other native matmuls: the user's setup stands for them
-    results, rounds, splits, lengths, budget, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
+    results, rounds, splits, lengths, budgets, slots, iters, per_iter = long_tail(cfg, params, args, backend, m)
     print(f"\n== long-tailed lengths, {name}: {iters} iterations x {per_iter} new prompts over {slots} slots; response "
           f"lengths median {int(np.median(lengths))}, mean {lengths.mean():.0f}, p99 {int(np.percentile(lengths, 99))}, "
-          f"max {lengths.max()}; partial-rollout budget {budget} tokens/iteration ==")
+          f"max {lengths.max()}; partial-rollout budget {budgets[0]} tokens/iteration ==")
     base = results["static batching"]
     for schedule, r in results.items():
       print(f"{schedule:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
@@ -440,13 +469,16 @@ def main():
             f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, "
             f"{r['decode_steps']} decode steps")
     refill = results["refill"]["seconds"]
+    partial = {b: (results[schedule]["seconds"] / refill, median_ratio(rounds, "refill", schedule))
+               for b, schedule in zip(budgets, list(results)[2:])}  # budget -> its time / refill's, both ways
     print("partial rollouts' time / refill's, fastest runs (median over rounds of each round's ratio): " +
-          ", ".join(f"{schedule.replace('refill + partial rollouts', f'budget {budget}').replace('... ', '')} "
-                    f"{results[schedule]['seconds'] / refill:.3f}x ({median_ratio(rounds, 'refill', schedule):.3f}x)"
-                    for schedule in results if schedule not in ("static batching", "refill")))
+          ", ".join(f"budget {b} {ratio:.3f}x ({median:.3f}x)" for b, (ratio, median) in partial.items()))
+    best_budget = min(partial, key=lambda b: partial[b][0])
+    tail[name] = (best_budget, *partial[best_budget])
     print("run again with each engine call waited for:")
     for schedule, (times, seconds) in splits.items():
       print(f"{schedule:>26}: {calls_summary(times, seconds, in_ms=False)}")
+  return tail
 
 
 if __name__ == "__main__":

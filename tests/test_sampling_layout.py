@@ -135,6 +135,28 @@ def test_a_long_tailed_rl_run_compiles_nothing_after_its_second_iteration():
   assert len(buffer) > 0  # partial rollouts were really resumed across iterations
 
 
+def test_a_refill_splits_its_prefill_rows_evenly_over_the_slot_shards(monkeypatch):
+  """A prefill call computes as many rows on each slot shard as on its fullest one (one shape for all), so a refill
+  puts each sequence on the shard with the fewest rows so far. Four prompts of two pages each, on two shards of four
+  slots: two prompts a shard, 4 rows each, a call of 2 x 4 rows (the per-shard sizes are 1, 4 and 16 rows), where
+  the four on one shard would take 2 x 16."""
+  cfg = models.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+  params = models.init_params(cfg, jax.random.key(0))
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=4, chunk_size=4, max_length=32, page_size=8)
+  engine = sampling.RolloutEngine(cfg, scfg, 8, sharding.make_mesh({"data": 2}, jax.devices()[:2]))
+  assert engine.shards == 2
+  rows, prefill = [], slots.prefill
+
+  def counted_prefill(*args):  # its arguments end with the rows' positions and page tables
+    rows.append(args[-2].shape[0])
+    return prefill(*args)
+
+  monkeypatch.setattr(slots, "prefill", counted_prefill)
+  requests = [sampling.Request(i, list(range(1 + i, 17 + i))) for i in range(4)]  # 16 tokens: 15 encoded, 2 pages
+  finished, _ = engine.run(params, requests, None, 0, None, jax.random.key(0))
+  assert len(finished) == 4 and rows == [2 * 4]
+
+
 def test_size_classes_are_three():
   assert [engine_lib.size_class(n, 128) for n in (1, 8, 9, 32, 33, 128)] == [8, 8, 32, 32, 128, 128]
   with pytest.raises(ValueError, match="129 rows exceed the largest call of 128"):

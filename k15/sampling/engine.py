@@ -248,14 +248,16 @@ class _Schedule:
     return item.length - 1 + min(self.engine.scfg.chunk_size, item.remaining)
 
   def refill(self):
-    """Moves queued trajectories into free slots (the shards with the most free pages first) and encodes them."""
+    """Moves queued trajectories into free slots and encodes them. Each goes to the shard with the fewest prefill
+    rows so far in this refill (then the most free pages) that has its pages: the prefill call's rows per shard are
+    its largest shard's, so balanced shards waste the least of it."""
     engine, pages = self.engine, self.engine.pages
     free = [i for i in range(engine.num_slots) if self.live[i] is None]
     if engine.static_batching and len(free) < engine.num_slots:
       return
-    free.sort(key=lambda slot: -pages.free_pages(pages.shard_of(slot)))
+    rows = [0] * engine.shards  # prefill rows per shard in this refill
     entering = []
-    for slot in free:
+    while free:
       while self.queue and self.limit(self.queue[-1], self.budget) <= 0:  # a length cap was reached
         self.finish(self.queue.pop(), "max_length")
       if not self.queue:
@@ -263,11 +265,15 @@ class _Schedule:
       traj = self.queue[-1]
       n = len(traj.prompt_tokens) + len(traj.response_tokens)
       item = _Live(traj, [], [], n, self.limit(traj, self.budget))
-      if not pages.grow(slot, self.pages_needed(item)):
-        continue  # another shard may have the pages
+      free.sort(key=lambda slot: (rows[pages.shard_of(slot)], -pages.free_pages(pages.shard_of(slot))))
+      slot = next((s for s in free if pages.grow(s, self.pages_needed(item))), None)
+      if slot is None:
+        break  # no shard has its pages now: it waits, first in line
       self.queue.pop()
+      free.remove(slot)
       self.live[slot] = item
       entering.append(slot)
+      rows[pages.shard_of(slot)] += pages.pages_for(n - 1)
     if entering:
       self.encode(entering)
 
