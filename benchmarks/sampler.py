@@ -321,6 +321,7 @@ def long_tail(cfg, params, args, backend, mesh=None):
     steady = per_iteration[:iters]
     return dict(seconds=seconds, util=util(per_iteration), steady_util=util(steady),
                 prefill_tokens=sum(s.prefill_tokens for s in per_iteration),
+                prefill_call_tokens=sum(s.prefill_call_tokens for s in per_iteration),
                 decode_steps=sum(s.decode_steps for s in per_iteration),
                 iter_s=np.mean([s.wall_time_s for s in steady]), drain_s=sum(s.wall_time_s for s in per_iteration[iters:]))
 
@@ -436,18 +437,19 @@ def main():
 def print_targets(best, times, work, mm, k15_names, tail):
   """The sampler's performance targets, each against this run's figure."""
   print("\n== against the sampler's targets (transformers measured in this run) ==")
+  verdict = lambda met: "met" if met else "missed"
   for k15 in k15_names:
     target = TARGETS["xla"] if "model's passes" in k15 else TARGETS["native"]
     ratio = best["transformers"] / best[k15]
     line = (f"{k15}: {ratio:.2f}x transformers (median of the rounds' ratios "
-            f"{median_ratio(times, k15, 'transformers'):.2f}x), target {target}x: {'met' if ratio >= target else 'missed'}")
+            f"{median_ratio(times, k15, 'transformers'):.2f}x), target {target}x: {verdict(ratio >= target)}")
     if k15 == "k15":
       share = work / best[k15] / mm
-      line += f"; {share:.0%} of the matmul, target {TARGETS['flops']:.0%}: {'met' if share >= TARGETS['flops'] else 'missed'}"
+      line += f"; {share:.0%} of the matmul, target {TARGETS['flops']:.0%}: {verdict(share >= TARGETS['flops'])}"
     print(line)
   for k15, (budget, ratio, median) in tail.items():
     print(f"long tail, {k15}: refill + partial rollouts (budget {budget}) {ratio:.3f}x refill's time (median of the "
-          f"rounds' ratios {median:.3f}x), target at most 1x: {'met' if ratio <= 1 else 'missed'}")
+          f"rounds' ratios {median:.3f}x), target at most 1x: {verdict(ratio <= 1)}")
 
 
 def long_tails(cfg, params, args, setups):
@@ -466,7 +468,8 @@ def long_tails(cfg, params, args, setups):
       print(f"{schedule:>26}: total {r['seconds']:6.2f} s ({int(lengths.sum()) / r['seconds']:5.0f} tok/s, "
             f"{r['seconds'] / base['seconds']:.2f}x static), per iteration {r['iter_s']:5.2f} s "
             f"({r['iter_s'] / base['iter_s']:.2f}x static), final drain {r['drain_s']:5.2f} s; slot utilization: "
-            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded, "
+            f"iterations {r['steady_util']:.0%}, overall {r['util']:.0%}; {r['prefill_tokens']} tokens encoded "
+            f"(calls of {r['prefill_call_tokens'] / r['prefill_tokens']:.2f}x as many), "
             f"{r['decode_steps']} decode steps")
     refill = results["refill"]["seconds"]
     partial = {b: (results[schedule]["seconds"] / refill, median_ratio(rounds, "refill", schedule))

@@ -153,8 +153,9 @@ def test_a_refill_splits_its_prefill_rows_evenly_over_the_slot_shards(monkeypatc
 
   monkeypatch.setattr(slots, "prefill", counted_prefill)
   requests = [sampling.Request(i, list(range(1 + i, 17 + i))) for i in range(4)]  # 16 tokens: 15 encoded, 2 pages
-  finished, _ = engine.run(params, requests, None, 0, None, jax.random.key(0))
+  finished, stats = engine.run(params, requests, None, 0, None, jax.random.key(0))
   assert len(finished) == 4 and rows == [2 * 4]
+  assert stats.prefill_tokens == 4 * 15 and stats.prefill_call_tokens == 2 * 4 * 8  # rows of a page of 8 positions
 
 
 def test_size_classes_are_three():

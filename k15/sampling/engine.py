@@ -48,6 +48,7 @@ class RolloutStats:
   decode_steps: int = 0  # while-loop iterations (each decodes one token in every slot)
   useful_tokens: int = 0  # tokens generated for live trajectories
   prefill_tokens: int = 0  # prompt / prefix tokens encoded
+  prefill_call_tokens: int = 0  # token positions of the prefill calls' shapes: prefill_tokens and their padding
   chunks: int = 0
   prefills: int = 0  # prefill calls
   resumed: int = 0  # partial trajectories taken from the replay buffer
@@ -300,6 +301,7 @@ class _Schedule:
           tokens[shard, r, :m], positions[shard, r, :m] = seq[j:j + m], np.arange(j, j + m)
           tables[shard, r] = engine.pages.table_BxM[slot]
           self.stats.prefill_tokens += m
+      self.stats.prefill_call_tokens += tokens.size
       flat = lambda a: a.reshape(engine.shards * R, *a.shape[2:])
       state = engine._state  # pylint: disable=protected-access
       kv = engine._call(slots_lib.prefill, engine.backend, engine.cfg, engine.scfg, engine.layout,  # pylint: disable=protected-access
