@@ -250,8 +250,8 @@ class _Schedule:
 
   def refill(self):
     """Moves queued trajectories into free slots and encodes them. Each goes to the shard with the fewest prefill
-    rows so far in this refill (then the most free pages) that has its pages: the prefill call's rows per shard are
-    its largest shard's, so balanced shards waste the least of it."""
+    rows so far in this refill (then the most free pages) that has its pages: a prefill call gives every shard as
+    many rows as its fullest one, so balanced shards pad the least."""
     engine, pages = self.engine, self.engine.pages
     free = [i for i in range(engine.num_slots) if self.live[i] is None]
     if engine.static_batching and len(free) < engine.num_slots:
