@@ -427,9 +427,7 @@ def main():
     print(f"  a decode at the pace of {what} (prefill free): {n_tokens / decode_s:.0f} tok/s = " +
           ", ".join(f"{best[peer] / decode_s:.2f}x {peer}" for peer in peers) + f", {work / decode_s / mm:.0%} of the matmul")
 
-  tail = {}  # setup -> (budget, partial rollouts' time / refill's, the median of the rounds' ratios), its best budget
-  if not args.skip_long_tail:
-    tail = long_tails(cfg, params, args, setups)
+  tail = {} if args.skip_long_tail else long_tails(cfg, params, args, setups)
   if not args.quick:  # its sizes are too small for the targets to mean anything
     print_targets(best, round_times, work, mm, k15_names, tail)
 
@@ -453,8 +451,8 @@ def print_targets(best, times, work, mm, k15_names, tail):
 
 
 def long_tails(cfg, params, args, setups):
-  """Runs and prints the long-tail workload for k15 as a user gets it and the setups over a mesh; returns each one's
-  best budget against refill."""
+  """Runs and prints the long-tail workload for k15 as a user gets it and the setups over a mesh; returns, per setup,
+  its best budget: (budget, partial rollouts' time / refill's, the median of the rounds' ratios)."""
   tail = {}
   for name, (backend, m) in setups.items():
     if name != "k15" and m is None:
